@@ -1,0 +1,158 @@
+"""The `cxrdist` command: parses, then calls one function per subcommand.
+
+Imports are lazy so that `cxrdist --help` and the data commands do not pay for torch/DeepSpeed start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cxrdist.config import add_train_args, config_from_args
+from cxrdist.labels import DEFAULT_POLICY, POLICIES
+
+
+def cmd_synth(a) -> int:
+    from cxrdist.synth import synthesize
+
+    out = synthesize(layout=a.layout, out=a.out, n=a.n, size=a.size, seed=a.seed)
+    print(f"wrote a synthetic {a.layout} dataset of {a.n} images to {out}")
+    return 0
+
+
+def cmd_shard(a) -> int:
+    from cxrdist.shards.pack import pack
+
+    manifest = pack(source=a.source, root=a.root, out=a.out, size=a.size, encoding=a.encoding, views=a.views,
+                    policy=a.policy, split=a.split, workers=a.workers, samples_per_shard=a.samples_per_shard,
+                    dry_run=a.dry_run, strict=a.strict, seed=a.seed)
+    return 0 if manifest is not None else 1
+
+
+def cmd_verify(a) -> int:
+    from cxrdist.shards.verify import verify
+
+    problems = verify(a.dir)
+    for p in problems:
+        print(f"BAD {p}", file=sys.stderr)
+    if not problems:
+        print(f"{a.dir}: every shard matches the manifest")
+    return 1 if problems else 0
+
+
+def cmd_train(a) -> int:
+    from cxrdist.engine.trainer import launch
+
+    summary = launch(config_from_args(a))
+    return 0 if summary.get("status") == "completed" else 1
+
+
+def cmd_eval(a) -> int:
+    from cxrdist.evaluate import evaluate_run
+
+    result = evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint)
+    print(json.dumps({k: result[k] for k in ("auc_mean", "accuracy_mean", "n")}, indent=1))
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from cxrdist.evaluate import predict_files
+
+    predict_files(a.checkpoint, a.files, as_json=a.json)
+    return 0
+
+
+def cmd_report(a) -> int:
+    from cxrdist.report import build_report
+
+    build_report(a.runs, out=a.out)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from cxrdist import bench
+
+    result = bench.run(a.what, out=a.out, quick=a.quick)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxrdist", description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR JPG/DICOM)")
+    s.add_argument("--layout", choices=("chexpert", "mimic-jpg", "mimic-dicom"), required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--n", type=int, default=1000, help="images")
+    s.add_argument("--size", type=int, default=256, help="image side in pixels (before aspect jitter)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("shard", help="preprocess a dataset into WebDataset shards with a manifest")
+    s.add_argument("--source", choices=("chexpert", "mimic"), required=True)
+    s.add_argument("--root", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--encoding", choices=("jpg", "png16"), default="jpg")
+    s.add_argument("--views", choices=("frontal", "all"), default="frontal")
+    s.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY)
+    s.add_argument("--split", choices=("patient", "official"), default="patient")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dry-run", action="store_true", help="write the manifest from the tables alone")
+    s.add_argument("--strict", action="store_true", help="fail when any input is skipped")
+    s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("verify", help="re-hash and re-count every shard against the manifest")
+    s.add_argument("dir", type=Path)
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("train", help="train a DenseNet variant under single, dp, ddp or deepspeed")
+    add_train_args(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--split", default="test", choices=("train", "val", "test"))
+    s.add_argument("--checkpoint", default="best", help="best | last | a path")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", help="print the 14 probabilities for DICOM, JPEG or PNG files")
+    s.add_argument("--checkpoint", type=Path, required=True)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("files", nargs="+", type=Path)
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("report", help="tables, csv and plots comparing runs (the poster's Tables 3 and 4)")
+    s.add_argument("runs", nargs="+", type=Path)
+    s.add_argument("--out", type=Path, default=Path("reports/latest"))
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("bench", help="measure loader / packing / training-step ratios in one run")
+    s.add_argument("what", choices=("loader", "pack", "step"))
+    s.add_argument("--out", type=Path)
+    s.add_argument("--quick", action="store_true", help="fewer iterations (for tests)")
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # clear one-line errors for the user's mistakes; tracebacks for ours
+        from cxrdist.errors import UserError
+
+        if isinstance(e, UserError):
+            print(f"cxrdist {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""One dataclass for a run, grouped like timm's trainer options, written into every run folder.
+
+``TrainConfig`` is what ``cxrdist train`` resolves its flags into, what the launcher forwards, what the
+trainer reads, and what ``RUN/config.yaml`` holds. Groups: data, model, optim, dist, run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxrdist.errors import UserError
+
+BACKENDS = ("single", "dp", "ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MODELS = ("densenet121", "densenet121d", "densenetblur121d")
+FORMATS = ("shards", "jpeg", "dicom")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""                 # shard folder (manifest.json + {split}-NNNNNN.tar)
+    format: str = "shards"           # shards | jpeg (loose files) | dicom (read from the source)
+    source_root: str = ""            # dataset root for the jpeg/dicom formats (default: manifest's root)
+    image_size: int = 224            # training resolution (shards are packed at --size, e.g. 256)
+    workers: int = 2                 # loader worker processes per rank
+    augment: str = "auto"            # auto (device on GPU, worker on CPU) | device | worker | none
+    shuffle_buffer: int = 1000       # samples in each worker's shuffle buffer
+
+
+@dataclass
+class ModelConfig:
+    name: str = "densenetblur121d"
+    in_chans: int = 1
+    pretrained: str = ""             # local checkpoint path; never a hub download
+    fuse_demographics: bool = False  # age and sex concatenated to the pooled features
+    drop_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 5
+    batch_size: int = 64             # per rank (the poster: 64 per GPU)
+    lr: float = 1e-3                 # for the global batch; AdamW
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0            # linear warm-up, then cosine to 0 over the run
+    grad_clip: float = 0.0           # 0: off
+
+
+@dataclass
+class DistConfig:
+    backend: str = "single"          # single | dp | ddp | deepspeed
+    nproc: int = 1                   # local ranks started by `cxrdist train` itself
+    zero_stage: int = 0              # DeepSpeed ZeRO stage (0, 1, 2)
+    deepspeed_config: str = ""       # a user JSON that overrides the generated one
+    timeout_s: int = 300             # collective timeout: a dead rank ends the job
+    dist_url: str = ""               # optional tcp://host:port; else MASTER_ADDR/MASTER_PORT
+
+
+@dataclass
+class RunConfig:
+    out: str = ""                    # run folder
+    seed: int = 0
+    precision: str = "fp32"          # fp32 | bf16 | fp16 (GPU only)
+    channels_last: bool = False
+    log_every: int = 10              # steps between telemetry records
+    resume: bool = False
+    checkpoint_every: int = 0        # steps between mid-epoch checkpoints (0: epoch ends only)
+    max_steps: int = 0               # stop after this many optimizer steps in total (0: no limit)
+    device: str = "auto"             # auto | cpu | cuda
+    eval_test: bool = True           # evaluate the test split at the end
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        groups = {}
+        for f in dataclasses.fields(cls):
+            sub = d.get(f.name) or {}
+            known = {g.name for g in dataclasses.fields(f.default_factory)}
+            unknown = set(sub) - known
+            if unknown:
+                raise ValueError(f"config group {f.name!r} has unknown keys: {sorted(unknown)}")
+            groups[f.name] = f.default_factory(**sub)
+        return cls(**groups)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def validate(self) -> None:
+        """Checks that need no hardware; device-dependent ones live in the backends."""
+        errors = []
+        if self.dist.backend not in BACKENDS:
+            errors.append(f"--backend must be one of {', '.join(BACKENDS)}, not {self.dist.backend!r}")
+        if self.run.precision not in PRECISIONS:
+            errors.append(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.model.name not in MODELS:
+            errors.append(f"--model must be one of {', '.join(MODELS)}")
+        if self.data.format not in FORMATS:
+            errors.append(f"--format must be one of {', '.join(FORMATS)}")
+        if self.dist.zero_stage not in (0, 1, 2):
+            errors.append("--zero-stage must be 0, 1 or 2")
+        if self.dist.zero_stage and self.dist.backend != "deepspeed":
+            errors.append(f"--zero-stage {self.dist.zero_stage} needs --backend deepspeed")
+        if self.dist.deepspeed_config and self.dist.backend != "deepspeed":
+            errors.append("--deepspeed-config needs --backend deepspeed")
+        if self.dist.nproc < 1:
+            errors.append("--nproc must be >= 1")
+        if self.dist.backend in ("single", "dp") and self.dist.nproc != 1:
+            errors.append(f"--backend {self.dist.backend} runs one process; --nproc must be 1")
+        if self.optim.batch_size < 1 or self.optim.epochs < 1:
+            errors.append("--batch-size and --epochs must be >= 1")
+        if not self.run.out:
+            errors.append("--out (the run folder) is required")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid or incompatible combination of options, reported before any worker starts."""
+
+
+# --- the `cxrdist train` flags, shared by the CLI, the launchers and the sbatch templates -------------
+# (flag, group.field, type or action, help)
+_TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--shards", "data.shards", str, "shard folder (manifest.json + tars)"),
+    ("--format", "data.format", str, "input: shards | jpeg (loose files) | dicom (from the source)"),
+    ("--source-root", "data.source_root", str, "dataset root for --format jpeg/dicom"),
+    ("--image-size", "data.image_size", int, "training resolution in pixels"),
+    ("--workers", "data.workers", int, "loader workers per rank"),
+    ("--augment", "data.augment", str, "auto | device | worker | none"),
+    ("--shuffle-buffer", "data.shuffle_buffer", int, "samples in each worker's shuffle buffer"),
+    ("--model", "model.name", str, "densenet121 | densenet121d | densenetblur121d"),
+    ("--in-chans", "model.in_chans", int, "1 (grey) or 3 input channels"),
+    ("--pretrained", "model.pretrained", str, "local checkpoint to start from"),
+    ("--fuse-demographics", "model.fuse_demographics", "store_true", "concatenate age and sex to the pooled features"),
+    ("--drop-rate", "model.drop_rate", float, "dropout before the classifier"),
+    ("--epochs", "optim.epochs", int, "epochs"),
+    ("--batch-size", "optim.batch_size", int, "images per rank per step (poster: 64)"),
+    ("--lr", "optim.lr", float, "AdamW learning rate"),
+    ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay"),
+    ("--warmup-steps", "optim.warmup_steps", int, "linear warm-up steps before the cosine decay"),
+    ("--grad-clip", "optim.grad_clip", float, "clip gradient norm (0: off)"),
+    ("--backend", "dist.backend", str, "single | dp | ddp | deepspeed"),
+    ("--nproc", "dist.nproc", int, "local ranks to start (ddp/deepspeed)"),
+    ("--zero-stage", "dist.zero_stage", int, "DeepSpeed ZeRO stage 0|1|2"),
+    ("--deepspeed-config", "dist.deepspeed_config", str, "a DeepSpeed JSON overriding the generated one"),
+    ("--timeout", "dist.timeout_s", int, "collective timeout in seconds"),
+    ("--out", "run.out", str, "run folder"),
+    ("--seed", "run.seed", int, "seed for data order, init and augmentation"),
+    ("--precision", "run.precision", str, "fp32 | bf16 | fp16 (GPU only)"),
+    ("--channels-last", "run.channels_last", "store_true", "channels_last memory format"),
+    ("--log-every", "run.log_every", int, "steps between telemetry records"),
+    ("--resume", "run.resume", "store_true", "continue from RUN/checkpoints"),
+    ("--checkpoint-every", "run.checkpoint_every", int, "steps between mid-epoch checkpoints (0: epoch ends)"),
+    ("--max-steps", "run.max_steps", int, "stop after this many steps (0: no limit)"),
+    ("--device", "run.device", str, "auto | cpu | cuda"),
+    ("--no-test", "run.eval_test", "store_false", "skip the final test-split evaluation"),
+]
+
+
+def add_train_args(parser) -> None:
+    """Register the train flags on an argparse parser (defaults come from TrainConfig)."""
+    defaults = TrainConfig().to_dict()
+    for flag, dest, kind, help_ in _TRAIN_FLAGS:
+        group, name = dest.split(".")
+        default = defaults[group][name]
+        if isinstance(kind, str):
+            parser.add_argument(flag, dest=dest, action=kind, default=default, help=help_)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=default,
+                                help=f"{help_} (default: {default})")
+
+
+def config_from_args(ns) -> TrainConfig:
+    d: dict[str, dict[str, Any]] = {}
+    for _, dest, _, _ in _TRAIN_FLAGS:
+        group, name = dest.split(".")
+        d.setdefault(group, {})[name] = getattr(ns, dest)
+    return TrainConfig.from_dict(d)
+
+
+def config_to_argv(cfg: TrainConfig) -> list[str]:
+    """The `cxrdist train` flags that reproduce cfg (only those that differ from the defaults)."""
+    cur, ref = cfg.to_dict(), TrainConfig().to_dict()
+    argv: list[str] = []
+    for flag, dest, kind, _ in _TRAIN_FLAGS:
+        group, name = dest.split(".")
+        value = cur[group][name]
+        if value == ref[group][name]:
+            continue
+        if isinstance(kind, str):
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_train_argv(argv: list[str]) -> TrainConfig:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="cxrdist train", allow_abbrev=False)
+    add_train_args(parser)
+    return config_from_args(parser.parse_args(argv))
