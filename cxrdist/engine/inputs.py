@@ -1,0 +1,94 @@
+"""What the trainer reads: shard or loose-file loaders for each split, and where augmentation runs.
+
+``augment=auto`` runs the augmentation batched on the device after transfer when training on GPUs (the
+loader workers then only read and decode, so GPUs do not starve) and inside the loader workers on CPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cxrdist import dist
+from cxrdist.config import TrainConfig
+from cxrdist.data.transforms import Augment
+from cxrdist.errors import UserError
+from cxrdist.shards.manifest import load_manifest, shard_paths, split_samples
+
+
+def check_inputs(cfg: TrainConfig) -> dict:
+    """Missing or empty shard folder, a manifest that disagrees with the shards: a clear error now."""
+    if not cfg.data.shards:
+        raise UserError("--shards is required (a folder written by `cxrdist shard`)")
+    folder = Path(cfg.data.shards)
+    manifest = load_manifest(folder)
+    for split in ("train", "val", "test"):
+        if split_samples(manifest, split) == 0:
+            raise UserError(f"{folder}/manifest.json: split {split!r} has no samples")
+        for entry, path in zip(manifest["splits"][split]["shards"], shard_paths(manifest, folder, split)):
+            if not path.is_file():
+                raise UserError(f"{path}: listed in manifest.json but missing (run `cxrdist verify {folder}`)")
+            if path.stat().st_size != entry["bytes"]:
+                raise UserError(f"{path}: {path.stat().st_size} bytes on disk, manifest.json says {entry['bytes']} "
+                                f"(run `cxrdist verify {folder}`)")
+    if cfg.data.format != "shards":
+        root = Path(cfg.data.source_root or manifest["root"])
+        if not root.is_dir():
+            raise UserError(f"--format {cfg.data.format} reads the source images, but {root} is not a folder "
+                            "(pass --source-root)")
+    return manifest
+
+
+class Loaders:
+    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, batch_size: int):
+        self.cfg, self.env, self.device, self.batch_size = cfg, env, device, batch_size
+        self.folder = Path(cfg.data.shards)
+        self.manifest = load_manifest(self.folder)
+        where = cfg.data.augment
+        if where == "auto":
+            where = "device" if device.type == "cuda" else "worker"
+        self.where = where
+        size = cfg.data.image_size
+        self._train_aug = Augment(size, train=where != "none")
+        self._eval_aug = Augment(size, train=False)
+
+    def augment(self, train: bool) -> Augment:
+        return self._train_aug if train else self._eval_aug
+
+    def _make(self, split: str, *, train: bool, epoch: int = 0, start_batch: int = 0, augment=None):
+        common = dict(batch_size=self.batch_size, rank=self.env.rank, world_size=self.env.world_size,
+                      workers=self.cfg.data.workers, train=train, epoch=epoch, seed=self.cfg.run.seed,
+                      start_batch=start_batch, augment=augment)
+        if self.cfg.data.format == "shards":
+            from cxrdist.data.stream import make_loader
+            return make_loader(self.folder, split, shuffle_buffer=self.cfg.data.shuffle_buffer,
+                               pin_memory=self.device.type == "cuda", **common)
+        from cxrdist.data.files import make_file_loader
+        return make_file_loader(self.folder, split, self.cfg.data.format,
+                                source_root=self.cfg.data.source_root or None, **common)
+
+    def train(self, epoch: int, start_batch: int = 0):
+        augment = self._train_aug if self.where == "worker" else None
+        return self._make("train", train=True, epoch=epoch, start_batch=start_batch, augment=augment)
+
+    def eval(self, split: str):
+        return self._make(split, train=False)
+
+    def steps_per_epoch(self) -> int:
+        n = len(self.train(0))
+        if n == 0:
+            raise UserError(f"{self.folder}: {split_samples(self.manifest, 'train')} training samples are fewer "
+                            f"than one global batch ({self.batch_size} x {self.env.world_size} ranks)")
+        return n
+
+    def samples(self, split: str) -> int:
+        return split_samples(self.manifest, split)
+
+    def meta(self) -> dict:
+        """What `cxrdist predict` needs to see files the way training saw them."""
+        return {"size": self.manifest["size"], "encoding": self.manifest["encoding"],
+                "image_size": self.cfg.data.image_size, "labels": list(self.manifest["labels"])}
+
+
+def build_loaders(cfg: TrainConfig, env: dist.DistEnv, device: torch.device, batch_size: int) -> Loaders:
+    return Loaders(cfg, env, device, batch_size)

@@ -1,0 +1,66 @@
+"""`cxrdist train --nproc N`: start N local ranks, like torchrun, and end them all if one fails.
+
+Each rank gets its share of the cores as torch threads (oversubscribed CPU ranks waste the machine). If a
+rank exits non-zero, the others are given a short grace period and then terminated, so a crashing rank
+ends the job instead of leaving the rest blocked in a collective.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cxrdist import dist
+from cxrdist.config import TrainConfig, config_to_argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
+    n = cfg.dist.nproc
+    threads = max(1, dist.cpu_count() // n)
+    port = free_port()
+    argv = [sys.executable, "-m", "cxrdist.cli", "train", *config_to_argv(cfg)]
+    procs = []
+    for rank in range(n):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
+                   GROUP_RANK="0", NUM_NODES="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS=str(threads), CXRDIST_THREADS=str(threads))
+        procs.append(subprocess.Popen(argv, env=env))
+    failed_at = None
+    try:
+        while any(p.poll() is None for p in procs):
+            bad = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if bad and failed_at is None:
+                failed_at = time.monotonic()
+                print(f"cxrdist train: rank {bad[0]} exited with code {procs[bad[0]].returncode}; "
+                      f"stopping the other ranks", file=sys.stderr)
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    codes = [p.returncode for p in procs]
+    summary_path = Path(cfg.run.out) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if any(codes):
+        summary = {**summary, "status": "failed", "exit_codes": codes}
+    return summary

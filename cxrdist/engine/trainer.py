@@ -1,0 +1,321 @@
+"""The one training loop, for every backend.
+
+Read top to bottom: ``launch`` (what ``cxrdist train`` calls: checks, then this process or ``--nproc``
+local ranks) -> ``train`` (one rank: environment, data, model, backend, resume, epochs, test) ->
+``Trainer.run_epoch``. Backends differ only behind ``cxrdist.engine.backends.Backend``.
+
+Preemption: each rank's SIGUSR2 handler only raises a flag; every ``log_every`` steps the ranks agree on
+it (and on a non-finite loss) with one tiny all-reduce, so all stop after the same step, write one
+consistent checkpoint, and then global rank 0 hands the signal to the handler that was there before
+(submitit's: it calls the job's ``checkpoint()`` and requeues). Without submitit the run ends with status
+``preempted`` and ``--resume`` continues it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+from cxrdist import dist
+from cxrdist.config import ConfigError, TrainConfig
+from cxrdist.errors import UserError
+from cxrdist.engine import checkpoint as ckpt
+from cxrdist.engine.backends import Backend, get_backend
+from cxrdist.engine.evaluation import gather_and_score, predict_loader
+from cxrdist.models import build_model, uses_demographics
+from cxrdist.telemetry import Telemetry
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------------
+def launch(cfg: TrainConfig) -> dict:
+    """`cxrdist train`: every check before any worker starts, then one rank here or --nproc local ranks."""
+    env = dist.read_env()
+    if env.source == "single" and cfg.dist.nproc > 1:
+        preflight(cfg, world_size=cfg.dist.nproc)
+        from cxrdist.engine.spawn import spawn_local
+        return spawn_local(cfg)
+    if env.rank == 0:
+        preflight(cfg, world_size=env.world_size)
+    return train(cfg)
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> None:
+    """Options, hardware and data checks that must fail before a rank is started."""
+    cfg.validate()
+    device = dist.select_device(dist.DistEnv(), cfg.run.device) if cfg.run.device != "auto" else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    get_backend(cfg, replace(dist.DistEnv(), world_size=world_size), device)
+    from cxrdist.engine.inputs import check_inputs
+    check_inputs(cfg)
+    ckpts = Path(cfg.run.out) / "checkpoints"
+    if not cfg.run.resume and ckpts.is_dir() and any(ckpts.iterdir()):
+        raise ConfigError(f"{cfg.run.out} already holds checkpoints: pass --resume to continue it, "
+                          "or choose another --out")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train on this rank. Reads rank/world/device from the environment (cxrdist.dist)."""
+    env = dist.read_env()
+    threads = max(1, dist.cpu_count() // max(1, env.local_world_size))
+    torch.set_num_threads(int(os.environ.get("CXRDIST_THREADS", threads)))
+    device = dist.select_device(env, cfg.run.device)
+    backend = get_backend(cfg, env, device)
+    backend.init_distributed()
+    trainer = Trainer(cfg, env, device, backend)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+        dist.destroy()
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+class StopFlag:
+    """SIGUSR2 (submitit's preemption/timeout signal) raises a flag; the previous handler is kept."""
+
+    def __init__(self, signum: int = signal.SIGUSR2):
+        self.signum, self.raised = signum, False
+        self.previous = signal.getsignal(signum)
+        signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.raised = True
+
+    def hand_over(self) -> None:
+        """Restore and call the previous handler (submitit: checkpoint() + requeue + exit)."""
+        signal.signal(self.signum, self.previous)
+        if callable(self.previous):
+            self.previous(self.signum, None)
+
+    def restore(self) -> None:
+        signal.signal(self.signum, self.previous)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, backend: Backend):
+        from cxrdist.engine.inputs import build_loaders
+
+        self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
+        self.run_dir = Path(cfg.run.out)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+        dist.barrier()
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        self.loaders = build_loaders(cfg, env, device, batch_size=cfg.optim.batch_size * backend.devices_per_process())
+        self.steps_per_epoch = self.loaders.steps_per_epoch()
+        self.total_steps = self.steps_per_epoch * cfg.optim.epochs
+        model = build_model(cfg.model.name, in_chans=cfg.model.in_chans, pretrained=cfg.model.pretrained or None,
+                            fuse_demographics=cfg.model.fuse_demographics, drop_rate=cfg.model.drop_rate)
+        backend.setup(model, self.total_steps)
+        self.fuse = uses_demographics(backend.module)
+        self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
+        self.ctrl_group = None
+        if env.distributed:  # control messages on gloo even when the data path is NCCL: no GPU sync
+            self.ctrl_group = tdist.new_group(backend="gloo") if device.type == "cuda" else tdist.group.WORLD
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "restarts": 0,
+                      "best_auc": None, "hosts": None}
+        self.telemetry = Telemetry(self.run_dir, rank=env.rank, local_rank=env.local_rank, host=env.host,
+                                   device=str(device), world_size=env.world_size, log_every=cfg.run.log_every,
+                                   memory_fn=backend.peak_memory)
+        self.stop = StopFlag()
+
+    # -- resume ------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        if not self.cfg.run.resume:
+            return
+        loaded = self.backend.load(self.ckpt_dir, "last")
+        if loaded is None:
+            return  # a first attempt launched with --resume (a requeue-able job): start fresh
+        for k in self.state:
+            self.state[k] = loaded.get(k, self.state[k])
+        self.state["restarts"] += 1
+        ckpt.set_rng_state(loaded.get("rng", {}))
+        self.telemetry.write({"event": "resume", "epoch": self.state["epoch"],
+                              "step_in_epoch": self.state["step_in_epoch"], "restarts": self.state["restarts"]})
+
+    def checkpoint(self, tag: str = "last") -> None:
+        self.backend.sync_buffers()
+        total = sum(p.detach().float().abs().sum() for p in self.backend.module.parameters())
+        if not torch.isfinite(total):  # never overwrite the last good checkpoint with a diverged model
+            raise NonFiniteLoss(f"the weights became non-finite by step {self.state['global_step']}; stopped. "
+                                f"The last good checkpoint is kept in {self.ckpt_dir}")
+        self.backend.save(self.ckpt_dir, tag, {**self.state, "rng": ckpt.rng_state(),
+                                               "config": self.cfg.to_dict(), "data": self.loaders.meta()})
+
+    # -- one step ----------------------------------------------------------------------------------
+    def prepare(self, batch, train: bool, step: int = 0):
+        x = batch["image"].to(self.device, non_blocking=True)
+        if not x.is_floating_point():  # augmentation left to the device (GPU training), or eval resize
+            g = torch.Generator(device=self.device)
+            g.manual_seed(hash((self.cfg.run.seed, step, self.env.rank)) & 0x7FFFFFFF)
+            x = self.loaders.augment(train)(x, generator=g)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def loss_fn(self, x, batch):
+        y = batch["labels"].to(self.device, non_blocking=True)
+        m = batch["mask"].to(self.device, non_blocking=True)
+        age, sex = batch["age"].to(self.device), batch["sex"].to(self.device)
+
+        def compute(model):
+            logits = model(x, age, sex) if self.fuse else model(x)
+            bce = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")
+            # normalised by the element count, not the mask sum: the mean over ranks of the per-rank
+            # losses is then exactly the loss of the global batch, as one process would compute it.
+            return (bce * m).sum() / m.numel()
+        return compute
+
+    def agree(self, *flags: float) -> list[float]:
+        """Every rank learns the max of each flag (one tiny all-reduce on the control group)."""
+        t = torch.tensor(flags, dtype=torch.float64)
+        if self.ctrl_group is not None:
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.ctrl_group)
+        return t.tolist()
+
+    # -- epochs ------------------------------------------------------------------------------------
+    def run_epoch(self, epoch: int) -> str:
+        start = self.state["step_in_epoch"]
+        loader = self.loaders.train(epoch, start_batch=start)
+        self.telemetry.start_epoch(epoch, self.cfg.optim.epochs, self.steps_per_epoch, done=start)
+        loss_sum = torch.zeros((), device=self.device)
+        window = torch.zeros((), device=self.device)
+        window_n, steps = 0, 0
+        t_end = time.perf_counter()
+        it = iter(loader)
+        for i in range(start, self.steps_per_epoch):
+            batch = next(it)
+            t_data = time.perf_counter()
+            x = self.prepare(batch, train=True, step=self.state["global_step"])
+            loss = self.backend.train_step(self.loss_fn(x, batch))
+            loss_sum += loss
+            window += loss
+            window_n += 1
+            steps += 1
+            self.state["global_step"] += 1
+            self.state["step_in_epoch"] = i + 1
+            now = time.perf_counter()
+            record = self.telemetry.step(epoch=epoch, step=i, images=len(batch["key"]), step_time=now - t_end,
+                                         data_time=t_data - t_end, loss_fn=lambda: (window / window_n).item(),
+                                         lr=self.backend.lr())
+            t_end = now
+            if record is not None or i + 1 == self.steps_per_epoch:
+                bad = record is not None and not isinstance(record["loss"], float)
+                stop, bad = self.agree(float(self.stop.raised), float(bad))
+                window.zero_()
+                window_n = 0
+                if bad:
+                    raise NonFiniteLoss(f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. "
+                                        f"The last good checkpoint is kept in {self.ckpt_dir}")
+                if stop:
+                    return "preempted"
+            if self.cfg.run.checkpoint_every and self.state["global_step"] % self.cfg.run.checkpoint_every == 0:
+                self.checkpoint("last")
+            if self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps:
+                break
+        self.epoch_loss = (loss_sum / max(1, steps)).item()
+        return "done"
+
+    def evaluate(self, split: str) -> dict:
+        self.backend.sync_buffers()
+        loader = self.loaders.eval(split)
+        part = predict_loader(self.backend.module, loader, lambda b: self.prepare(b, train=False),
+                              self.backend.autocast)
+        return gather_and_score(part, expected=self.loaders.samples(split))
+
+    def end_epoch(self, epoch: int) -> None:
+        mem = self.backend.peak_memory()
+        record = self.telemetry.end_epoch(epoch, {"train_loss": self.epoch_loss})
+        val = self.evaluate("val")
+        records = [record]
+        if self.env.distributed:
+            records = [None] * self.env.world_size
+            tdist.all_gather_object(records, record, group=self.ctrl_group)
+        self.state["history"].append({
+            "epoch": epoch + 1,
+            "time_s": max(r["epoch_time_s"] for r in records),
+            "images_per_s": sum(r["images"] for r in records) / max(r["epoch_time_s"] for r in records),
+            "train_loss": sum(r["train_loss"] for r in records) / len(records),
+            "val_auc_mean": val["auc_mean"], "val_accuracy_mean": val["accuracy_mean"],
+            "val_auc": val["auc"],
+            "mem_peak_mb": {str(r["rank"]): round(r["mem_peak_mb"], 1) for r in records},
+            **({"mem_reserved_mb": {str(r["rank"]): round(r["mem_reserved_mb"], 1) for r in records}}
+               if "mem_reserved_mb" in mem else {}),
+        })
+        self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
+        self.checkpoint("last")
+        auc = val["auc_mean"]
+        if auc is not None and (self.state["best_auc"] is None or auc > self.state["best_auc"]):
+            self.state["best_auc"] = auc
+            self.checkpoint("best")
+        self.write_summary("running")
+
+    def fit(self) -> dict:
+        self.state["hosts"] = self.gather_hosts()
+        self.resume()
+        status, test = "completed", None
+        try:
+            for epoch in range(self.state["epoch"], self.cfg.optim.epochs):
+                if self.run_epoch(epoch) == "preempted":
+                    status = "preempted"
+                    break
+                self.end_epoch(epoch)
+                if self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps:
+                    break
+            if status == "completed" and self.cfg.run.eval_test:
+                test = self.evaluate("test")
+        except NonFiniteLoss as e:
+            self.write_summary("failed", error=str(e))
+            raise UserError(str(e)) from e
+        if status == "preempted":
+            self.checkpoint("last")
+            self.telemetry.write({"event": "preempted", "epoch": self.state["epoch"],
+                                  "step_in_epoch": self.state["step_in_epoch"]})
+        summary = self.write_summary(status, test=test)
+        if status == "preempted" and self.env.is_main:
+            self.telemetry.close()
+            dist.destroy()
+            self.stop.hand_over()  # submitit: checkpoint() -> requeue -> exit; elsewhere returns
+        return summary
+
+    def gather_hosts(self) -> list[str]:
+        hosts = [self.env.host]
+        if self.env.distributed:
+            hosts = [None] * self.env.world_size
+            tdist.all_gather_object(hosts, self.env.host, group=self.ctrl_group)
+        return hosts
+
+    def write_summary(self, status: str, test: dict | None = None, error: str | None = None) -> dict:
+        summary = {
+            "backend": self.cfg.dist.backend, "world_size": self.env.world_size, "nodes": self.env.num_nodes,
+            "hosts": self.state["hosts"], "device": self.device.type,
+            "gpus": self.env.world_size * self.backend.devices_per_process() if self.device.type == "cuda" else 0,
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "format": self.cfg.data.format, "precision": self.cfg.run.precision,
+            "channels_last": self.cfg.run.channels_last, "config": self.cfg.to_dict(),
+            "restarts": self.state["restarts"], "status": status, "global_step": self.state["global_step"],
+            "steps_per_epoch": self.steps_per_epoch, "epochs": self.state["history"], "test": test,
+            "best_val_auc_mean": self.state["best_auc"], **({"error": error} if error else {}),
+        }
+        if self.env.is_main:
+            ckpt.atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+        return summary
+
+    def close(self) -> None:
+        self.stop.restore()
+        self.telemetry.close()
