@@ -1,0 +1,564 @@
+"""Run folders -> the poster's comparison tables (backend / input format -> accuracy, AUC, time per epoch).
+
+Reads files only (``RUN/summary.json``, ``RUN/config.yaml``, ``RUN/telemetry/rank{R}.jsonl``, see
+docs/ARCHITECTURE.md "The run folder"); never imports torch. ``build_report`` writes into ``out``:
+
+- ``report.csv``  one row per run (numbers with their unit in the column name: ``_s``, ``_min``, ``_pct``,
+  ``_mb``), skipped backends included as rows with status ``skipped`` and the reason;
+- ``report.md``   the same table formatted like the poster (epoch minutes, AUC in percent) + a flags section;
+- ``throughput.png``, ``epoch_time.png``, ``memory.png``;
+and prints a rich table and the flags on the terminal.
+
+A path given to ``build_report`` may also be a sweep folder written by ``launchers/compare.py`` (it holds a
+``sweep.json``): its runs and skipped backends are expanded in place.
+
+Flags: a straggler is a rank whose mean step time is >= 10% above that of the run's median rank (the lower
+median, so with two ranks the faster one is the reference); a run is loader-bound when its ranks spend more
+than 20% of their step time waiting for data. Missing summaries, missing/empty telemetry, ranks that never
+wrote and unreadable lines are flagged as well, never fatal.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import yaml
+
+STRAGGLER_THRESHOLD = 0.10      # a rank >= 10% slower than the median rank
+LOADER_BOUND_THRESHOLD = 0.20   # data wait > 20% of the step time
+
+BACKEND_ORDER = ("single", "dp", "ddp", "deepspeed")
+FORMAT_ORDER = ("shards", "jpeg", "dicom")
+
+COLUMNS = [
+    "run", "backend", "format", "layout", "world_size", "nodes", "device", "precision", "batch_per_rank",
+    "epochs", "epoch_time_s", "epoch_time_min", "images_per_s", "images_per_s_per_rank",
+    "speedup", "efficiency_pct", "speedup_ref", "mem_peak_mb_max", "mem_peak_mb_spread", "data_wait_pct",
+    "val_auc_pct", "val_acc_pct", "test_auc_pct", "test_acc_pct", "status", "restarts", "reason", "path",
+]
+
+
+# --- loading --------------------------------------------------------------------------------------------
+
+def _read_json(path: Path, problems: list[str]) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        problems.append(f"{path.name} is unreadable ({e.__class__.__name__}: {e})")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} is not a JSON object")
+        return {}
+    return data
+
+
+def _read_jsonl(path: Path, problems: list[str]) -> list[dict]:
+    records, bad = [], 0
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        problems.append(f"{path.name} is unreadable ({e})")
+        return []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1  # a line cut short when the rank was killed
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad += 1
+    if bad:
+        problems.append(f"{path.parent.name}/{path.name}: {bad} unreadable line(s) skipped")
+    return records
+
+
+def _rank_of(path: Path) -> int | None:
+    stem = path.stem
+    return int(stem[4:]) if stem.startswith("rank") and stem[4:].isdigit() else None
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """One run folder -> ``{name, path, summary, config, status, world_size, steps, epochs, ranks, problems}``.
+
+    ``steps`` / ``epochs`` are DataFrames of the telemetry step / epoch records of all ranks (column ``rank``);
+    ``ranks`` maps rank -> ``{"steps": df, "epochs": df}``. A failed, preempted or still-running run loads the
+    same way: ``status`` is the summary's, or ``incomplete`` when there is no summary; ``problems`` lists what
+    is missing. Never raises for a missing or partial folder.
+    """
+    run_dir = Path(run_dir)
+    problems: list[str] = []
+    if not run_dir.is_dir():
+        problems.append(f"run folder {run_dir} does not exist")
+    summary = _read_json(run_dir / "summary.json", problems)
+    if run_dir.is_dir() and not (run_dir / "summary.json").exists():
+        problems.append("no summary.json (the run did not finish)")
+
+    config: dict = {}
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.exists():
+        try:
+            config = yaml.safe_load(cfg_path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            problems.append(f"config.yaml is unreadable ({e.__class__.__name__})")
+    if not config and isinstance(summary.get("config"), dict):
+        config = summary["config"]
+
+    ranks: dict[int, dict[str, pd.DataFrame]] = {}
+    tdir = run_dir / "telemetry"
+    files = sorted(tdir.glob("rank*.jsonl"), key=lambda p: (_rank_of(p) is None, _rank_of(p) or 0))
+    if run_dir.is_dir() and not files:
+        problems.append("no telemetry (telemetry/rank*.jsonl missing)")
+    for f in files:
+        rank = _rank_of(f)
+        if rank is None:
+            continue
+        recs = _read_jsonl(f, problems)
+        steps = pd.DataFrame([r for r in recs if r.get("event") == "step"])
+        epochs = pd.DataFrame([r for r in recs if r.get("event") == "epoch"])
+        for df in (steps, epochs):
+            if not df.empty:
+                df["rank"] = rank
+        ranks[rank] = {"steps": steps, "epochs": epochs}
+
+    world = _int(summary.get("world_size"))
+    if world is None:
+        dist = config.get("dist") or {}
+        world = _int(dist.get("nproc")) if dist.get("backend") in ("ddp", "deepspeed") else None
+    if world is None:
+        world = max(ranks) + 1 if ranks else None
+    if world is not None and run_dir.is_dir():
+        silent = [r for r in range(world) if r not in ranks or (ranks[r]["steps"].empty
+                                                                  and ranks[r]["epochs"].empty)]
+        if silent and files:
+            problems.append(f"rank(s) {', '.join(map(str, silent))} wrote no telemetry")
+
+    def cat(kind: str) -> pd.DataFrame:
+        frames = [v[kind] for v in ranks.values() if not v[kind].empty]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    status = summary.get("status") or "incomplete"
+    return {
+        "name": run_dir.name, "path": run_dir, "summary": summary, "config": config, "status": status,
+        "world_size": world, "steps": cat("steps"), "epochs": cat("epochs"), "ranks": ranks,
+        "problems": problems,
+    }
+
+
+def _int(v) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _num(v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def _mean(values: Iterable) -> float:
+    vals = [x for x in (_num(v) for v in values) if not math.isnan(x)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    if df.empty or name not in df:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(df[name], errors="coerce")
+
+
+# --- one row per run ---------------------------------------------------------------------------------------
+
+def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict]]:
+    """Run folders as given, with sweep folders (``sweep.json``) replaced by their runs and skipped entries."""
+    runs: list[Path] = []
+    skipped: list[dict] = []
+    for p in map(Path, paths):
+        sweep = p / "sweep.json"
+        if sweep.is_file():
+            try:
+                data = json.loads(sweep.read_text())
+            except ValueError:
+                data = {}
+            for r in data.get("runs", []):
+                rd = Path(r.get("run_dir", ""))
+                runs.append(rd if rd.is_absolute() else p / rd)
+            skipped += [dict(s) for s in data.get("skipped", [])]
+        else:
+            runs.append(p)
+    return runs, skipped
+
+
+def _layout(world: int | None, nodes: int | None, device: str, gpus: int | None, backend: str) -> str:
+    if world is None:
+        return ""
+    if device.startswith("cpu"):
+        return f"{world} CPU rank" + ("s" if world != 1 else "")
+    nodes = nodes or 1
+    if backend == "dp" and not gpus:
+        return "1 node, dp"  # one process driving every visible GPU; the summary does not say how many
+    total = gpus or world
+    return f"{nodes}×{max(1, total // nodes)} GPU"
+
+
+def run_row(run: dict) -> dict[str, Any]:
+    """The numbers of one loaded run (see COLUMNS); speed-up/efficiency are filled in by ``build_report``."""
+    s, cfg = run["summary"], run["config"]
+    steps, epochs = run["steps"], run["epochs"]
+    dist, data = cfg.get("dist") or {}, cfg.get("data") or {}
+    optim, runc = cfg.get("optim") or {}, cfg.get("run") or {}
+    world = run["world_size"]
+    nodes = _int(s.get("nodes"))
+    if nodes is None and not steps.empty and "host" in steps:
+        nodes = int(steps["host"].nunique())
+    device = str(s.get("device") or (steps["device"].iloc[0] if "device" in steps and not steps.empty
+                                     else runc.get("device", "")))
+    gpus = _int(s.get("gpus"))
+
+    # avg time per epoch: the summary's epochs, else the slowest rank's epoch record per epoch
+    sum_epochs = [e for e in (s.get("epochs") or []) if isinstance(e, dict)]
+    epoch_time = _mean(e.get("time_s") for e in sum_epochs)
+    if math.isnan(epoch_time) and not epochs.empty and "epoch_time_s" in epochs:
+        epoch_time = _mean(epochs.assign(t=_col(epochs, "epoch_time_s")).groupby("epoch")["t"].max())
+
+    # images/s: total = sum over ranks per epoch, averaged over epochs; per rank = mean of the rank-epochs
+    if not epochs.empty and "images_per_s" in epochs:
+        ips = epochs.assign(ips=_col(epochs, "images_per_s"))
+        total = _mean(ips.groupby("epoch")["ips"].sum(min_count=1)) if "epoch" in ips else _mean(ips["ips"])
+        per_rank = _mean(ips["ips"])
+    else:
+        total = _mean(e.get("images_per_s") for e in sum_epochs)
+        per_rank = total / world if world and not math.isnan(total) else math.nan
+
+    peaks = _rank_peaks(run)  # per rank: max over the summary's epochs and every telemetry record
+    mem_max = max(peaks.values()) if peaks else math.nan
+    mem_spread = (max(peaks.values()) - min(peaks.values())) if peaks else math.nan
+
+    dt, st = _col(steps, "data_time_s").sum(), _col(steps, "step_time_s").sum()
+    data_wait = 100.0 * dt / st if st > 0 else math.nan
+
+    last = sum_epochs[-1] if sum_epochs else {}
+    test = s.get("test") or {}
+    pct = lambda v: 100.0 * _num(v)  # noqa: E731
+    return {
+        "run": run["name"], "backend": s.get("backend") or dist.get("backend", ""),
+        "format": s.get("format") or data.get("format", ""), "layout": _layout(world, nodes, device, gpus, s.get("backend") or dist.get("backend", "")),
+        "world_size": world, "nodes": nodes, "device": device,
+        "precision": s.get("precision") or runc.get("precision", ""),
+        "batch_per_rank": _int(optim.get("batch_size")),
+        "epochs": len(sum_epochs) or (int(epochs["epoch"].nunique()) if "epoch" in epochs else 0),
+        "epoch_time_s": epoch_time, "epoch_time_min": epoch_time / 60.0,
+        "images_per_s": total, "images_per_s_per_rank": per_rank,
+        "speedup": math.nan, "efficiency_pct": math.nan, "speedup_ref": "",
+        "mem_peak_mb_max": mem_max, "mem_peak_mb_spread": mem_spread, "data_wait_pct": data_wait,
+        "val_auc_pct": pct(last.get("val_auc_mean")), "val_acc_pct": pct(last.get("val_accuracy_mean")),
+        "test_auc_pct": pct(test.get("auc_mean")), "test_acc_pct": pct(test.get("accuracy_mean")),
+        "status": run["status"], "restarts": _int(s.get("restarts")) or 0,
+        "reason": "; ".join(([f"error: {s['error']}"] if s.get("error") else []) + run["problems"]),
+        "path": str(run["path"]),
+        "_gpus": gpus,
+    }
+
+
+def run_flags(run: dict) -> list[str]:
+    """Stragglers, loader-bound, and what is missing or failed, each a sentence naming the run."""
+    name, flags = run["name"], []
+    if run["status"] not in ("completed",):
+        err = run["summary"].get("error")
+        flags.append(f"{name}: status {run['status']}" + (f": {err}" if err else ""))
+    flags += [f"{name}: {p}" for p in run["problems"]]
+    steps = run["steps"]
+    if steps.empty or "step_time_s" not in steps:
+        return flags
+    st = steps.assign(st=_col(steps, "step_time_s"))
+    per_rank = st.groupby("rank")["st"].mean().dropna()
+    if len(per_rank) >= 2:
+        median = statistics.median_low(per_rank.tolist())
+        hosts = st.groupby("rank")["host"].agg(lambda h: h.dropna().iloc[0] if h.notna().any() else "") \
+            if "host" in st else {}
+        for rank, t in per_rank.items():
+            if median > 0 and (t - median) / median >= STRAGGLER_THRESHOLD - 1e-9:
+                host = hosts.get(rank, "") if hasattr(hosts, "get") else ""
+                where = f" on {host}" if host else ""
+                flags.append(f"{name}: straggler: rank {rank}{where} is {100 * (t - median) / median:.0f}% "
+                             f"slower than the median ({t:.3f} s vs {median:.3f} s per step)")
+    dt, total = _col(steps, "data_time_s").sum(), _col(steps, "step_time_s").sum()
+    if total > 0 and dt / total > LOADER_BOUND_THRESHOLD:
+        flags.append(f"{name}: loader-bound: {100 * dt / total:.0f}% of the step time is spent waiting for "
+                     f"data (more --workers, shards instead of loose files, or device augmentation)")
+    return flags
+
+
+def _order_key(row: dict) -> tuple:
+    f = row.get("format") or ""
+    b = row.get("backend") or ""
+    return (FORMAT_ORDER.index(f) if f in FORMAT_ORDER else len(FORMAT_ORDER),
+            BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER))
+
+
+def _add_speedup(rows: list[dict]) -> None:
+    """Speed-up by epoch time over the single-device run of the same format (else any single-device run)."""
+    refs = [r for r in rows if r["status"] != "skipped" and r["backend"] == "single"
+            and (r["world_size"] or 1) == 1 and not math.isnan(r["epoch_time_s"]) and r["epoch_time_s"] > 0]
+    for r in rows:
+        if r["status"] == "skipped" or math.isnan(r["epoch_time_s"]) or r["epoch_time_s"] <= 0 or not refs:
+            continue
+        ref = next((x for x in refs if x["format"] == r["format"]), refs[0])
+        r["speedup"] = ref["epoch_time_s"] / r["epoch_time_s"]
+        r["speedup_ref"] = ref["run"]
+        devices = r.pop("_gpus", None) or r["world_size"] or 1
+        if r["backend"] == "dp" and devices == 1 and not str(r["device"]).startswith("cpu"):
+            continue  # dp is one process over several GPUs: without their number no efficiency
+        r["efficiency_pct"] = 100.0 * r["speedup"] / devices
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+        return "–"
+    if isinstance(v, (int, float)) and spec:
+        return f"{v:{spec}}{suffix}"
+    return f"{v}{suffix}"
+
+
+# (header, column, format spec, suffix)
+DISPLAY = [
+    ("Run", "run", "", ""), ("Backend", "backend", "", ""), ("Format", "format", "", ""),
+    ("Layout", "layout", "", ""), ("Precision", "precision", "", ""), ("Batch/rank", "batch_per_rank", "d", ""),
+    ("Epoch (min)", "epoch_time_min", ".2f", ""), ("Epoch (s)", "epoch_time_s", ".1f", ""),
+    ("img/s", "images_per_s", ".1f", ""), ("img/s/rank", "images_per_s_per_rank", ".1f", ""),
+    ("Speed-up", "speedup", ".2f", "×"), ("Efficiency", "efficiency_pct", ".0f", "%"),
+    ("Peak MB/rank", "mem_peak_mb_max", ".0f", ""), ("MB spread", "mem_peak_mb_spread", ".0f", ""),
+    ("Data wait", "data_wait_pct", ".1f", "%"),
+    ("Val AUC", "val_auc_pct", ".2f", ""), ("Val acc", "val_acc_pct", ".2f", ""),
+    ("Test AUC", "test_auc_pct", ".2f", ""), ("Test acc", "test_acc_pct", ".2f", ""),
+    ("Status", "status", "", ""), ("Restarts", "restarts", "d", ""),
+]
+
+
+def _display_rows(df: pd.DataFrame) -> list[list[str]]:
+    out = []
+    for _, r in df.iterrows():
+        cells = []
+        for _, col, spec, suffix in DISPLAY:
+            v = r[col]
+            if spec == "d" and isinstance(v, float) and not math.isnan(v):
+                v = int(v)
+            cells.append(_fmt(v, spec, suffix))
+        out.append(cells)
+    return out
+
+
+def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
+    head = [h for h, *_ in DISPLAY]
+    lines = ["# cxrdist backend comparison", "",
+             "Epoch times are averages over the run's epochs; AUC and accuracy are means over the 14 labels in "
+             "percent (val: last epoch). Speed-up is by epoch time over the single-device run of the same "
+             "format; efficiency = speed-up / devices.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _display_rows(df)]
+    reasons = [(r["run"], r["status"], r["reason"]) for _, r in df.iterrows()
+               if r["status"] == "skipped" and r["reason"]]
+    if reasons:
+        lines += ["", "## Skipped", ""] + [f"- {run}: {why}" for run, _, why in reasons]
+    lines += ["", "## Flags", ""]
+    lines += [f"- {f}" for f in flags] if flags else ["- none: no stragglers, no loader-bound runs, nothing missing"]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _print_terminal(df: pd.DataFrame, flags: list[str], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="cxrdist: backends × input formats (AUC / accuracy in %)", header_style="bold")
+    cols = [("Run", "run"), ("Backend", "backend"), ("Format", "format"), ("Layout", "layout"),
+            ("Epoch min", "epoch_time_min"), ("img/s", "images_per_s"), ("Speed-up", "speedup"),
+            ("Eff.", "efficiency_pct"), ("Peak MB", "mem_peak_mb_max"), ("Wait", "data_wait_pct"),
+            ("Val AUC", "val_auc_pct"), ("Test AUC", "test_auc_pct"), ("Test acc", "test_acc_pct"),
+            ("Status", "status")]
+    index = {col: i for i, (_, col, *_) in enumerate(DISPLAY)}
+    for header, col in cols:
+        left = col in ("run", "backend", "format", "layout", "status")
+        table.add_column(header, justify="left" if left else "right", no_wrap=col != "run",
+                         overflow="fold")
+    for cells, (_, r) in zip(_display_rows(df), df.iterrows()):
+        style = {"completed": None, "skipped": "dim"}.get(r["status"], "red")
+        row = [cells[index[col]] for _, col in cols]
+        if r["restarts"] and not (isinstance(r["restarts"], float) and math.isnan(r["restarts"])):
+            row[-1] += f" ({int(r['restarts'])} restart{'s' if r['restarts'] != 1 else ''})"
+        table.add_row(*row, style=style)
+    console.print(table)
+    for f in flags:
+        console.print(f"[yellow]flag[/yellow] {f}", highlight=False, markup=True)
+    console.print(f"report: {out / 'report.md'}  {out / 'report.csv'}  plots: {out}/*.png", highlight=False)
+
+
+def _figure(width=9.0, height=5.0):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg on save
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return fig, fig.subplots()
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="grey")
+
+
+def _label(row) -> str:
+    return f"{row['run']}\n({row['backend'] or '?'}/{row['format'] or '?'})"
+
+
+def _plot_throughput(runs: list[dict], path: Path) -> None:
+    fig, ax = _figure()
+    styles = ["-", "--", ":", "-."]
+    drew = False
+    for i, run in enumerate(runs):
+        steps = run["steps"]
+        if steps.empty or not {"time", "images_per_s"} <= set(steps):
+            continue
+        t0 = _col(steps, "time").min()
+        color = f"C{i % 10}"
+        for j, (rank, g) in enumerate(sorted(steps.groupby("rank"), key=lambda kv: kv[0])):
+            g = g.assign(t=_col(g, "time") - t0, ips=_col(g, "images_per_s")).dropna(subset=["t", "ips"])
+            g = g.sort_values("t")
+            if g.empty:
+                continue
+            ax.plot(g["t"], g["ips"], styles[j % len(styles)], color=color, marker="." if len(g) < 30 else None,
+                    label=f"{run['name']} rank {rank}")
+            drew = True
+    ax.set_title("Training throughput per rank")
+    ax.set_xlabel("time since the run's first step record (s)")
+    ax.set_ylabel("images / s (one rank)")
+    ax.grid(alpha=0.3)
+    if drew:
+        ax.legend(fontsize="small", ncol=2 if len(ax.lines) > 8 else 1)
+        ax.set_ylim(bottom=0)
+    else:
+        _empty(ax, "no step records")
+    fig.savefig(path)
+
+
+def _plot_epoch_time(df: pd.DataFrame, path: Path) -> None:
+    fig, ax = _figure()
+    d = df[df["epoch_time_s"].notna()]
+    if d.empty:
+        _empty(ax, "no run finished an epoch")
+    else:
+        minutes = d["epoch_time_s"].max() >= 120
+        vals = d["epoch_time_min"] if minutes else d["epoch_time_s"]
+        labels = [_label(r) for _, r in d.iterrows()]
+        bars = ax.bar(range(len(d)), vals, color=[f"C{BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 4}"
+                                                  for b in d["backend"]])
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], padding=2, fontsize="small")
+        ax.set_xticks(range(len(d)), labels, fontsize="small")
+        ax.set_ylabel("average time per epoch (" + ("min" if minutes else "s") + ")")
+        ax.set_ylim(0, float(vals.max()) * 1.15 or 1)
+    ax.set_title("Average time per epoch by backend / input format")
+    ax.set_xlabel("run (backend/format)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
+def _rank_peaks(run: dict) -> dict[int, float]:
+    peaks: dict[int, float] = {}
+    for e in run["summary"].get("epochs") or []:
+        for r, mb in ((e or {}).get("mem_peak_mb") or {}).items():
+            if _int(r) is not None and not math.isnan(_num(mb)):
+                peaks[_int(r)] = max(peaks.get(_int(r), 0.0), _num(mb))
+    for df in (run["steps"], run["epochs"]):
+        if not df.empty and "mem_peak_mb" in df:
+            for r, mb in df.assign(m=_col(df, "mem_peak_mb")).groupby("rank")["m"].max().items():
+                if not math.isnan(mb):
+                    peaks[int(r)] = max(peaks.get(int(r), 0.0), float(mb))
+    return peaks
+
+
+def _plot_memory(runs: list[dict], path: Path) -> None:
+    fig, ax = _figure()
+    data = [(run, _rank_peaks(run)) for run in runs]
+    data = [(run, p) for run, p in data if p]
+    if not data:
+        _empty(ax, "no memory records")
+    else:
+        width = 0.8 / max(len(p) for _, p in data)
+        ticks, labels, seen = [], [], set()
+        for i, (run, peaks) in enumerate(data):
+            ranks = sorted(peaks)
+            for j, r in enumerate(ranks):
+                x = i + (j - (len(ranks) - 1) / 2) * width
+                ax.bar(x, peaks[r], width * 0.9, color=f"C{r % 10}", label=None if r in seen else f"rank {r}")
+                seen.add(r)
+            ticks.append(i)
+            s = run["summary"]
+            labels.append(f"{run['name']}\n({s.get('backend') or (run['config'].get('dist') or {}).get('backend', '?')})")
+        ax.set_xticks(ticks, labels, fontsize="small")
+        ax.set_ylabel("peak memory per rank (MB)")
+        ax.legend(title="rank", fontsize="small")
+    ax.set_title("Peak memory per rank")
+    ax.set_xlabel("run")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
+def build_report(runs: list[Path], out: Path, skipped: list[dict] | None = None,
+                 print_table: bool = True) -> pd.DataFrame:
+    """Compare run folders (and sweep folders) -> rich table, ``out/report.{md,csv}`` and the plots.
+
+    ``skipped``: ``[{"backend", "format", "reason"}]`` of runs that could not start; each becomes a row with
+    status ``skipped``. Returns the table written to ``report.csv``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, sweep_skipped = expand_paths(runs)
+    loaded = [load_run(p) for p in paths]
+    rows = [run_row(r) for r in loaded]
+    for s in list(skipped or []) + sweep_skipped:
+        b, f = s.get("backend", ""), s.get("format", "")
+        row = {c: math.nan for c in COLUMNS}
+        row.update(run=s.get("run") or f"{b}-{f}".strip("-"), backend=b, format=f, layout="", device="",
+                   precision="", speedup_ref="", status="skipped", reason=s.get("reason", ""), path="",
+                   restarts=0, epochs=0)
+        rows.append(row)
+    _add_speedup(rows)
+    for r in rows:
+        r.pop("_gpus", None)
+    rows.sort(key=_order_key)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+
+    flags = [f for r in loaded for f in run_flags(r)]
+    flags += [f"{r['run']}: skipped: {r['reason']}" for r in rows if r["status"] == "skipped"]
+
+    plots = ["throughput.png", "epoch_time.png", "memory.png"]
+    _plot_throughput(loaded, out / plots[0])
+    _plot_epoch_time(df, out / plots[1])
+    _plot_memory(loaded, out / plots[2])
+
+    rounding = {"epoch_time_s": 3, "epoch_time_min": 3, "images_per_s": 2, "images_per_s_per_rank": 2,
+                "speedup": 3, "efficiency_pct": 1, "mem_peak_mb_max": 1, "mem_peak_mb_spread": 1,
+                "data_wait_pct": 2, "val_auc_pct": 2, "val_acc_pct": 2, "test_auc_pct": 2, "test_acc_pct": 2}
+    csv = df.copy()
+    for col, nd in rounding.items():
+        csv[col] = pd.to_numeric(csv[col], errors="coerce").round(nd)
+    for col in ("world_size", "nodes", "batch_per_rank", "epochs", "restarts"):
+        csv[col] = pd.to_numeric(csv[col], errors="coerce").astype("Int64")
+    csv.to_csv(out / "report.csv", index=False)
+    (out / "report.md").write_text(_markdown(df, flags, plots))
+    if print_table:
+        _print_terminal(df, flags, out)
+    return csv

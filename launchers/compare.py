@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Run the same training under several backends (and input formats), then compare them (poster Tables 3/4).
+
+    python launchers/compare.py --nodes 1 --gpus 4 --backends single,dp,ddp,deepspeed [--formats shards,jpeg] \\
+        --epochs 3 [submit.py's launcher flags] [--wait] [--report-dir DIR] -- --shards shards/x --image-size 224
+
+One run per backend x format with identical data, model, per-rank batch and seed: only ``dist.backend``,
+``data.format`` and the run folder (``<sweep dir>/<backend>-<format>``) differ. The sweep dir is the train
+option ``--out`` (default ``runs/compare-<time>``); it gets a ``sweep.json`` listing the runs and the skipped
+backends, so ``cxrdist report <sweep dir>`` can be re-run at any time. A backend that cannot run on the
+target (``cxrdist.launch.preflight``: e.g. dp without >= 2 GPUs) is recorded as skipped with the reason.
+
+On SLURM every run is submitted at once; on the local executor (this machine) the runs go one after
+another, each waited for before the next starts, so they do not share the CPU and the timings stay honest.
+With ``--wait`` (always, on the local executor) the report is written to ``--report-dir`` (default
+``<sweep dir>/report``). All the work is in cxrdist.launch and cxrdist.report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ("single", "dp", "ddp", "deepspeed")
+FORMATS = ("shards", "jpeg", "dicom")
+
+
+def _use_repo_python() -> None:
+    """`python launchers/compare.py` with an interpreter lacking the project: re-run under the repo's venv."""
+    try:
+        import submitit  # noqa: F401
+        import yaml  # noqa: F401
+    except ImportError:
+        venv = REPO / ".venv" / "bin" / "python"
+        if venv.is_file() and not os.environ.get("CXRDIST_REEXEC"):
+            os.environ["CXRDIST_REEXEC"] = "1"
+            os.execv(str(venv), [str(venv), *sys.argv])
+        raise
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+def _csv(choices: tuple[str, ...], what: str):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{what} must be a comma list of {', '.join(choices)}; got {text!r}")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from cxrdist.launch import get_args_parser as launch_parser
+
+    p = argparse.ArgumentParser(
+        prog="launchers/compare.py", parents=[launch_parser(add_help=False)], allow_abbrev=False,
+        description="Run one training per backend x input format with identical settings, then compare "
+                    "accuracy, AUC and time per epoch (cxrdist report).",
+        epilog="Everything after `--` is a `cxrdist train` option shared by every run (not --backend/--format: "
+               "use --backends/--formats). --out after `--` names the sweep folder.")
+    for action in p._actions:  # one backend per run comes from --backends
+        if action.dest == "backend":
+            action.help = argparse.SUPPRESS
+    g = p.add_argument_group("sweep")
+    g.add_argument("--backends", type=_csv(BACKENDS, "--backends"), default=list(BACKENDS),
+                   help="comma list of single,dp,ddp,deepspeed (default: all)")
+    g.add_argument("--formats", type=_csv(FORMATS, "--formats"), default=["shards"],
+                   help="comma list of shards,jpeg,dicom (default: shards)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs per run (same as the train option --epochs)")
+    g.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: <sweep dir>/report)")
+    return p
+
+
+def _write_sweep(sweep_dir: Path, data: dict) -> None:
+    tmp = sweep_dir / "sweep.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(sweep_dir / "sweep.json")
+
+
+def launch_args_for(args: argparse.Namespace, backend: str, fmt: str) -> argparse.Namespace:
+    """The submit.py flags of one run: single and dp are one task on one node, ddp/deepspeed as asked."""
+    la = argparse.Namespace(**vars(args))
+    for k in ("backends", "formats", "epochs", "report_dir"):
+        delattr(la, k)
+    la.backend, la.wait = backend, False
+    la.name = f"{args.name or 'cxrdist'}-{backend}-{fmt}"
+    if backend in ("single", "dp"):
+        la.nodes, la.tasks_per_node = 1, None
+    return la
+
+
+def main(argv: list[str] | None = None) -> int:
+    _use_repo_python()
+    from cxrdist import launch
+    from cxrdist.config import parse_train_argv
+    from cxrdist.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = argv.index("--") if "--" in argv else len(argv)
+    launcher_argv, train_argv = argv[:i], argv[i + 1:]
+    args = get_args_parser().parse_args(launcher_argv)
+    try:
+        if "--backend" in launcher_argv:
+            raise UserError("compare.py takes --backends (a comma list), not --backend")
+        for flag in ("--backend", "--format", "--nproc"):
+            if flag in train_argv:
+                raise UserError(f"{flag} after `--` is set per run by the sweep: use --backends / --formats "
+                                "before `--` (and --gpus / --tasks-per-node for the ranks)")
+        if args.epochs is not None:
+            if "--epochs" in train_argv:
+                raise UserError("--epochs given twice (before and after `--`)")
+            train_argv += ["--epochs", str(args.epochs)]
+        base = parse_train_argv(train_argv)
+        cluster = launch.resolve_cluster(args)
+    except UserError as e:
+        print(f"compare: error: {e}", file=sys.stderr)
+        return 2
+
+    sweep_dir = Path(base.run.out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = (args.report_dir or sweep_dir / "report").absolute()
+    sequential = cluster == "local"
+    sweep = {"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": cluster,
+             "nodes": args.nodes, "gpus": args.gpus, "tasks_per_node": args.tasks_per_node,
+             "backends": args.backends, "formats": args.formats, "train_argv": train_argv,
+             "command": ["launchers/compare.py", *argv], "report_dir": str(report_dir), "runs": [], "skipped": []}
+    _write_sweep(sweep_dir, sweep)
+    print(f"sweep: {len(args.backends)} backend(s) x {len(args.formats)} format(s) on {cluster} "
+          f"-> {sweep_dir}" + (" (one run at a time)" if sequential else ""), flush=True)
+
+    subs: list[tuple[dict, object]] = []
+    failed = 0
+    try:
+        for fmt in args.formats:
+            for backend in args.backends:
+                la = launch_args_for(args, backend, fmt)
+                run_dir = sweep_dir / f"{backend}-{fmt}"
+                cfg = replace(base, dist=replace(base.dist, backend=backend),
+                              data=replace(base.data, format=fmt), run=replace(base.run, out=str(run_dir)))
+                reason = launch.preflight(la, cfg)
+                sub = None
+                if reason is None:
+                    try:
+                        sub = launch.submit(la, cfg)
+                    except UserError as e:
+                        reason = f"not submitted: {e}"
+                if sub is None:
+                    print(f"skip {backend}-{fmt}: {reason}", flush=True)
+                    sweep["skipped"].append({"backend": backend, "format": fmt, "reason": reason})
+                    _write_sweep(sweep_dir, sweep)
+                    continue
+                entry = {"backend": backend, "format": fmt, "run_dir": run_dir.name, "job_id": sub.job_id,
+                         "log_dir": str(sub.log_dir), "executor": sub.executor,
+                         "world_size": sub.plan.world_size if sub.plan else None,
+                         "gpus_per_node": sub.plan.gpus_per_node if sub.plan else None, "rc": None}
+                sweep["runs"].append(entry)
+                _write_sweep(sweep_dir, sweep)
+                print(launch.describe(sub), flush=True)
+                if sequential:  # local: finish this one before the next starts
+                    entry["rc"] = launch.wait(sub, stream=True)
+                    failed += entry["rc"] != 0
+                    _write_sweep(sweep_dir, sweep)
+                else:
+                    subs.append((entry, sub))
+        if subs and args.wait:
+            for entry, sub in subs:
+                entry["rc"] = launch.wait(sub, stream=True)
+                failed += entry["rc"] != 0
+                _write_sweep(sweep_dir, sweep)
+    except KeyboardInterrupt:
+        print(f"\nstopped; submitted jobs keep running. Their list: {sweep_dir / 'sweep.json'}; "
+              f"report later with: cxrdist report {sweep_dir} --out {report_dir}", file=sys.stderr)
+        return 130
+
+    if not (args.wait or sequential):
+        print(f"submitted {len(subs)} job(s); when they are done: cxrdist report {sweep_dir} --out {report_dir}")
+        return 0
+    from cxrdist.report import build_report
+
+    build_report([sweep_dir], out=report_dir)  # the sweep folder expands into its runs and skipped ones
+    if not sweep["runs"]:
+        print("compare: nothing ran (every backend was skipped)", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

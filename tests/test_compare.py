@@ -1,0 +1,93 @@
+"""launchers/compare.py end to end on CPU ranks with the local executor, and its skipped-only path."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARE = REPO / "launchers" / "compare.py"
+
+
+def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg", "COLUMNS": "200", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # its own session: on a timeout the local executor's jobs (same process group) go down with it
+    proc = subprocess.Popen([sys.executable, str(COMPARE), *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"compare.py timed out after {timeout} s:\n{(out + err)[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_only_skipped_backends_still_report(tmp_path):
+    """dp on CPU ranks cannot run: recorded as skipped with the reason, the report says so, rc 1."""
+    sweep = tmp_path / "sweep"
+    proc = _run(["--nodes", "1", "--gpus", "0", "--backends", "dp", "--cluster", "local", "--wait",
+                 "--log-dir", str(tmp_path / "logs"), "--", "--out", str(sweep), "--epochs", "1"],
+                cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads((sweep / "sweep.json").read_text())
+    assert data["runs"] == [] and len(data["skipped"]) == 1
+    assert data["skipped"][0]["backend"] == "dp" and "dp needs >= 2 GPUs" in data["skipped"][0]["reason"]
+    csv = pd.read_csv(sweep / "report" / "report.csv")
+    assert csv["status"].tolist() == ["skipped"] and "dp needs" in csv["reason"][0]
+    assert "skipped" in (sweep / "report" / "report.md").read_text()
+
+
+def test_bad_sweep_options(tmp_path):
+    proc = _run(["--backends", "single", "--cluster", "local", "--", "--backend", "ddp"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "--backends" in proc.stderr
+    proc = _run(["--backends", "single,tpu"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "--backends must be a comma list" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compare_cpu_ranks_end_to_end(tiny_shards, tmp_path):
+    """single, dp, ddp, deepspeed on 2 CPU ranks (tests/fixtures_data.py's tiny shards): dp is skipped."""
+    sweep = tmp_path / "sweep"
+    proc = _run(["--nodes", "1", "--gpus", "0", "--tasks-per-node", "2",
+                 "--backends", "single,dp,ddp,deepspeed", "--cluster", "local", "--wait", "--time", "10",
+                 "--cpus-per-task", "1", "--log-dir", str(tmp_path / "logs"), "--",
+                 "--shards", str(tiny_shards["shards"]), "--model", "densenet121", "--image-size", "32",
+                 "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                 "--max-steps", "3", "--log-every", "1",  # a shared 2-core box: a few steps per run
+                 "--out", str(sweep)], cwd=tmp_path, timeout=540)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+
+    data = json.loads((sweep / "sweep.json").read_text())
+    assert [r["backend"] for r in data["runs"]] == ["single", "ddp", "deepspeed"]
+    assert all(r["rc"] == 0 for r in data["runs"])
+    assert [s["backend"] for s in data["skipped"]] == ["dp"]
+
+    report = sweep / "report"
+    csv = pd.read_csv(report / "report.csv").set_index("backend")
+    assert csv.loc["dp", "status"] == "skipped" and "dp needs" in csv.loc["dp", "reason"]
+    for b in ("single", "ddp", "deepspeed"):
+        row = csv.loc[b]
+        assert row["status"] == "completed", (b, row["reason"])
+        assert row["format"] == "shards" and row["batch_per_rank"] == 8
+        assert row["epoch_time_s"] > 0 and row["images_per_s"] > 0 and 0 <= row["data_wait_pct"] <= 100
+        assert 0 <= row["test_auc_pct"] <= 100 or pd.isna(row["test_auc_pct"])
+    assert csv.loc["single", "layout"] == "1 CPU rank" and csv.loc["ddp", "layout"] == "2 CPU ranks"
+    assert csv.loc["single", "speedup"] == pytest.approx(1.0)
+    assert csv.loc["ddp", "speedup"] > 0 and csv.loc["ddp", "efficiency_pct"] == pytest.approx(
+        100 * csv.loc["ddp", "speedup"] / 2, abs=0.2)
+    for name in ("report.md", "throughput.png", "epoch_time.png", "memory.png"):
+        assert (report / name).stat().st_size > 0, name
+    # the sweep folder can be reported again later
+    from cxrdist.cli import main
+
+    assert main(["report", str(sweep), "--out", str(tmp_path / "again")]) == 0
+    assert len(pd.read_csv(tmp_path / "again" / "report.csv")) == 4
