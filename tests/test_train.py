@@ -188,7 +188,8 @@ def test_a_crashing_rank_ends_the_job(tiny_shards, tmp_path):
     t0 = time.monotonic()
     rank1[0].kill()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "rank 1 exited" in err
+    # whichever rank notices first (the killed one, or its peer losing the connection) ends the job
+    assert proc.returncode != 0 and "exited with code" in err
     assert time.monotonic() - t0 < 60
 
 

@@ -206,7 +206,7 @@ class DDPBackend(TorchBackend):
             return model  # one rank: DDP would add nothing but a process group
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, broadcast_buffers=True)
+        return DDP(model, device_ids=ids)  # rank 0's BN buffers are broadcast at every forward
 
 
 class DeepSpeedBackend(Backend):
