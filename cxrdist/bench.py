@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from cxrdist.dist import cpu_count
+
 GOALS = {"shards_vs_raw": 0.7, "shards_vs_dicom": 20.0}
 DICOM_SIZE = 2048  # the DICOM arm's long side: MIMIC-CXR's DICOMs are ~2500 x 3000 16-bit
 
@@ -138,7 +140,7 @@ def bench_pack(quick: bool = False, workdir: str | Path | None = None) -> dict[s
     from cxrdist.synth import synthesize
 
     n = 200 if quick else 1500
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = cpu_count()
     with tempfile.TemporaryDirectory(prefix="cxrdist-bench-", dir=workdir) as tmp:
         root = synthesize(layout="chexpert", out=Path(tmp) / "chexpert", n=n, size=256, seed=0)
         rates = {}

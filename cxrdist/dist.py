@@ -127,13 +127,20 @@ def export_env(d: DistEnv) -> None:
 
 
 def cpu_count() -> int:
-    """CPUs this process may use (SLURM's allocation, else the affinity mask)."""
-    if os.environ.get("SLURM_CPUS_PER_TASK"):
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    """CPUs of this machine that this process may use (the affinity mask)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
+
+
+def threads_per_rank(d: DistEnv) -> int:
+    """Torch threads for this rank: ``CXRDIST_THREADS`` if set, else SLURM's per-task CPUs, else this
+    machine's CPUs shared by the ranks on it (oversubscribed CPU ranks waste the machine)."""
+    for name in ("CXRDIST_THREADS", "SLURM_CPUS_PER_TASK"):
+        if os.environ.get(name):
+            return max(1, int(os.environ[name]))
+    return max(1, cpu_count() // max(1, d.local_world_size))
 
 
 def select_device(d: DistEnv, requested: str = "auto") -> torch.device:

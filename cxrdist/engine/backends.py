@@ -93,14 +93,15 @@ class Backend:
 
     # -- state ------------------------------------------------------------------------------------
     def sync_buffers(self) -> None:
-        """Average BatchNorm running statistics across ranks (DeepSpeed never syncs them; for DDP, which
-        broadcasts rank 0's at every forward, this changes nothing)."""
+        """Make BatchNorm running statistics identical on every rank before evaluation and checkpoints.
+
+        DDP broadcasts rank 0's buffers at the start of every forward, so rank 0's are the run's own
+        (broadcasting them now changes nothing the next step would not): resume stays bit-exact.
+        """
         if not (self.env.distributed and tdist.is_initialized()):
             return
         for buf in self.module.buffers():
-            if buf.is_floating_point():
-                tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
-                buf.div_(self.env.world_size)
+            tdist.broadcast(buf, src=0)
 
     def peak_memory(self) -> dict:
         if self.device.type == "cuda":
@@ -268,6 +269,17 @@ class DeepSpeedBackend(Backend):
     @property
     def module(self):
         return self.engine.module
+
+    def sync_buffers(self):
+        """DeepSpeed never syncs BatchNorm buffers, so each rank's running statistics drift on its own
+        data: average them (a resumed run therefore matches an uninterrupted one in the weights, and in
+        the BN statistics only approximately)."""
+        if not (self.env.distributed and tdist.is_initialized()):
+            return
+        for buf in self.module.buffers():
+            if buf.is_floating_point():
+                tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+                buf.div_(self.env.world_size)
 
     def lr(self):
         return self.engine.get_lr()[0]

@@ -69,8 +69,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
 def train(cfg: TrainConfig) -> dict:
     """Train on this rank. Reads rank/world/device from the environment (cxrdist.dist)."""
     env = dist.read_env()
-    threads = max(1, dist.cpu_count() // max(1, env.local_world_size))
-    torch.set_num_threads(int(os.environ.get("CXRDIST_THREADS", threads)))
+    torch.set_num_threads(dist.threads_per_rank(env))
     device = dist.select_device(env, cfg.run.device)
     backend = get_backend(cfg, env, device)
     backend.init_distributed()
@@ -130,7 +129,7 @@ class Trainer:
         if env.distributed:  # control messages on gloo even when the data path is NCCL: no GPU sync
             self.ctrl_group = tdist.new_group(backend="gloo") if device.type == "cuda" else tdist.group.WORLD
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "restarts": 0,
-                      "best_auc": None, "hosts": None}
+                      "best_auc": None, "hosts": None, "epoch_loss_sum": 0.0, "epoch_steps": 0}
         self.telemetry = Telemetry(self.run_dir, rank=env.rank, local_rank=env.local_rank, host=env.host,
                                    device=str(device), world_size=env.world_size, log_every=cfg.run.log_every,
                                    memory_fn=backend.peak_memory)
@@ -223,12 +222,15 @@ class Trainer:
                     raise NonFiniteLoss(f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. "
                                         f"The last good checkpoint is kept in {self.ckpt_dir}")
                 if stop:
+                    self.state["epoch_loss_sum"] += loss_sum.item()
+                    self.state["epoch_steps"] += steps
                     return "preempted"
             if self.cfg.run.checkpoint_every and self.state["global_step"] % self.cfg.run.checkpoint_every == 0:
                 self.checkpoint("last")
             if self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps:
                 break
-        self.epoch_loss = (loss_sum / max(1, steps)).item()
+        self.state["epoch_loss_sum"] += loss_sum.item()
+        self.state["epoch_steps"] += steps
         return "done"
 
     def evaluate(self, split: str) -> dict:
@@ -240,7 +242,9 @@ class Trainer:
 
     def end_epoch(self, epoch: int) -> None:
         mem = self.backend.peak_memory()
-        record = self.telemetry.end_epoch(epoch, {"train_loss": self.epoch_loss})
+        train_loss = self.state["epoch_loss_sum"] / max(1, self.state["epoch_steps"])
+        self.state["epoch_loss_sum"], self.state["epoch_steps"] = 0.0, 0
+        record = self.telemetry.end_epoch(epoch, {"train_loss": train_loss})
         val = self.evaluate("val")
         records = [record]
         if self.env.distributed:
