@@ -664,8 +664,15 @@ def wait(sub: Submission, stream: bool = True, out: TextIO | None = None, poll_s
     if not errors and all(o == "success" for _, o, _ in outcomes) and state not in FINAL_STATES - {"COMPLETED"}:
         extra = ""
         if summary:
-            extra = (f" ({summary.get('status')}, {len(summary.get('epochs') or [])} epoch(s), "
-                     f"restarts {summary.get('restarts', 0)})")
+            epochs = summary.get("epochs") or []
+            test = summary.get("test") or {}
+            scores = ""
+            if epochs and epochs[-1].get("val_auc_mean") is not None:
+                scores += f", val AUC {100 * epochs[-1]['val_auc_mean']:.2f}"
+            if test.get("auc_mean") is not None:
+                scores += f", test AUC {100 * test['auc_mean']:.2f} / accuracy {100 * test['accuracy_mean']:.2f}"
+            extra = (f" ({summary.get('status')}, {len(epochs)} epoch(s), "
+                     f"restarts {summary.get('restarts', 0)}{scores})")
         say(f"done{extra}; run folder {sub.run_dir}")
         return 0
     if stream:
