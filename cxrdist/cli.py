@@ -26,7 +26,7 @@ def cmd_shard(a) -> int:
 
     manifest = pack(source=a.source, root=a.root, out=a.out, size=a.size, encoding=a.encoding, views=a.views,
                     policy=a.policy, split=a.split, workers=a.workers, samples_per_shard=a.samples_per_shard,
-                    dry_run=a.dry_run, strict=a.strict, seed=a.seed)
+                    dry_run=a.dry_run, strict=a.strict, seed=a.seed, min_shards=a.min_shards)
     return 0 if manifest is not None else 1
 
 
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=("patient", "official"), default="patient")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--min-shards", type=int, default=None,
+                   help="at least this many shards per split, so ranks x loader workers <= shards "
+                        "(default 128: 64 GPUs x 2 workers)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dry-run", action="store_true", help="write the manifest from the tables alone")
     s.add_argument("--strict", action="store_true", help="fail when any input is skipped")

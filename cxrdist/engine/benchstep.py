@@ -34,7 +34,7 @@ def _arms(cpus: int, quick: bool) -> list[dict]:
     return arms
 
 
-def bench_step(out=None, quick: bool = False, model: str = "densenetblur121d", image_size: int = 64,
+def bench_step(quick: bool = False, model: str = "densenetblur121d", image_size: int = 64,
                global_batch: int = 32, steps: int = 0) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -61,10 +61,6 @@ def bench_step(out=None, quick: bool = False, model: str = "densenetblur121d", i
         table.add_row(r["name"], str(r["ranks"]), str(r["threads"]), f"{r['images_per_s']:.1f}",
                       f"{r['images_per_s'] / single:.2f}")
     Console(stderr=True).print(table)
-    if out:
-        from pathlib import Path
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
     return result
 
 
