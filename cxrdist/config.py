@@ -98,10 +98,9 @@ class TrainConfig:
         return cls(**groups)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        from cxrdist.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
@@ -118,6 +117,8 @@ class TrainConfig:
             errors.append(f"--model must be one of {', '.join(MODELS)}")
         if self.data.format not in FORMATS:
             errors.append(f"--format must be one of {', '.join(FORMATS)}")
+        if self.model.in_chans not in (1, 3):
+            errors.append("--in-chans must be 1 (grey) or 3")
         if self.dist.zero_stage not in (0, 1, 2):
             errors.append("--zero-stage must be 0, 1 or 2")
         if self.dist.zero_stage and self.dist.backend != "deepspeed":

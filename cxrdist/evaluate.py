@@ -90,7 +90,7 @@ def predict_files(checkpoint: Path, files: list[Path], as_json: bool = False) ->
     cfg = TrainConfig.from_dict(state["config"])
     meta = state["data"]
     model = model_from_checkpoint(weights, cfg)
-    augment = Augment(meta["image_size"], train=False)
+    augment = Augment(meta["image_size"], train=False, in_chans=cfg.model.in_chans)
     results = []
     for f in files:
         try:

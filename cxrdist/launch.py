@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import submitit
 
-from cxrdist.config import TrainConfig
+from cxrdist.config import BACKENDS, TrainConfig
 from cxrdist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,6 @@ DEMO_RAW = REPO / "demo" / "chexpert"
 DEMO_N, DEMO_RAW_SIZE, DEMO_PACK_SIZE = 2400, 128, 64
 DEFAULT_LOG_DIR = "runs/_submitit/%j"
 CLUSTERS = ("auto", "slurm", "local")
-BACKENDS = ("single", "dp", "ddp", "deepspeed")
 # SLURM states after which the job will not run again
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE"}

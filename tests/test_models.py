@@ -16,7 +16,8 @@ from cxrdist.models import build_model, count_blur_filters
 def test_variants_differ_where_the_poster_says():
     plain, deep, blur = (build_model(n) for n in ("densenet121", "densenet121d", "densenetblur121d"))
     assert plain.features.conv0.kernel_size == (7, 7)
-    assert deep.features.conv0[0].kernel_size == (3, 3) and count_blur_filters(deep) == 0
+    assert deep.features.conv0.kernel_size == (3, 3) and deep.features.conv2.kernel_size == (3, 3)
+    assert count_blur_filters(deep) == 0 and count_blur_filters(plain) == 0
     # a blur filter before every downsampling step: the stem and the three transitions
     assert count_blur_filters(blur) == 4
     assert all(isinstance(blur.features.get_submodule(f"transition{i}").pool, BlurPool2d) for i in (1, 2, 3))

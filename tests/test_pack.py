@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import os
 import shutil
 import tarfile
 from pathlib import Path

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -144,11 +143,11 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         "atomic_torch_save({'model': {'w': torch.zeros(400_000_000 // 4)}, 'epoch': 2}, sys.argv[1])"),
         str(path)])
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("last.pt.tmp-*")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".last.pt.*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.001)
     child.kill()
     child.wait()
-    assert list(tmp_path.glob("last.pt.tmp-*")), "the kill should land mid-save"
+    assert list(tmp_path.glob(".last.pt.*.tmp")), "the kill should land mid-save"
     state = ckpt.load(path)
     assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
 

@@ -21,6 +21,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from cxrdist import dist
+from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
 
@@ -223,6 +224,12 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     distributed = True
 
+    @classmethod
+    def check(cls, cfg, env, device):
+        super().check(cfg, env, device)
+        if cfg.dist.deepspeed_config:
+            user_deepspeed_config(cfg.dist.deepspeed_config)
+
     def ds_config(self) -> dict:
         c = self.cfg
         config = {
@@ -236,10 +243,9 @@ class DeepSpeedBackend(Backend):
             "wall_clock_breakdown": False,
         }
         if c.run.precision == "fp16":
-            config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+            config["fp16"] = {"enabled": True, "auto_cast": True, "initial_scale_power": 16}
         if c.dist.deepspeed_config:
-            user = json.loads(Path(c.dist.deepspeed_config).read_text())
-            config.update(user)
+            config.update(user_deepspeed_config(c.dist.deepspeed_config))
         return config
 
     def setup(self, model, total_steps):
@@ -287,12 +293,12 @@ class DeepSpeedBackend(Backend):
     def save(self, ckpt_dir, tag, state):
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        unique = f"{tag}-step{int(state.get('global_step', 0))}"
+        unique = f"{tag}-step{int(state.get('global_step', 0))}-save{int(state.get('saves', 0))}"
         self.engine.save_checkpoint(str(ckpt_dir), tag=unique, client_state=state, save_latest=False)
         dist.barrier()
         if self.env.is_main:
             pointer = ckpt_dir / ("latest" if tag == "last" else tag)
-            ckpt.atomic_write_bytes(pointer, unique.encode())
+            atomic_write_bytes(pointer, unique.encode())
             keep = {(ckpt_dir / p).read_text().strip() for p in ("latest", "best") if (ckpt_dir / p).exists()}
             for old in ckpt_dir.glob(f"{tag}-step*"):
                 if old.is_dir() and old.name not in keep:
@@ -307,6 +313,19 @@ class DeepSpeedBackend(Backend):
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {pointer.read_text().strip()} in {ckpt_dir}")
         return client_state
+
+
+def user_deepspeed_config(path: str) -> dict:
+    """A user's DeepSpeed JSON (keys override the generated config); precision stays the trainer's."""
+    try:
+        user = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--deepspeed-config {path}: {e}") from e
+    clash = sorted({"bf16", "fp16", "torch_autocast", "amp"} & set(user))
+    if clash:
+        raise ConfigError(f"--deepspeed-config {path}: set precision with --precision, not {clash} (the "
+                          "trainer's autocast and DeepSpeed's own casting would fight)")
+    return user
 
 
 def deepspeed_safe_globals() -> list:

@@ -18,7 +18,8 @@ from cxrdist import dist
 
 
 def _arms(cpus: int, quick: bool) -> list[dict]:
-    ranks = 2 if cpus >= 2 else 1
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else cpus
+    ranks = 2 if devices >= 2 else 1  # never two ranks on one GPU
     arms = [
         {"name": "single fp32", "backend": "single", "ranks": 1, "precision": "fp32"},
         {"name": f"ddp {ranks} ranks fp32", "backend": "ddp", "ranks": ranks, "precision": "fp32"},

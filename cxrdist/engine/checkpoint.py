@@ -1,12 +1,10 @@
 """Atomic checkpoints: a kill mid-save leaves the previous checkpoint loadable.
 
-A ``.pt`` file is written to ``name.tmp-<pid>``, fsynced, then ``os.replace``d over the old one (an atomic
-rename on POSIX), and the folder is fsynced. Everything stored is tensors and plain containers, so it
-loads with ``torch.load(weights_only=True)``: no pickled code ever runs on load.
+A ``.pt`` file is written through ``cxrdist.atomic.atomic_file`` (temporary file, fsync, ``os.replace``).
+Everything stored is tensors and plain containers, so it loads with ``torch.load(weights_only=True)``: no pickled code ever runs on load.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -14,35 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+from cxrdist.atomic import atomic_file
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def load(path: Path, map_location="cpu") -> dict:

@@ -15,9 +15,10 @@ def predict_loader(module, loader, prepare, autocast) -> dict:
     was_training = module.training
     module.eval()
     fuse = uses_demographics(module)
+    dtype = next(module.parameters()).dtype  # half under DeepSpeed's fp16 engine, else float32
     out = {"key": [], "prob": [], "labels": [], "mask": [], "sex": [], "age": []}
     for batch in loader:
-        x = prepare(batch)
+        x = prepare(batch).to(dtype)
         with autocast():
             logits = module(x, batch["age"], batch["sex"]) if fuse else module(x)
         out["prob"].append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -45,16 +46,25 @@ def gather_and_score(part: dict, expected: int | None = None) -> dict:
         tdist.all_gather_object(parts, part)
     result = None
     if not distributed or tdist.get_rank() == 0:
-        keys = [k for p in parts for k in p["key"]]
-        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("prob", "labels", "mask", "sex", "age")}
-        order = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")
-        keys = [keys[i] for i in order]
-        cat = {k: v[order] for k, v in cat.items()}
-        result = metrics.evaluate_arrays(keys, cat["prob"], cat["labels"], cat["mask"], cat["sex"], cat["age"])
-        if expected is not None and len(keys) != expected:
-            raise RuntimeError(f"evaluation saw {len(keys)} samples, the manifest lists {expected}")
+        try:
+            result = _score(parts, expected)
+        except RuntimeError as e:  # every rank must learn it, not wait in the broadcast until the timeout
+            result = {"error": str(e)}
     if distributed:
         box = [result]
         tdist.broadcast_object_list(box, src=0)
         result = box[0]
+    if "error" in result:
+        raise RuntimeError(result["error"])
     return result
+
+
+def _score(parts: list[dict], expected: int | None) -> dict:
+    keys = [k for p in parts for k in p["key"]]
+    if expected is not None and len(keys) != expected:
+        raise RuntimeError(f"evaluation saw {len(keys)} samples, the manifest lists {expected}")
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("prob", "labels", "mask", "sex", "age")}
+    order = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")
+    keys = [keys[i] for i in order]
+    cat = {k: v[order] for k, v in cat.items()}
+    return metrics.evaluate_arrays(keys, cat["prob"], cat["labels"], cat["mask"], cat["sex"], cat["age"])

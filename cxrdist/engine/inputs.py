@@ -49,8 +49,9 @@ class Loaders:
             where = "device" if device.type == "cuda" else "worker"
         self.where = where
         size = cfg.data.image_size
-        self._train_aug = Augment(size, train=where != "none")
-        self._eval_aug = Augment(size, train=False)
+        chans = dict(in_chans=cfg.model.in_chans, channels_last=cfg.run.channels_last)
+        self._train_aug = Augment(size, train=where != "none", **chans)
+        self._eval_aug = Augment(size, train=False, **chans)
 
     def augment(self, train: bool) -> Augment:
         return self._train_aug if train else self._eval_aug

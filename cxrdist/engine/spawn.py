@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,12 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
                    GROUP_RANK="0", NUM_NODES="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=str(threads), CXRDIST_THREADS=str(threads))
         procs.append(subprocess.Popen(argv, env=env))
+
+    def forward(signum, frame):  # preemption (USR2) or termination sent to this launcher reaches every rank
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR2, signal.SIGTERM)}
     failed_at = None
     try:
         while any(p.poll() is None for p in procs):
@@ -58,6 +65,8 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     codes = [p.returncode for p in procs]
     summary_path = Path(cfg.run.out) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}

@@ -13,7 +13,6 @@ consistent checkpoint, and then global rank 0 hands the signal to the handler th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from dataclasses import replace
@@ -24,6 +23,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from cxrdist import dist
+from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.errors import UserError
 from cxrdist.engine import checkpoint as ckpt
@@ -35,6 +35,16 @@ from cxrdist.telemetry import Telemetry
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE with logits over the masked-in labels (u-ignore masks uncertain ones out).
+
+    Normalised by the element count, not the mask sum: the mean over ranks of the per-rank losses is then
+    exactly the loss of the global batch, as one process would compute it.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+    return (bce * mask).sum() / mask.numel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +139,8 @@ class Trainer:
         if env.distributed:  # control messages on gloo even when the data path is NCCL: no GPU sync
             self.ctrl_group = tdist.new_group(backend="gloo") if device.type == "cuda" else tdist.group.WORLD
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "restarts": 0,
-                      "best_auc": None, "hosts": None, "epoch_loss_sum": 0.0, "epoch_steps": 0}
+                      "best_auc": None, "hosts": None, "epoch_loss_sum": 0.0, "epoch_steps": 0, "saves": 0,
+                      "geometry": self.geometry()}
         self.telemetry = Telemetry(self.run_dir, rank=env.rank, local_rank=env.local_rank, host=env.host,
                                    device=str(device), world_size=env.world_size, log_every=cfg.run.log_every,
                                    memory_fn=backend.peak_memory)
@@ -142,14 +153,24 @@ class Trainer:
         loaded = self.backend.load(self.ckpt_dir, "last")
         if loaded is None:
             return  # a first attempt launched with --resume (a requeue-able job): start fresh
+        if loaded.get("geometry", self.state["geometry"]) != self.state["geometry"]:
+            raise ConfigError(f"--resume: {self.ckpt_dir} was written with {loaded['geometry']}, this run has "
+                              f"{self.state['geometry']}; resume with the same ranks and batch size")
         for k in self.state:
-            self.state[k] = loaded.get(k, self.state[k])
+            if k != "hosts":  # a requeued job may land on other nodes
+                self.state[k] = loaded.get(k, self.state[k])
         self.state["restarts"] += 1
         ckpt.set_rng_state(loaded.get("rng", {}))
         self.telemetry.write({"event": "resume", "epoch": self.state["epoch"],
                               "step_in_epoch": self.state["step_in_epoch"], "restarts": self.state["restarts"]})
 
+    def geometry(self) -> dict:
+        """What a mid-epoch resume must find unchanged to replay the same batches."""
+        return {"world_size": self.env.world_size, "batch_size": self.cfg.optim.batch_size,
+                "steps_per_epoch": self.steps_per_epoch}
+
     def checkpoint(self, tag: str = "last") -> None:
+        self.state["saves"] += 1
         self.backend.sync_buffers()
         total = sum(p.detach().float().abs().sum() for p in self.backend.module.parameters())
         if not torch.isfinite(total):  # never overwrite the last good checkpoint with a diverged model
@@ -173,11 +194,7 @@ class Trainer:
         age, sex = batch["age"].to(self.device), batch["sex"].to(self.device)
 
         def compute(model):
-            logits = model(x, age, sex) if self.fuse else model(x)
-            bce = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")
-            # normalised by the element count, not the mask sum: the mean over ranks of the per-rank
-            # losses is then exactly the loss of the global batch, as one process would compute it.
-            return (bce * m).sum() / m.numel()
+            return masked_bce(model(x, age, sex) if self.fuse else model(x), y, m)
         return compute
 
     def agree(self, *flags: float) -> list[float]:
@@ -279,6 +296,9 @@ class Trainer:
                     status = "preempted"
                     break
                 self.end_epoch(epoch)
+                if self.agree(float(self.stop.raised))[0]:  # the signal came during evaluation/saving
+                    status = "preempted"
+                    break
                 if self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps:
                     break
             if status == "completed" and self.cfg.run.eval_test:
@@ -317,7 +337,7 @@ class Trainer:
             "best_val_auc_mean": self.state["best_auc"], **({"error": error} if error else {}),
         }
         if self.env.is_main:
-            ckpt.atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+            atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
         return summary
 
     def close(self) -> None:

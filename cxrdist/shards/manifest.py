@@ -7,11 +7,10 @@ patients, prevalence, shards[{name, samples, bytes, sha256}]}``, ``skipped[{sour
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from cxrdist.atomic import atomic_write_json
 from cxrdist.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -29,42 +28,6 @@ class ManifestError(UserError):
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` so that readers see the old or the new file, never half of one (tmp + fsync + replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj, indent: int | None = 1) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent) + "\n").encode())
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_manifest(dir, manifest: dict, name: str = MANIFEST) -> Path:

@@ -27,8 +27,8 @@ import numpy as np
 
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
-from cxrdist.shards.manifest import (DRY_RUN_MANIFEST, MANIFEST, SHARD_NAME, SPLITS, VERSION, atomic_write_json,
-                                     fsync_dir, shard_name, write_manifest)
+from cxrdist.atomic import atomic_write_json, fsync_dir
+from cxrdist.shards.manifest import DRY_RUN_MANIFEST, MANIFEST, SHARD_NAME, SPLITS, VERSION, shard_name, write_manifest
 from cxrdist.shards.verify import file_sha256
 
 PLAN = ".plan.json"

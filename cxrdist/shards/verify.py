@@ -62,7 +62,7 @@ def verify(dir) -> list[str]:
     m = read_manifest(d)
     problems: list[str] = []
     if m.get("dry_run"):
-        problems.append(f"manifest.json: written by --dry-run, no shards to verify")
+        problems.append("manifest.json: written by --dry-run, no shards to verify")
     listed: set[str] = set()
     for split in SPLITS:
         entry = m["splits"][split]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
-from cxrdist.sources.table import STR, RawRows, clean_small, read_csv_checked, strings
+from cxrdist.sources.table import RawRows, clean_small, read_csv_checked, strings
 
 PREFIX = "mimic-cxr-2.0.0-"
 META_REQUIRED = ("dicom_id", "subject_id", "study_id", "ViewPosition")
