@@ -16,6 +16,9 @@ import torch
 
 from cxrdist import dist
 
+# frontal images after the poster's preprocessing: what one epoch has to push through
+EPOCH_IMAGES = {"chexpert": 212_498, "mimic": 356_225}
+
 
 def _arms(cpus: int, quick: bool) -> list[dict]:
     devices = torch.cuda.device_count() if torch.cuda.is_available() else cpus
@@ -52,15 +55,19 @@ def bench_step(quick: bool = False, model: str = "densenetblur121d", image_size:
     ratios = {"ddp_vs_single": ddp / single, "deepspeed_zero1_vs_ddp": ds / ddp,
               "bf16_vs_fp32": by["single bf16"]["images_per_s"] / single,
               "bf16_channels_last_vs_fp32": by["single bf16 channels_last"]["images_per_s"] / single}
+    projection = {r["name"]: {ds: n / r["images_per_s"] / 60 for ds, n in EPOCH_IMAGES.items()} for r in results}
     result = {"step": {r["name"]: r["images_per_s"] for r in results}, "ratios": ratios, "arms": results,
+              "projected_epoch_min": projection,
               "settings": {"model": model, "image_size": image_size, "global_batch": global_batch,
                            "steps": steps, "cpus": cpus, "device": "cuda" if torch.cuda.is_available() else "cpu"}}
     table = Table(title=f"train step, {model} @ {image_size}px, global batch {global_batch}, {cpus} CPUs")
-    for col in ("arm", "ranks", "threads/rank", "images/s", "x single fp32"):
+    for col in ("arm", "ranks", "threads/rank", "images/s", "x single fp32", "CheXpert epoch (min)",
+                "MIMIC-CXR epoch (min)"):
         table.add_column(col, justify="right" if col != "arm" else "left")
     for r in results:
+        p = projection[r["name"]]
         table.add_row(r["name"], str(r["ranks"]), str(r["threads"]), f"{r['images_per_s']:.1f}",
-                      f"{r['images_per_s'] / single:.2f}")
+                      f"{r['images_per_s'] / single:.2f}", f"{p['chexpert']:.0f}", f"{p['mimic']:.0f}")
     Console(stderr=True).print(table)
     return result
 
