@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -188,7 +189,7 @@ def test_a_crashing_rank_ends_the_job(tiny_shards, tmp_path):
     rank1[0].kill()
     _, err = proc.communicate(timeout=120)
     # whichever rank notices first (the killed one, or its peer losing the connection) ends the job
-    assert proc.returncode != 0 and "exited with code" in err
+    assert proc.returncode != 0 and re.search(r"exited with code", err), err[-2000:]
     assert time.monotonic() - t0 < 60
 
 

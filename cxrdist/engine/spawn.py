@@ -71,5 +71,7 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
     summary_path = Path(cfg.run.out) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if any(codes):
+        if failed_at is None:  # every rank ended between two polls
+            print(f"cxrdist train: rank(s) exited with code(s) {codes}", file=sys.stderr)
         summary = {**summary, "status": "failed", "exit_codes": codes}
     return summary
