@@ -44,10 +44,15 @@ def bench_step(quick: bool = False, model: str = "densenetblur121d", image_size:
     from rich.table import Table
 
     cpus = dist.cpu_count()
-    steps = steps or (3 if quick else 8)
-    results = []
-    for arm in _arms(cpus, quick):
-        results.append({**arm, **_run_arm(arm, model, image_size, global_batch, steps, cpus)})
+    steps = steps or (3 if quick else 10)
+    arms = _arms(cpus, quick)
+    best: dict[str, dict] = {}
+    for _ in range(1 if quick else 2):  # interleaved rounds, best of each: other load only slows an arm down
+        for arm in arms:
+            r = _run_arm(arm, model, image_size, global_batch, steps, cpus)
+            if arm["name"] not in best or r["images_per_s"] > best[arm["name"]]["images_per_s"]:
+                best[arm["name"]] = r
+    results = [{**arm, **best[arm["name"]]} for arm in arms]
     by = {r["name"]: r for r in results}
     single = by["single fp32"]["images_per_s"]
     ddp = next(r for r in results if r["backend"] == "ddp")["images_per_s"]
