@@ -19,30 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bootstrap import use_repo_python  # launchers/ is sys.path[0] when run as a script
 BACKENDS = ("single", "dp", "ddp", "deepspeed")
 FORMATS = ("shards", "jpeg", "dicom")
-
-
-def _use_repo_python() -> None:
-    """`python launchers/compare.py` with an interpreter lacking the project: re-run under the repo's venv."""
-    try:
-        import submitit  # noqa: F401
-        import yaml  # noqa: F401
-    except ImportError:
-        venv = REPO / ".venv" / "bin" / "python"
-        if venv.is_file() and not os.environ.get("CXRDIST_REEXEC"):
-            os.environ["CXRDIST_REEXEC"] = "1"
-            os.execv(str(venv), [str(venv), *sys.argv])
-        raise
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
 
 
 def _csv(choices: tuple[str, ...], what: str):
@@ -96,7 +80,7 @@ def launch_args_for(args: argparse.Namespace, backend: str, fmt: str) -> argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    _use_repo_python()
+    use_repo_python()
     from cxrdist import launch
     from cxrdist.config import parse_train_argv
     from cxrdist.errors import UserError

@@ -7,30 +7,13 @@ Launcher flags first (`--help`), then `--` and any `cxrdist train` option. All t
 """
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _use_repo_python() -> None:
-    """`python launchers/submit.py` with an interpreter lacking the project: re-run under the repo's venv."""
-    try:
-        import submitit  # noqa: F401
-        import yaml  # noqa: F401
-    except ImportError:
-        venv = REPO / ".venv" / "bin" / "python"
-        if venv.is_file() and not os.environ.get("CXRDIST_REEXEC"):
-            os.environ["CXRDIST_REEXEC"] = "1"
-            os.execv(str(venv), [str(venv), *sys.argv])
-        raise
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+from bootstrap import use_repo_python  # launchers/ is sys.path[0] when run as a script
 
 
 def main(argv: list[str] | None = None) -> int:
-    _use_repo_python()
+    use_repo_python()
     from cxrdist import launch
 
     return launch.main(argv)
