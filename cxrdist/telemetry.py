@@ -49,9 +49,12 @@ class Telemetry:
         self.file.write(json.dumps(record) + "\n")
         return record
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
-        self._epoch_start = time.perf_counter()
-        self._epoch_images = 0
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0,
+                    carried: tuple[float, int] = (0.0, 0)) -> None:
+        """``carried``: (seconds, images) this epoch already took before a preemption, so a resumed epoch's
+        record covers the whole epoch's training time (not the time spent requeued)."""
+        self._epoch_start = time.perf_counter() - carried[0]
+        self._epoch_images = carried[1]
         self._reset_window()
         if self.progress is not None:
             if self._task is not None:
@@ -84,6 +87,9 @@ class Telemetry:
             self.progress.update(self._task, ips=ips * self.world_size, loss=loss)
         self._reset_window()
         return record
+
+    def epoch_progress(self) -> tuple[float, int]:
+        return time.perf_counter() - self._epoch_start, self._epoch_images
 
     def end_epoch(self, epoch: int, extra: dict | None = None) -> dict:
         epoch_time = time.perf_counter() - self._epoch_start

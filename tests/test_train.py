@@ -130,6 +130,8 @@ def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(tiny_sha
     assert summary["status"] == "completed" and summary["restarts"] == 1
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
     assert len(records(run, 0, "epoch")) == 2  # every epoch recorded once
+    # ... and whole: the interrupted epoch's record counts the images from before the preemption too
+    assert all(r["images"] == summary["steps_per_epoch"] * 8 for r in records(run, 0, "epoch"))
     a, b = _final_weights(tmp_path / "straight"), _final_weights(run)
     for k in a:
         if a[k].is_floating_point():

@@ -139,7 +139,7 @@ class Trainer:
         if env.distributed:  # control messages on gloo even when the data path is NCCL: no GPU sync
             self.ctrl_group = tdist.new_group(backend="gloo") if device.type == "cuda" else tdist.group.WORLD
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "restarts": 0,
-                      "best_auc": None, "hosts": None, "epoch_loss_sum": 0.0, "epoch_steps": 0, "saves": 0,
+                      "best_auc": None, "hosts": None, "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_carried": [0.0, 0], "saves": 0,
                       "geometry": self.geometry()}
         self.telemetry = Telemetry(self.run_dir, rank=env.rank, local_rank=env.local_rank, host=env.host,
                                    device=str(device), world_size=env.world_size, log_every=cfg.run.log_every,
@@ -171,6 +171,8 @@ class Trainer:
 
     def checkpoint(self, tag: str = "last") -> None:
         self.state["saves"] += 1
+        if self.state["step_in_epoch"]:  # mid-epoch: what a resumed epoch must add to its time and images
+            self.state["epoch_carried"] = list(self.telemetry.epoch_progress())
         self.backend.sync_buffers()
         total = sum(p.detach().float().abs().sum() for p in self.backend.module.parameters())
         if not torch.isfinite(total):  # never overwrite the last good checkpoint with a diverged model
@@ -208,7 +210,8 @@ class Trainer:
     def run_epoch(self, epoch: int) -> str:
         start = self.state["step_in_epoch"]
         loader = self.loaders.train(epoch, start_batch=start)
-        self.telemetry.start_epoch(epoch, self.cfg.optim.epochs, self.steps_per_epoch, done=start)
+        self.telemetry.start_epoch(epoch, self.cfg.optim.epochs, self.steps_per_epoch, done=start,
+                                   carried=tuple(self.state["epoch_carried"]) if start else (0.0, 0))
         loss_sum = torch.zeros((), device=self.device)
         window = torch.zeros((), device=self.device)
         window_n, steps = 0, 0
