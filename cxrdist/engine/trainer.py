@@ -261,7 +261,6 @@ class Trainer:
         return gather_and_score(part, expected=self.loaders.samples(split))
 
     def end_epoch(self, epoch: int) -> None:
-        mem = self.backend.peak_memory()
         train_loss = self.state["epoch_loss_sum"] / max(1, self.state["epoch_steps"])
         self.state["epoch_loss_sum"], self.state["epoch_steps"] = 0.0, 0
         record = self.telemetry.end_epoch(epoch, {"train_loss": train_loss})
@@ -279,7 +278,7 @@ class Trainer:
             "val_auc": val["auc"],
             "mem_peak_mb": {str(r["rank"]): round(r["mem_peak_mb"], 1) for r in records},
             **({"mem_reserved_mb": {str(r["rank"]): round(r["mem_reserved_mb"], 1) for r in records}}
-               if "mem_reserved_mb" in mem else {}),
+               if "mem_reserved_mb" in record else {}),
         })
         self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
         self.checkpoint("last")
