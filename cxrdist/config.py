@@ -57,7 +57,6 @@ class DistConfig:
     zero_stage: int = 0              # DeepSpeed ZeRO stage (0, 1, 2)
     deepspeed_config: str = ""       # a user JSON that overrides the generated one
     timeout_s: int = 300             # collective timeout: a dead rank ends the job
-    dist_url: str = ""               # optional tcp://host:port; else MASTER_ADDR/MASTER_PORT
 
 
 @dataclass

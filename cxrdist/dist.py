@@ -14,7 +14,7 @@ import datetime as _dt
 import os
 import re
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -40,8 +40,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _int(env, *names, default=None):

@@ -25,8 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from bootstrap import use_repo_python  # launchers/ is sys.path[0] when run as a script
-BACKENDS = ("single", "dp", "ddp", "deepspeed")
-FORMATS = ("shards", "jpeg", "dicom")
 
 
 def _csv(choices: tuple[str, ...], what: str):
@@ -51,6 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     for action in p._actions:  # one backend per run comes from --backends
         if action.dest == "backend":
             action.help = argparse.SUPPRESS
+    from cxrdist.config import BACKENDS, FORMATS
+
     g = p.add_argument_group("sweep")
     g.add_argument("--backends", type=_csv(BACKENDS, "--backends"), default=list(BACKENDS),
                    help="comma list of single,dp,ddp,deepspeed (default: all)")

@@ -30,7 +30,6 @@ from cxrdist.data.stream import batch_generator, collate, iter_shard, iterate, r
 from cxrdist.errors import UserError
 
 FORMATS = ("jpeg", "dicom")
-DICOM_EXTS = (".dcm", ".dicom")
 
 
 class FileError(UserError):
@@ -171,7 +170,9 @@ def make_file_loader(manifest_dir: str | Path, split: str, fmt: str, *, batch_si
     if items and not (root / items[0][1]["source"]).exists():
         raise UserError(f"{root / items[0][1]['source']} does not exist: is {root} the dataset the shards in "
                         f"{manifest_dir} were packed from? (give --source-root)")
-    dicoms = sum(str(m["source"]).lower().endswith(DICOM_EXTS) for _, m in items)
+    from cxrdist.imaging import DICOM_SUFFIXES
+
+    dicoms = sum(str(m["source"]).lower().endswith(DICOM_SUFFIXES) for _, m in items)
     reads = "dicom" if items and dicoms == len(items) else "jpeg" if not dicoms else "mixed"
     if fmt == "jpeg" and dicoms:
         warnings.warn(f"--format jpeg on {manifest_dir}: its source holds DICOM files, so this loader reads "

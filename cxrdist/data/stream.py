@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrdist.errors import UserError
 from cxrdist.labels import NUM_CLASSES
+from cxrdist.shards.manifest import IMAGE_EXTS
 
-IMAGE_EXTS = ("jpg", "png")
 KNOWN_EXTS = frozenset(IMAGE_EXTS + ("json",))  # everything else in a tar is ignored (never decoded)
 SEX_CODE = {"M": 1.0, "F": 0.0}  # anything else (U, '', None) -> 0.5
 

@@ -22,6 +22,9 @@ REQUIRED_FIELDS = ("version", "source", "root", "labels", "policy", "split", "vi
                    "counts", "splits", "skipped")
 
 
+IMAGE_EXTS = ("jpg", "png")  # a sample's image member: 8-bit JPEG or 16-bit PNG
+
+
 class ManifestError(UserError):
     """The shard folder or its manifest is missing, incomplete or inconsistent."""
 

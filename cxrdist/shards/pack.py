@@ -34,7 +34,6 @@ from cxrdist.shards.verify import file_sha256
 PLAN = ".plan.json"
 RECORDS = ".records"
 DEFAULT_MIN_SHARDS = 128   # ranks x loader workers <= shards, up to 64 GPUs x 2 workers
-ENCODINGS = ("jpg", "png16")
 TAR_MTIME = 0              # fixed member mtimes: the same plan and images give the same bytes
 PROGRESS_EVERY = 16
 
@@ -414,6 +413,8 @@ def pack(source, root, out, size=256, encoding="jpg", views="frontal", policy="u
                                TimeRemainingColumn)
 
     from cxrdist.sources import build_table
+
+    from cxrdist.imaging import ENCODINGS
 
     if encoding not in ENCODINGS:
         raise UserError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")

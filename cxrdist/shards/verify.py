@@ -10,10 +10,9 @@ import re
 import tarfile
 from pathlib import Path
 
-from cxrdist.shards.manifest import SHARD_NAME, SPLITS, read_manifest
+from cxrdist.shards.manifest import IMAGE_EXTS, SHARD_NAME, SPLITS, read_manifest
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")   # webdataset's key / extension split
-IMAGE_EXTS = ("jpg", "png")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
