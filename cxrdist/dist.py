@@ -16,7 +16,10 @@ import re
 import socket
 from dataclasses import dataclass
 
-import torch
+from cxrdist import cpus
+
+# torch is imported inside the functions that need it: reading the rank layout must stay cheap and must
+# not load OpenMP before the submitit job has chosen its wait policy (cxrdist/cpus.py)
 
 
 @dataclass(frozen=True)
@@ -125,51 +128,161 @@ def export_env(d: DistEnv) -> None:
 
 
 def cpu_count() -> int:
-    """CPUs of this machine that this process may use (the affinity mask)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
+    return cpus.cpu_count()
 
 
 def threads_per_rank(d: DistEnv) -> int:
-    """Torch threads for this rank: ``CXRDIST_THREADS`` if set, else SLURM's per-task CPUs, else this
-    machine's CPUs shared by the ranks on it (oversubscribed CPU ranks waste the machine)."""
-    for name in ("CXRDIST_THREADS", "SLURM_CPUS_PER_TASK"):
-        if os.environ.get(name):
-            return max(1, int(os.environ[name]))
-    return max(1, cpu_count() // max(1, d.local_world_size))
+    """Torch threads for this rank (see cxrdist.cpus.threads_per_rank)."""
+    return cpus.threads_per_rank(ranks=d.local_world_size)
 
 
-def select_device(d: DistEnv, requested: str = "auto") -> torch.device:
-    """The visible GPU for this local rank (submitit/SLURM may leave one visible per task), or the CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+def cuda_unavailable_reason() -> str:
+    """Why torch sees no GPU, in terms a user can act on: the wheel's CUDA vs the driver, or no device."""
+    import torch
+
+    built = torch.version.cuda
+    if not built:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    driver = _driver_version()
+    if driver is None:
+        return f"no NVIDIA driver answers (nvidia-smi missing or failing); torch {torch.__version__} needs one for CUDA {built}"
+    return (f"torch {torch.__version__} is built for CUDA {built}, and driver {driver} cannot run it (CUDA 13 "
+            "wheels need driver >= 580, CUDA 12 >= 525): install a torch wheel for this driver's CUDA, or a newer driver")
+
+
+def _driver_version() -> str | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = r.stdout.strip().splitlines() if r.returncode == 0 else []
+    return lines[0].strip() if lines else None
+
+
+def check_gpu_sharing(local_world: int, visible: int, gpus_on_node: int | None = None,
+                      same_view: bool = False) -> None:
+    """Refuse two ranks on one GPU (NCCL would fail later with "Duplicate GPU").
+
+    ``visible``: GPUs this process sees; ``gpus_on_node``: GPUs the scheduler gave the job on this node
+    (SLURM_GPUS_ON_NODE), when known; ``same_view``: every local rank sees the same GPUs (``--nproc``),
+    so one visible GPU cannot be one per rank as under ``srun --gpus-per-task=1``.
+    """
+    from cxrdist.config import ConfigError
+
+    shared = local_world > visible and (visible >= 2 or same_view)
+    if shared:
+        raise ConfigError(f"{local_world} ranks on this node but {visible} visible GPU(s): two ranks would share "
+                          "a GPU; start one rank per GPU (--nproc / --gpus / --ntasks-per-node)")
+    if gpus_on_node is not None and local_world > gpus_on_node:
+        raise ConfigError(f"{local_world} ranks on this node but SLURM gave it {gpus_on_node} GPU(s): two ranks "
+                          "would share a GPU; ask for one task per GPU")
+
+
+def select_device(d: DistEnv, requested: str = "auto", same_view: bool = False) -> torch.device:
+    """The visible GPU for this local rank (submitit/SLURM may leave one visible per task), or the CPU.
+
+    ``auto`` falls back to the CPU only where no GPU exists at all; where NVIDIA devices are present but
+    CUDA does not start (a wheel too new for the driver), it raises instead of training on the CPU.
+    """
+    import torch
+
+    from cxrdist.config import ConfigError
+
+    if requested == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is visible")
-    index = d.local_rank % torch.cuda.device_count()
+        if requested == "auto" and not cpus.gpu_node():
+            return torch.device("cpu")
+        what = "--device cuda was asked for" if requested == "cuda" else "this node has NVIDIA devices"
+        raise ConfigError(f"{what} but CUDA is unavailable: {cuda_unavailable_reason()} (--device cpu to train "
+                          "on the CPU on purpose)")
+    count = torch.cuda.device_count()
+    check_gpu_sharing(d.local_world_size, count, cpus._first_int(os.environ.get("SLURM_GPUS_ON_NODE")), same_view)
+    index = d.local_rank if count > 1 else 0
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
 
-def init_process_group(d: DistEnv, device: torch.device, timeout_s: int = 300) -> None:
-    """NCCL on GPUs, gloo on CPU, with a timeout so a dead rank ends the job instead of hanging it."""
-    if not d.distributed or torch.distributed.is_initialized():
+def device_name(device: torch.device) -> str:
+    """``NVIDIA H200`` / the CPU model, for logs and summaries."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def tf32_convolutions(device: torch.device) -> bool:
+    """fp32 convolutions really run in TF32: cuDNN allows it (torch's default) on an Ampere or newer GPU."""
+    import torch
+
+    return (device.type == "cuda" and torch.backends.cudnn.allow_tf32
+            and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
+def _gloo_interface() -> None:
+    """Multi-node gloo (the control group, CPU ranks) needs a routable interface like NCCL does: a job that
+    names only NCCL_SOCKET_IFNAME gets the same for gloo; GLOO_SOCKET_IFNAME, when set, is kept."""
+    if os.environ.get("NCCL_SOCKET_IFNAME") and not os.environ.get("GLOO_SOCKET_IFNAME"):
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"].lstrip("=^")
+
+
+def init_process_group(d: DistEnv, device: torch.device, timeout_s: int = 300, always: bool = False) -> None:
+    """NCCL on GPUs, gloo on CPU, with a timeout so a dead rank ends the job instead of hanging it.
+
+    ``always``: a group even for one rank (DeepSpeed needs one): an in-process store, no port.
+    """
+    import torch
+
+    if torch.distributed.is_initialized() or not (d.distributed or always):
         return
     export_env(d)
+    _gloo_interface()
     backend = "nccl" if device.type == "cuda" else "gloo"
+    where = ({"init_method": f"tcp://{d.master_addr}:{d.master_port}"} if d.distributed
+             else {"store": torch.distributed.HashStore()})
     torch.distributed.init_process_group(
-        backend=backend, init_method=f"tcp://{d.master_addr}:{d.master_port}",
-        rank=d.rank, world_size=d.world_size, timeout=_dt.timedelta(seconds=timeout_s),
-        **({"device_id": device} if device.type == "cuda" else {}),
+        backend=backend, rank=d.rank, world_size=d.world_size, timeout=_dt.timedelta(seconds=timeout_s),
+        # device_id (eager NCCL init) only with peers: DeepSpeed's own one-rank groups fail on a bound device
+        # (deepspeed/comm/torch.py, #8248)
+        **where, **({"device_id": device} if device.type == "cuda" and d.distributed else {}),
     )
 
 
+def control_group(timeout_s: int, separate: bool):
+    """The group for control messages (stop flags, host names, epoch records). ``separate`` (NCCL data path):
+    a gloo group of its own, so they never wait on the GPU, with the run's --timeout instead of gloo's
+    30-minute default; otherwise the world group (gloo already, with the same timeout)."""
+    import torch
+
+    if not separate:
+        return torch.distributed.group.WORLD
+    return torch.distributed.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s))
+
+
 def barrier() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
 def destroy() -> None:
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -17,11 +17,43 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last :func:`reset_peak_rss` (Linux VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak: writing 5 to /proc/self/clear_refs resets VmHWM (Linux >= 4.0; elsewhere a no-op)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def cuda_memory_mb(device) -> dict:
+    """One GPU: the caching allocator's peak, the reserved peak, and the memory in use on the device as
+    nvidia-smi shows it (contexts and every process on it: one rank per GPU makes it this rank's)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return {"mem_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "mem_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+            "mem_device_used_mb": (total - free) / 2**20}
+
+
 class Telemetry:
     def __init__(self, run_dir: Path, *, rank: int, local_rank: int, host: str, device: str,
-                 world_size: int, log_every: int, memory_fn, show_progress: bool = True):
+                 world_size: int, log_every: int, memory_fn, show_progress: bool = True, sync_fn=None):
         self.rank, self.local_rank, self.host, self.device = rank, local_rank, host, device
         self.world_size, self.log_every, self.memory_fn = world_size, max(1, log_every), memory_fn
+        self.sync_fn = sync_fn or (lambda: None)  # waits for queued GPU work before a window is timed
         folder = Path(run_dir) / "telemetry"
         folder.mkdir(parents=True, exist_ok=True)
         self.file = open(folder / f"rank{rank}.jsonl", "a", buffering=1)
@@ -75,6 +107,7 @@ class Telemetry:
             self.progress.advance(self._task)
         if not force and (step + 1) % self.log_every:
             return None
+        self.sync_fn()  # with asynchronous CUDA the window would otherwise end before its last step did
         elapsed = time.perf_counter() - self._win_start
         loss = float(loss_fn())
         ips = self._win_images / max(elapsed, 1e-9)

@@ -1,0 +1,37 @@
+"""The package logger: every record says which rank on which host said it.
+
+Job logs of a multi-rank run interleave every rank's stderr (submitit, sbatch --output); a line without its
+rank is a riddle. ``setup`` is called once per process, by the trainer, with this process's rank.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+LOGGER = "cxrdist"
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank_prefix = self.prefix
+        return True
+
+
+def setup(rank: int = 0, world_size: int = 1, host: str = "", level: int = logging.INFO) -> logging.Logger:
+    """Log ``[cxrdist rank R/W host] message`` to stderr (replacing an earlier setup of this process)."""
+    logger = logging.getLogger(LOGGER)
+    for h in list(logger.handlers):
+        if getattr(h, "_cxrdist", False):
+            logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._cxrdist = True
+    handler.addFilter(_RankFilter(f"rank {rank}/{world_size}" + (f" {host}" if host else "")))
+    handler.setFormatter(logging.Formatter("[cxrdist %(rank_prefix)s] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
