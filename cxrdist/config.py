@@ -26,7 +26,7 @@ class DataConfig:
     format: str = "shards"           # shards | jpeg (loose files) | dicom (read from the source)
     source_root: str = ""            # dataset root for the jpeg/dicom formats (default: manifest's root)
     image_size: int = 224            # training resolution (shards are packed at --size, e.g. 256)
-    workers: int = 2                 # loader worker processes per rank
+    workers: int = -1                # loader worker processes per rank (-1: auto, cxrdist.cpus.auto_workers)
     augment: str = "auto"            # auto (device on GPU, worker on CPU) | device | worker | none
     shuffle_buffer: int = 1000       # samples in each worker's shuffle buffer
 
@@ -70,6 +70,7 @@ class RunConfig:
     checkpoint_every: int = 0        # steps between mid-epoch checkpoints (0: epoch ends only)
     max_steps: int = 0               # stop after this many optimizer steps in total (0: no limit)
     device: str = "auto"             # auto | cpu | cuda
+    cudnn_benchmark: bool = True     # cuDNN picks its fastest algorithms for the fixed input size (GPU)
     eval_test: bool = True           # evaluate the test split at the end
 
 
@@ -140,6 +141,21 @@ class ConfigError(UserError, ValueError):
     """An invalid or incompatible combination of options, reported before any worker starts."""
 
 
+def workers_arg(text: str) -> int:
+    """``--workers N`` or ``--workers auto`` (stored as -1)."""
+    import argparse
+
+    if text == "auto":
+        return -1
+    try:
+        n = int(text)
+    except ValueError:
+        n = -2
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"--workers takes a number >= 0 or 'auto', not {text!r}")
+    return n
+
+
 # --- the `cxrdist train` flags, shared by the CLI, the launchers and the sbatch templates -------------
 # (flag, group.field, type or action, help)
 _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -147,7 +163,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--format", "data.format", str, "input: shards | jpeg (loose files) | dicom (from the source)"),
     ("--source-root", "data.source_root", str, "dataset root for --format jpeg/dicom"),
     ("--image-size", "data.image_size", int, "training resolution in pixels"),
-    ("--workers", "data.workers", int, "loader workers per rank"),
+    ("--workers", "data.workers", workers_arg, "loader workers per rank, or auto (-1): the rank's CPUs - 1 on "
+     "GPUs, capped at 12; 1 on CPU ranks"),
     ("--augment", "data.augment", str, "auto | device | worker | none"),
     ("--shuffle-buffer", "data.shuffle_buffer", int, "samples in each worker's shuffle buffer"),
     ("--model", "model.name", str, "densenet121 | densenet121d | densenetblur121d"),
@@ -175,6 +192,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-every", "run.checkpoint_every", int, "steps between mid-epoch checkpoints (0: epoch ends)"),
     ("--max-steps", "run.max_steps", int, "stop after this many steps (0: no limit)"),
     ("--device", "run.device", str, "auto | cpu | cuda"),
+    ("--no-cudnn-benchmark", "run.cudnn_benchmark", "store_false", "keep cuDNN's default algorithm choice"),
     ("--no-test", "run.eval_test", "store_false", "skip the final test-split evaluation"),
 ]
 

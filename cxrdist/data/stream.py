@@ -349,10 +349,24 @@ class ShardStream(IterableDataset):
         self.shards = list(shards)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.workers = max(1, workers)  # logical workers per rank (1 for the in-process loader)
-        self.train, self.epoch, self.seed = train, epoch, seed
-        self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
+        self.train, self.seed = train, seed
+        self.shuffle_buffer = shuffle_buffer
         self.batches_per_rank = batches_per_rank
         self.augment = augment
+        # (epoch, start_batch) in shared memory: persistent workers keep their copy of this object across
+        # epochs, and read the next epoch's plan from here when the DataLoader restarts them
+        self._plan = torch.tensor([epoch, start_batch], dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._plan[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._plan[1])
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._plan[0], self._plan[1] = epoch, start_batch
 
     # -- the plan, also used by the main process for len() --
     def share(self, logical: int) -> Share:
@@ -413,9 +427,10 @@ def clean_message(e: UserError) -> str:
 
 
 def iterate(loader: DataLoader, error: type[UserError]) -> Iterator[Any]:
-    """Iterate a DataLoader; a worker's ``error`` comes out as one clean line, and the workers are shut down
-    before it is raised (the re-raised exception's traceback would otherwise keep the DataLoader iterator,
-    and its worker processes, alive in a reference cycle until some later garbage collection)."""
+    """Iterate a DataLoader; a worker's ``error`` comes out as one clean line, and (non-persistent loaders)
+    the workers are shut down before it is raised (the re-raised exception's traceback would otherwise keep
+    the DataLoader iterator, and its worker processes, alive in a reference cycle until some later garbage
+    collection). A persistent loader keeps its workers in ``loader._iterator`` until the process ends."""
     it = iter(loader)
     message = None
     try:
@@ -438,24 +453,40 @@ class ShardLoader:
     """Iterable over this rank's batches for one epoch; ``len()`` is the number of batches it yields."""
 
     def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, length: int, samples: int,
-                 manifest: dict):
+                 manifest: dict, persistent: bool = False):
         self.stream, self.workers, self.pin_memory = stream, workers, pin_memory
         self.length, self.samples, self.manifest = length, samples, manifest
         self.batch_size = stream.batch_size
         self.image_size = int(manifest.get("size", 0))
         self.encoding = manifest.get("encoding", "jpg")
+        self.persistent = persistent and workers > 0
+        self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return self.length
 
+    def restart(self, epoch: int, start_batch: int = 0) -> "ShardLoader":
+        """The same loader (and, when persistent, the same worker processes) for another training epoch."""
+        if not self.stream.train or not 0 <= start_batch <= self.stream.batches_per_rank:
+            raise ValueError(f"restart(epoch={epoch}, start_batch={start_batch}) on a loader planned for "
+                             f"{self.stream.batches_per_rank} training batches")
+        self.stream.set_epoch(epoch, start_batch)
+        self.length = self.stream.batches_per_rank - start_batch
+        self.samples = self.length * self.batch_size
+        return self
+
+    def dataloader(self) -> DataLoader:
+        if self._loader is None or not self.persistent:
+            self._loader = DataLoader(self.stream, batch_size=None, collate_fn=as_is, num_workers=self.workers,
+                                      pin_memory=self.pin_memory and torch.cuda.is_available(),
+                                      prefetch_factor=2 if self.workers else None, persistent_workers=self.persistent)
+        return self._loader
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.workers and self.encoding == "jpg":
             warm_decoders()
-        loader = DataLoader(self.stream, batch_size=None, collate_fn=as_is, num_workers=self.workers,
-                            pin_memory=self.pin_memory and torch.cuda.is_available(),
-                            prefetch_factor=2 if self.workers else None, persistent_workers=False)
         n = 0
-        for batch in iterate(loader, ShardError):
+        for batch in iterate(self.dataloader(), ShardError):
             n += 1
             yield batch
         if n != self.length:
@@ -480,7 +511,7 @@ def read_shard_list(shard_dir: str | Path, split: str) -> tuple[dict, list[Shard
 def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
                 workers: int = 2, train: bool = True, epoch: int = 0, seed: int = 0, start_batch: int = 0,
                 shuffle_buffer: int = 1000, augment: torch.nn.Module | None = None,
-                pin_memory: bool = False) -> ShardLoader:
+                pin_memory: bool = False, persistent: bool = False) -> ShardLoader:
     """The shard loader of one rank for one epoch (see the module docstring for the rules)."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
         raise ValueError(f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} "
@@ -506,4 +537,4 @@ def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int
         length = stream.eval_batches()
         samples = sum(stream.share(w).samples for w in range(stream.workers))
     return ShardLoader(stream, workers=workers, pin_memory=pin_memory, length=length, samples=samples,
-                       manifest=manifest)
+                       manifest=manifest, persistent=persistent and train)

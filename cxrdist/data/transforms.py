@@ -4,9 +4,11 @@
 ``B x C x image_size x image_size``. Training draws a random affine per sample (rotation, translation,
 scale: the poster's Fig. 2) and applies all of them with ONE ``F.affine_grid`` + ``F.grid_sample`` that also
 resamples to ``image_size`` (packed 256 -> trained 224 costs nothing extra), then per-sample brightness and
-contrast. Evaluation only resizes (antialiased) when the sizes differ. Random numbers come from a
-``torch.Generator`` (drawn on the generator's device, CPU by default), so the trainer reproduces a step
-exactly on resume and the CPU worker path and the GPU path draw the same parameters.
+contrast. Evaluation only resizes (antialiased) when the sizes differ. The per-sample parameters are drawn
+by :meth:`Augment.draw` from a ``torch.Generator`` (the trainer and the workers pass CPU generators seeded
+per batch, so a resumed step redraws the same parameters, and the worker path and the device path draw the
+same numbers for the same seed), then applied by the same code on whatever device the batch lives; given
+the same parameters (``forward(x, params=...)``) the CPU and GPU outputs agree to float rounding.
 """
 from __future__ import annotations
 
@@ -72,11 +74,15 @@ class Augment(torch.nn.Module):
                 f"contrast={self.contrast}, mean={self.mean}, std={self.std}")
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                params: torch.Tensor | None = None) -> torch.Tensor:
         if images.dim() != 4:
             raise ValueError(f"Augment wants a B x C x H x W batch, got shape {tuple(images.shape)}")
         x = to_float(images)
-        x = self._train(x, generator) if self.train_mode else self._resize(x)
+        if self.train_mode:
+            x = self._train(x, self.draw(x.shape[0], generator) if params is None else params)
+        else:
+            x = self._resize(x)
         x = x.sub_(self.mean).div_(self.std)
         if self.in_chans and self.in_chans != x.shape[1]:
             if x.shape[1] != 1:
@@ -100,17 +106,20 @@ class Augment(torch.nn.Module):
         top, left = (th - s) // 2, (tw - s) // 2
         return x[..., top:top + s, left:left + s]
 
-    def _train(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        b, c, h, w = x.shape
-        s = self.image_size
+    def draw(self, b: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The 6 x B per-sample parameters (angle, tx, ty, zoom, brightness, contrast), on the generator's device."""
         angle = _uniform(b, -self.rotate_deg, self.rotate_deg, generator).mul_(math.pi / 180)
         tx = _uniform(b, -self.translate, self.translate, generator).mul_(2)  # fraction of the side -> [-1, 1]
         ty = _uniform(b, -self.translate, self.translate, generator).mul_(2)
         zoom = _uniform(b, self.scale[0], self.scale[1], generator)
         bright = _uniform(b, 1 - self.brightness, 1 + self.brightness, generator)
         contr = _uniform(b, 1 - self.contrast, 1 + self.contrast, generator)
-        params = torch.stack([angle, tx, ty, zoom, bright, contr]).to(device=x.device, dtype=x.dtype)
-        angle, tx, ty, zoom, bright, contr = params
+        return torch.stack([angle, tx, ty, zoom, bright, contr])
+
+    def _train(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        s = self.image_size
+        angle, tx, ty, zoom, bright, contr = params.to(device=x.device, dtype=x.dtype)
         # output pixel (normalised coords) -> input location: rotate, shrink by the zoom, shift
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)

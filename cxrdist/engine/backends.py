@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from cxrdist import dist
+from cxrdist import dist, telemetry
 from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
@@ -47,10 +48,14 @@ class Backend:
 
     name = ""
     distributed = False  # one process per device, a process group
+    always_group = False  # a process group even for one rank
 
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
         self.amp_dtype = AMP_DTYPES.get(cfg.run.precision)
+        self.channels_last = "model" if cfg.run.channels_last else "off"  # | "activations": DeepSpeedBackend
+        if device.type == "cuda":  # fixed input size: let cuDNN time its algorithms once
+            torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
 
     # -- checks before any work -------------------------------------------------------------------
     @classmethod
@@ -66,7 +71,7 @@ class Backend:
 
     def init_distributed(self) -> None:
         if self.distributed:
-            dist.init_process_group(self.env, self.device, self.cfg.dist.timeout_s)
+            dist.init_process_group(self.env, self.device, self.cfg.dist.timeout_s, always=self.always_group)
 
     # -- the step ---------------------------------------------------------------------------------
     def autocast(self):
@@ -74,8 +79,12 @@ class Backend:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def step_autocast(self):
+        """The autocast around the training forward (dp and DeepSpeed cast inside their own forward)."""
+        return self.autocast()
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        fmt = torch.channels_last if self.cfg.run.channels_last else torch.contiguous_format
+        fmt = torch.channels_last if self.channels_last == "model" else torch.contiguous_format
         return model.to(self.device, memory_format=fmt)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
@@ -104,12 +113,32 @@ class Backend:
         for buf in self.module.buffers():
             tdist.broadcast(buf, src=0)
 
-    def peak_memory(self) -> dict:
+    def memory_devices(self) -> list[torch.device]:
+        """The devices this rank computes on (dp: every visible GPU)."""
+        return [self.device]
+
+    def synchronize(self) -> None:
+        """Wait for the queued GPU work, so a timed window covers what it launched."""
         if self.device.type == "cuda":
-            return {"mem_peak_mb": torch.cuda.max_memory_allocated(self.device) / 2**20,
-                    "mem_reserved_mb": torch.cuda.max_memory_reserved(self.device) / 2**20}
-        import resource
-        return {"mem_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            for d in self.memory_devices():
+                torch.cuda.synchronize(d)
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak (every epoch)."""
+        if self.device.type == "cuda":
+            for d in self.memory_devices():
+                torch.cuda.reset_peak_memory_stats(d)
+        else:
+            telemetry.reset_peak_rss()
+
+    def peak_memory(self) -> dict:
+        """Per rank since the last reset: the allocator's peak, the reserved peak, and the device memory in use
+        (what nvidia-smi shows, CUDA context included); dp: the largest device, and each under ``mem_devices``."""
+        if self.device.type != "cuda":
+            return {"mem_peak_mb": telemetry.peak_rss_mb()}
+        per = {str(d): telemetry.cuda_memory_mb(d) for d in self.memory_devices()}
+        out = {k: max(m[k] for m in per.values()) for k in next(iter(per.values()))}
+        return {**out, "mem_devices": per} if len(per) > 1 else out
 
     def save(self, ckpt_dir: Path, tag: str, state: dict) -> None:
         raise NotImplementedError
@@ -133,7 +162,7 @@ class TorchBackend(Backend):
 
     def train_step(self, loss_fn):
         self.wrapped.train()
-        with self.autocast():
+        with self.step_autocast():
             loss = loss_fn(self.wrapped)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -193,8 +222,30 @@ class DataParallelBackend(TorchBackend):
     def devices_per_process(self):
         return torch.cuda.device_count()
 
+    def memory_devices(self):
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+    def step_autocast(self):
+        return contextlib.nullcontext()  # AutocastForward casts inside each replica's thread
+
     def wrap(self, model):
-        return nn.DataParallel(model)
+        if self.amp_dtype is None:
+            return nn.DataParallel(model)
+        # DataParallel's replica threads re-enter autocast with the device's default dtype (fp16 on CUDA),
+        # whatever dtype the caller chose: the cast has to happen inside each replica's forward.
+        return nn.DataParallel(AutocastForward(model, self.device.type, self.amp_dtype))
+
+
+class AutocastForward(nn.Module):
+    """``module(*args)`` under ``torch.autocast(device_type, dtype)``, inside whichever thread runs it."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
 
 
 class DDPBackend(TorchBackend):
@@ -204,8 +255,8 @@ class DDPBackend(TorchBackend):
     distributed = True
 
     def wrap(self, model):
-        if not self.env.distributed:
-            return model  # one rank: DDP would add nothing but a process group
+        if not tdist.is_initialized():
+            return model  # one rank and no group: DDP would add nothing but a process group
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids)  # rank 0's BN buffers are broadcast at every forward
@@ -214,8 +265,23 @@ class DDPBackend(TorchBackend):
 class DeepSpeedBackend(Backend):
     """DeepSpeed with ZeRO stage 0/1/2; its JSON generated from the same config (a user JSON overrides keys).
 
-    bf16 runs as torch autocast around DeepSpeed's fp32 engine: DeepSpeed's own bf16 mode casts the
-    parameters but not the BatchNorm buffers. fp16 (GPU only) uses DeepSpeed's fp16 mode and loss scaler.
+    bf16 goes through DeepSpeed's own ``torch_autocast`` section: the engine's forward runs under
+    ``torch.autocast`` with fp32 master weights and BatchNorm buffers (DeepSpeed's ``bf16`` mode would cast
+    those too). An autocast *outside* the engine is not an option: with CUDA autocast enabled outside and no
+    ``torch_autocast`` section, the engine turns autocast off inside its forward and the run trains in
+    fp32 (``runtime/torch_autocast.py``, ``autocast_if_enabled``). fp16 (GPU only) uses DeepSpeed's fp16
+    mode and loss scaler.
+
+    channels_last: DeepSpeed broadcasts the weights as bytes at initialize (needs stride(-1) == 1), so the
+    model is converted after ``deepspeed.initialize``, which holds where the optimizer keeps the parameters
+    themselves (ZeRO-0). ZeRO-1/2 and the fp16 optimizer make every weight a view into one flat buffer; a
+    converted weight would leave it, so there the weights stay contiguous and the activations are made
+    channels_last (``channels_last="activations"``: the stem's output is converted once per forward, since
+    a one-channel input cannot carry the format, and every later convolution follows its input's format).
+
+    One rank still gets a process group (DeepSpeed's engine asks for one); the GPU is chosen by cxrdist
+    (``args.device_rank``), not by DeepSpeed's LOCAL_RANK rule, so one visible GPU per task works.
+
     Checkpoints are DeepSpeed's directory format under a unique tag per save; the ``latest``/``best``
     pointer files are replaced atomically only after every rank has written, so a kill mid-save leaves
     the previous tag loadable.
@@ -223,12 +289,13 @@ class DeepSpeedBackend(Backend):
 
     name = "deepspeed"
     distributed = True
+    always_group = True
 
     @classmethod
     def check(cls, cfg, env, device):
         super().check(cfg, env, device)
         if cfg.dist.deepspeed_config:
-            user_deepspeed_config(cfg.dist.deepspeed_config)
+            user_deepspeed_config(cfg.dist.deepspeed_config, cfg.run.precision)
 
     def ds_config(self) -> dict:
         c = self.cfg
@@ -244,32 +311,46 @@ class DeepSpeedBackend(Backend):
         }
         if c.run.precision == "fp16":
             config["fp16"] = {"enabled": True, "auto_cast": True, "initial_scale_power": 16}
+        elif c.run.precision == "bf16":
+            config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         if c.dist.deepspeed_config:
-            config.update(user_deepspeed_config(c.dist.deepspeed_config))
+            user = user_deepspeed_config(c.dist.deepspeed_config, c.run.precision)
+            config.update({k: ({**config[k], **v} if isinstance(v, dict) and isinstance(config.get(k), dict) else v)
+                           for k, v in user.items()})
         return config
 
     def setup(self, model, total_steps):
+        import argparse
+
         import deepspeed
 
-        module = self.prepare_model(model)
+        module = model.to(self.device)  # contiguous: DeepSpeed's byte-view broadcast needs stride(-1) == 1
         optimizer = make_optimizer(module, self.cfg)
         scheduler = make_scheduler(optimizer, total_steps, self.cfg.optim.warmup_steps)
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # DeepSpeed asserts it is set
+        args = argparse.Namespace(device_rank=self.device.index if self.device.type == "cuda" else 0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config(),
+            args=args, model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config(),
             dist_init_required=False)
         self.engine.checkpoint_engine = _weights_only_engine(self.engine.checkpoint_engine)
+        if self.cfg.run.channels_last:
+            self.channels_last = "activations" if params_share_storage(self.engine.module) else "model"
+            if self.channels_last == "model":
+                self.engine.module.to(memory_format=torch.channels_last)
+            else:
+                activations_channels_last(self.engine.module)
 
     def train_step(self, loss_fn):
         self.engine.train()
-        with self.autocast():
-            loss = loss_fn(self.engine)
+        loss = loss_fn(self.engine)  # the engine's forward autocasts (torch_autocast) or is fp16 itself
         self.engine.backward(loss)
         self.engine.step()  # optimizer, zero_grad, scheduler
         return loss.detach()
 
     def autocast(self):
+        """For calls on ``module`` outside the engine (evaluation): the same autocast the engine uses."""
         if self.cfg.run.precision == "fp16":
-            return contextlib.nullcontext()  # DeepSpeed's fp16 engine casts the module itself
+            return contextlib.nullcontext()  # DeepSpeed's fp16 engine holds an fp16 module
         return super().autocast()
 
     @property
@@ -315,16 +396,43 @@ class DeepSpeedBackend(Backend):
         return client_state
 
 
-def user_deepspeed_config(path: str) -> dict:
-    """A user's DeepSpeed JSON (keys override the generated config); precision stays the trainer's."""
+def activations_channels_last(module: nn.Module) -> None:
+    """Make the first convolution's output channels_last; the layers after it keep their input's format."""
+    stem = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+    stem.register_forward_hook(lambda mod, inputs, out: out.contiguous(memory_format=torch.channels_last))
+
+
+def params_share_storage(module: nn.Module) -> bool:
+    """True when some parameters are views into one buffer (ZeRO's and the fp16 optimizer's flat groups)."""
+    seen = set()
+    for p in module.parameters():
+        ptr = p.data.untyped_storage().data_ptr()
+        if ptr in seen:
+            return True
+        seen.add(ptr)
+    return False
+
+
+def user_deepspeed_config(path: str, precision: str) -> dict:
+    """A user's DeepSpeed JSON (keys override the generated config); precision stays --precision's.
+
+    ``torch_autocast`` is accepted (e.g. for ``lower_precision_safe_modules``) when it agrees with
+    --precision bf16; DeepSpeed's own ``bf16``/``fp16``/``amp`` modes are set by --precision alone.
+    """
     try:
         user = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"--deepspeed-config {path}: {e}") from e
-    clash = sorted({"bf16", "fp16", "torch_autocast", "amp"} & set(user))
+    clash = sorted({"bf16", "fp16", "amp"} & set(user))
     if clash:
         raise ConfigError(f"--deepspeed-config {path}: set precision with --precision, not {clash} (the "
-                          "trainer's autocast and DeepSpeed's own casting would fight)")
+                          "trainer's precision and DeepSpeed's own casting would fight)")
+    ta = user.get("torch_autocast")
+    if ta is not None:
+        dtype = str(ta.get("dtype", "bfloat16")) if isinstance(ta, dict) else "?"
+        if precision != "bf16" or not isinstance(ta, dict) or not ta.get("enabled", True) or "bf" not in dtype:
+            raise ConfigError(f"--deepspeed-config {path}: its torch_autocast section ({ta}) disagrees with "
+                              f"--precision {precision}; cxrdist writes that section itself for --precision bf16")
     return user
 
 

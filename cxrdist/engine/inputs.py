@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cxrdist import dist
+from cxrdist import cpus, dist
 from cxrdist.config import TrainConfig
 from cxrdist.data.transforms import Augment
 from cxrdist.errors import UserError
@@ -52,25 +52,31 @@ class Loaders:
         chans = dict(in_chans=cfg.model.in_chans, channels_last=cfg.run.channels_last)
         self._train_aug = Augment(size, train=where != "none", **chans)
         self._eval_aug = Augment(size, train=False, **chans)
+        self.workers = cfg.data.workers if cfg.data.workers >= 0 else cpus.auto_workers(
+            dist.threads_per_rank(env), gpu=device.type == "cuda")
+        self._train_loader = None  # kept across epochs: its worker processes persist (shards)
 
     def augment(self, train: bool) -> Augment:
         return self._train_aug if train else self._eval_aug
 
     def _make(self, split: str, *, train: bool, epoch: int = 0, start_batch: int = 0, augment=None):
         common = dict(batch_size=self.batch_size, rank=self.env.rank, world_size=self.env.world_size,
-                      workers=self.cfg.data.workers, train=train, epoch=epoch, seed=self.cfg.run.seed,
-                      start_batch=start_batch, augment=augment)
+                      workers=self.workers, train=train, epoch=epoch, seed=self.cfg.run.seed,
+                      start_batch=start_batch, augment=augment, pin_memory=self.device.type == "cuda")
         if self.cfg.data.format == "shards":
             from cxrdist.data.stream import make_loader
             return make_loader(self.folder, split, shuffle_buffer=self.cfg.data.shuffle_buffer,
-                               pin_memory=self.device.type == "cuda", **common)
+                               persistent=train, **common)
         from cxrdist.data.files import make_file_loader
         return make_file_loader(self.folder, split, self.cfg.data.format,
                                 source_root=self.cfg.data.source_root or None, **common)
 
     def train(self, epoch: int, start_batch: int = 0):
+        if self._train_loader is not None and hasattr(self._train_loader, "restart"):
+            return self._train_loader.restart(epoch, start_batch)
         augment = self._train_aug if self.where == "worker" else None
-        return self._make("train", train=True, epoch=epoch, start_batch=start_batch, augment=augment)
+        self._train_loader = self._make("train", train=True, epoch=epoch, start_batch=start_batch, augment=augment)
+        return self._train_loader
 
     def eval(self, split: str):
         return self._make(split, train=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 from cxrdist import dist
 from cxrdist.config import TrainConfig, config_to_argv
 
+SPAWNED = "CXRDIST_SPAWNED"  # set in the ranks this launcher starts: they train instead of spawning again
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,7 +35,7 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
     for rank in range(n):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
                    GROUP_RANK="0", NUM_NODES="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads), CXRDIST_THREADS=str(threads))
+                   OMP_NUM_THREADS=str(threads), CXRDIST_THREADS=str(threads), **{SPAWNED: "1"})
         procs.append(subprocess.Popen(argv, env=env))
 
     def forward(signum, frame):  # preemption (USR2) or termination sent to this launcher reaches every rank

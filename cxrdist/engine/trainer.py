@@ -13,6 +13,8 @@ consistent checkpoint, and then global rank 0 hands the signal to the handler th
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import time
 from dataclasses import replace
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from cxrdist import dist
+from cxrdist import cpus, dist, log
 from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.errors import UserError
@@ -31,6 +33,8 @@ from cxrdist.engine.backends import Backend, get_backend
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
 from cxrdist.models import build_model, uses_demographics
 from cxrdist.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,22 +56,26 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
 # --------------------------------------------------------------------------------------------------
 def launch(cfg: TrainConfig) -> dict:
     """`cxrdist train`: every check before any worker starts, then one rank here or --nproc local ranks."""
+    from cxrdist.engine.spawn import SPAWNED, spawn_local
+
     env = dist.read_env()
-    if env.source == "single" and cfg.dist.nproc > 1:
-        preflight(cfg, world_size=cfg.dist.nproc)
-        from cxrdist.engine.spawn import spawn_local
+    if cfg.dist.nproc > 1 and not os.environ.get(SPAWNED):
+        if env.world_size > 1:  # e.g. `srun -n 4 cxrdist train --nproc 4`: 16 ranks nobody asked for
+            raise ConfigError(f"--nproc {cfg.dist.nproc} inside a launch of {env.world_size} ranks ({env.source}): "
+                              "use one or the other (drop --nproc, or start a single task)")
+        # a single process, also a one-task srun step (`srun --pty bash`): start the ranks here
+        preflight(cfg, replace(env, world_size=cfg.dist.nproc, local_world_size=cfg.dist.nproc), same_view=True)
         return spawn_local(cfg)
     if env.rank == 0:
-        preflight(cfg, world_size=env.world_size)
+        preflight(cfg, env)
     return train(cfg)
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> None:
+def preflight(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> None:
     """Options, hardware and data checks that must fail before a rank is started."""
     cfg.validate()
-    device = dist.select_device(dist.DistEnv(), cfg.run.device) if cfg.run.device != "auto" else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    get_backend(cfg, replace(dist.DistEnv(), world_size=world_size), device)
+    device = dist.select_device(replace(env, local_rank=0), cfg.run.device, same_view=same_view)
+    get_backend(cfg, env, device)
     from cxrdist.engine.inputs import check_inputs
     check_inputs(cfg)
     ckpts = Path(cfg.run.out) / "checkpoints"
@@ -79,8 +87,11 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
 def train(cfg: TrainConfig) -> dict:
     """Train on this rank. Reads rank/world/device from the environment (cxrdist.dist)."""
     env = dist.read_env()
+    log.setup(env.rank, env.world_size, env.host)
     torch.set_num_threads(dist.threads_per_rank(env))
     device = dist.select_device(env, cfg.run.device)
+    logger.info("device %s (%s), %d torch thread(s), OpenMP %s", device, dist.device_name(device),
+                torch.get_num_threads(), cpus.wait_policy_record()["omp_wait_policy"])
     backend = get_backend(cfg, env, device)
     backend.init_distributed()
     trainer = Trainer(cfg, env, device, backend)
@@ -135,15 +146,19 @@ class Trainer:
         backend.setup(model, self.total_steps)
         self.fuse = uses_demographics(backend.module)
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-        self.ctrl_group = None
-        if env.distributed:  # control messages on gloo even when the data path is NCCL: no GPU sync
-            self.ctrl_group = tdist.new_group(backend="gloo") if device.type == "cuda" else tdist.group.WORLD
+        self.ctrl_group = (dist.control_group(cfg.dist.timeout_s, separate=device.type == "cuda")
+                           if env.distributed else None)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "restarts": 0,
                       "best_auc": None, "hosts": None, "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_carried": [0.0, 0], "saves": 0,
                       "geometry": self.geometry()}
         self.telemetry = Telemetry(self.run_dir, rank=env.rank, local_rank=env.local_rank, host=env.host,
                                    device=str(device), world_size=env.world_size, log_every=cfg.run.log_every,
-                                   memory_fn=backend.peak_memory)
+                                   memory_fn=backend.peak_memory, sync_fn=backend.synchronize)
+        self.telemetry.write({"event": "start", "device_name": dist.device_name(device),
+                              "threads": torch.get_num_threads(), "workers": self.loaders.workers,
+                              "channels_last": backend.channels_last, "tf32": dist.tf32_convolutions(device),
+                              "cudnn_benchmark": bool(device.type == "cuda" and torch.backends.cudnn.benchmark),
+                              **cpus.wait_policy_record()})
         self.stop = StopFlag()
 
     # -- resume ------------------------------------------------------------------------------------
@@ -185,7 +200,7 @@ class Trainer:
     def prepare(self, batch, train: bool, step: int = 0):
         x = batch["image"].to(self.device, non_blocking=True)
         if not x.is_floating_point():  # augmentation left to the device (GPU training), or eval resize
-            g = torch.Generator(device=self.device)
+            g = torch.Generator()  # 6 numbers per image drawn on the CPU: the same on every device type
             g.manual_seed(hash((self.cfg.run.seed, step, self.env.rank)) & 0x7FFFFFFF)
             x = self.loaders.augment(train)(x, generator=g)
         return x.contiguous(memory_format=self.memory_format)
@@ -210,6 +225,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> str:
         start = self.state["step_in_epoch"]
         loader = self.loaders.train(epoch, start_batch=start)
+        self.backend.reset_peak_memory()
         self.telemetry.start_epoch(epoch, self.cfg.optim.epochs, self.steps_per_epoch, done=start,
                                    carried=tuple(self.state["epoch_carried"]) if start else (0.0, 0))
         loss_sum = torch.zeros((), device=self.device)
@@ -229,12 +245,14 @@ class Trainer:
             self.state["global_step"] += 1
             self.state["step_in_epoch"] = i + 1
             now = time.perf_counter()
+            last = i + 1 == self.steps_per_epoch or bool(self.cfg.run.max_steps
+                                                         and self.state["global_step"] >= self.cfg.run.max_steps)
             record = self.telemetry.step(epoch=epoch, step=i, images=len(batch["key"]), step_time=now - t_end,
                                          data_time=t_data - t_end, loss_fn=lambda: (window / window_n).item(),
-                                         lr=self.backend.lr())
+                                         lr=self.backend.lr(), force=last)  # >= 1 record per epoch
             t_end = now
-            if record is not None or i + 1 == self.steps_per_epoch:
-                bad = record is not None and not isinstance(record["loss"], float)
+            if record is not None:
+                bad = not isinstance(record["loss"], float)
                 stop, bad = self.agree(float(self.stop.raised), float(bad))
                 window.zero_()
                 window_n = 0
@@ -276,9 +294,8 @@ class Trainer:
             "train_loss": sum(r["train_loss"] for r in records) / len(records),
             "val_auc_mean": val["auc_mean"], "val_accuracy_mean": val["accuracy_mean"],
             "val_auc": val["auc"],
-            "mem_peak_mb": {str(r["rank"]): round(r["mem_peak_mb"], 1) for r in records},
-            **({"mem_reserved_mb": {str(r["rank"]): round(r["mem_reserved_mb"], 1) for r in records}}
-               if "mem_reserved_mb" in record else {}),
+            **{k: {str(r["rank"]): round(r[k], 1) for r in records}   # GPU: allocator, reserved, device used
+               for k in ("mem_peak_mb", "mem_reserved_mb", "mem_device_used_mb") if k in record},
         })
         self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
         self.checkpoint("last")
@@ -331,9 +348,10 @@ class Trainer:
             "backend": self.cfg.dist.backend, "world_size": self.env.world_size, "nodes": self.env.num_nodes,
             "hosts": self.state["hosts"], "device": self.device.type,
             "gpus": self.env.world_size * self.backend.devices_per_process() if self.device.type == "cuda" else 0,
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "device_name": dist.device_name(self.device),
             "format": self.cfg.data.format, "precision": self.cfg.run.precision,
-            "channels_last": self.cfg.run.channels_last, "config": self.cfg.to_dict(),
+            "tf32": dist.tf32_convolutions(self.device), "channels_last": self.backend.channels_last,
+            "config": self.cfg.to_dict(),
             "restarts": self.state["restarts"], "status": status, "global_step": self.state["global_step"],
             "steps_per_epoch": self.steps_per_epoch, "epochs": self.state["history"], "test": test,
             "best_val_auc_mean": self.state["best_auc"], **({"error": error} if error else {}),
