@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any, TextIO
 import submitit
 
 from cxrdist.config import BACKENDS, TrainConfig
+from cxrdist.cpus import cpu_count
 from cxrdist.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +60,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=int, default=1, help="GPUs per node; one task per GPU (0: CPU ranks)")
     g.add_argument("--tasks-per-node", type=int, default=None,
                    help="tasks per node (default: --gpus; with --gpus 0 the number of CPU ranks per node)")
-    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (default: loader workers + 1)")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (default: a node's CPUs / tasks per node)")
     g.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB")
     g.add_argument("--time", type=int, default=60, help="time limit in minutes (default: 60)")
     g = p.add_argument_group("scheduler")
@@ -91,7 +93,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.threads = threads  # torch threads per rank (None: SLURM's cpus-per-task)
 
     def __call__(self) -> dict:
-        from cxrdist import dist
+        from cxrdist import dist  # torch-free: the wait policy below is still chosen before torch loads
 
         env = submitit.JobEnvironment()
         num_nodes = max(1, env.num_nodes)
@@ -105,6 +107,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or None
         if threads:
             os.environ["OMP_NUM_THREADS"] = os.environ["CXRDIST_THREADS"] = str(threads)
+        from cxrdist.cpus import apply_wait_policy
+
+        apply_wait_policy()  # now that this task's layout is known, before torch loads OpenMP
 
         from cxrdist.engine.trainer import train
 
@@ -334,20 +339,30 @@ def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None)
             tasks, gpn = gpus, gpus
         _check_deepspeed_config(cfg, nodes * tasks)
 
-    cpus = args.cpus_per_task or max(1, cfg.data.workers + 1)
-    threads = None
-    if cluster == "slurm":
-        if partition and partition.cpus and tasks * cpus > partition.cpus:
-            raise LaunchError(f"{tasks} task(s) x {cpus} CPUs per task exceed the {partition.cpus} CPUs of a "
-                              f"node in partition {partition.name!r} (lower --cpus-per-task)")
-    else:  # local ranks share this machine's cores
-        from cxrdist.dist import cpu_count
-        threads = max(1, cpu_count() // tasks)
-        if args.cpus_per_task:
-            threads = min(threads, args.cpus_per_task)
+    cpus, threads = size_cpus(args.cpus_per_task, tasks, partition.cpus if partition else cpu_count(), cluster,
+                              gpus_used=gpn, node_gpus=target_gpus)
+    if cluster == "slurm" and partition and partition.cpus and tasks * cpus > partition.cpus:
+        raise LaunchError(f"{tasks} task(s) x {cpus} CPUs per task exceed the {partition.cpus} CPUs of a "
+                          f"node in partition {partition.name!r} (lower --cpus-per-task)")
     return Plan(cluster=cluster, backend=backend, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpn,
                 cpus_per_task=cpus, partition=partition.name if partition else None,
                 target_gpus=target_gpus, threads=threads, notes=notes)
+
+
+def size_cpus(asked: int | None, tasks: int, node_cpus: int, cluster: str, gpus_used: int = 0,
+              node_gpus: int = 0) -> tuple[int, int | None]:
+    """(CPUs per task, torch threads per local rank or None for SLURM's own) for ``tasks`` per node.
+
+    Unless asked, a task gets its share of the node's CPUs (sinfo's, or this machine's for the local
+    executor), in proportion to the GPUs the job takes on it: a 64-core 8-GPU node gives each of 8 ranks 8
+    CPUs, and a 1-GPU job 8 too, not the whole node; a 2-CPU node without GPUs gives its one rank both.
+    Loader workers (``--workers auto``) and threads are sized from that.
+    """
+    share = node_cpus * gpus_used // node_gpus if gpus_used and node_gpus else node_cpus
+    cpus = asked or max(1, share // max(1, tasks))
+    if cluster == "slurm":
+        return cpus, None
+    return cpus, max(1, min(cpus, cpu_count() // max(1, tasks)))
 
 
 def _check_deepspeed_config(cfg: TrainConfig, world: int) -> None:
@@ -475,7 +490,9 @@ def make_executor(args: argparse.Namespace, p: Plan, log_dir: str):
         params: dict[str, Any] = dict(
             job_name=name, time=args.time, nodes=p.nodes, ntasks_per_node=p.tasks_per_node,
             cpus_per_task=p.cpus_per_task, signal_delay_s=args.signal_delay,
-            srun_args=["--kill-on-bad-exit=1"],       # one failing rank ends the job instead of hanging it
+            # one failing rank ends the job instead of hanging it; SLURM 22.05-23.02 binds a task to one core
+            # unless srun itself is told --cpus-per-task
+            srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={p.cpus_per_task}"],
             additional_parameters={"requeue": True},
         )
         if p.gpus_per_node:
@@ -490,8 +507,20 @@ def make_executor(args: argparse.Namespace, p: Plan, log_dir: str):
     else:
         ex = submitit.LocalExecutor(folder=log_dir, max_num_timeout=3)
         ex.update_parameters(timeout_min=args.time, tasks_per_node=p.tasks_per_node, nodes=1,
-                             gpus_per_node=p.gpus_per_node, signal_delay_s=args.signal_delay)
+                             gpus_per_node=p.gpus_per_node, signal_delay_s=args.signal_delay,
+                             **visible_gpu_parameters(os.environ.get("CUDA_VISIBLE_DEVICES"), p.gpus_per_node))
     return ex
+
+
+def visible_gpu_parameters(visible: str | None, gpus: int) -> dict:
+    """LocalExecutor parameters that keep the user's CUDA_VISIBLE_DEVICES (submitit would set 0..N-1):
+    indices through its ``visible_gpus``, UUIDs / MIG names through a setup line."""
+    ids = [x.strip() for x in (visible or "").split(",") if x.strip()]
+    if not gpus or not ids:
+        return {}
+    if all(x.isdigit() for x in ids):
+        return {"visible_gpus": tuple(int(x) for x in ids)}
+    return {"setup": [f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(ids[:gpus]))}"]}
 
 
 def submit(launch_args: argparse.Namespace, cfg: TrainConfig, log: TextIO | None = None) -> Submission:
@@ -504,8 +533,8 @@ def submit(launch_args: argparse.Namespace, cfg: TrainConfig, log: TextIO | None
     for note in p.notes:
         print(note, file=log)
     cfg = prepare_config(args, cfg, log)
-    if p.gpus_per_node == 0 and cfg.run.device == "auto":  # CPU ranks, even where the nodes have GPUs
-        cfg = replace(cfg, run=replace(cfg.run, device="cpu"))
+    if cfg.run.device == "auto":  # CPU ranks even where the nodes have GPUs; GPUs asked for: CUDA or an error
+        cfg = replace(cfg, run=replace(cfg.run, device="cuda" if p.gpus_per_node else "cpu"))
     if Path(cfg.data.shards) == DEMO_SHARDS.absolute():
         ensure_demo_shards(log=log)
     if not (Path(cfg.data.shards) / "manifest.json").is_file():

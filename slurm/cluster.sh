@@ -10,7 +10,7 @@
 #
 # DIR defaults to $CXRDIST_SLURM_DIR or /tmp/cxrdist-slurm. Needs root and Debian's slurm-wlm + munge
 # (`make slurm-deps`). Ports (127.0.0.1 only): slurmctld $CXRDIST_SLURM_PORT (default 16817), slurmd
-# $CXRDIST_SLURMD_PORT and the next one (default 17001, 17002). CPUs per node: $CXRDIST_SLURM_CPUS (4).
+# $CXRDIST_SLURMD_PORT and the next one (default 17001, 17002). CPUs per node: $CXRDIST_SLURM_CPUS (2, like a small real partition).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -91,7 +91,7 @@ first_job_id() {
 write_conf() {
   local host cpus mem
   host="$(hostname -s)"
-  cpus="${CXRDIST_SLURM_CPUS:-4}"
+  cpus="${CXRDIST_SLURM_CPUS:-2}"
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
   mkdir -p "$DIR"/{state,spool/node1,spool/node2,run,log,bin}
   sed -e "s|@DIR@|$DIR|g" -e "s|@HOST@|$host|g" -e "s|@CTLD_PORT@|$CTLD_PORT|g" \

@@ -189,7 +189,7 @@ def test_slurm_checks_before_submission(slurm_cluster, tmp_path):
         ("--gpus", "2", "--backend", "ddp"): "partition 'debug' has no GPUs",
         ("--gpus", "0", "--partition", "gpu"): "unknown partition 'gpu'; this cluster has: debug",
         ("--gpus", "0", "--nodes", "3"): "partition 'debug' has 2 node(s)",
-        ("--gpus", "0", "--tasks-per-node", "4", "--cpus-per-task", "2"): "exceed the 4 CPUs of a node",
+        ("--gpus", "0", "--tasks-per-node", "2", "--cpus-per-task", "2"): "exceed the 2 CPUs of a node",
         ("--gpus", "0", "--backend", "single", "--nodes", "2"): "single is one process on one device",
     }
     for argv, message in cases.items():
