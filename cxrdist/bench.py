@@ -1,4 +1,4 @@
-"""`cxrdist bench loader|pack|step`: the throughput ratios behind the poster's Table 4, measured here.
+"""`cxrdist bench loader|pack|step|trainer`: the throughput ratios behind the poster's Table 4, measured here.
 
 - ``loader``: images/s of ONE loader worker (in-process, one torch thread) on a synthetic CheXpert-layout set
   packed at 256 px: raw JPEG decode alone (the ceiling), the shard loader as it feeds a GPU (read, decode,
@@ -6,6 +6,7 @@
   MIMIC-CXR DICOM set). Goals: shards >= 0.7x raw decode and >= 20x DICOM.
 - ``pack``: images/s of the packer with 1 and N (= CPU count) workers, and the scaling.
 - ``step``: training-step throughput per backend (cxrdist.engine.benchstep).
+- ``trainer``: the trainer's steady-state images/s against a bare loop (goal >= 0.85x), same everything.
 
 ``run(what, out=None, quick=False)`` returns the result dict and writes it as JSON to ``out``.
 """
@@ -178,8 +179,12 @@ def run(what: str, out: str | Path | None = None, quick: bool = False) -> dict[s
         from cxrdist.engine.benchstep import bench_step  # the training-step benchmark (engine floor)
 
         result = bench_step(quick=quick)
+    elif what == "trainer":
+        from cxrdist.engine.benchstep import bench_trainer
+
+        result = bench_trainer(quick=quick)
     else:
-        raise ValueError(f"bench what? loader, pack or step, not {what!r}")
+        raise ValueError(f"bench what? loader, pack, step or trainer, not {what!r}")
     if what in ("loader", "pack"):
         _print(what, result)
     if out is not None:

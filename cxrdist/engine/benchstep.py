@@ -71,7 +71,7 @@ def bench_step(quick: bool = False, model: str = "densenetblur121d", image_size:
         table.add_column(col, justify="right" if col != "arm" else "left")
     for r in results:
         p = projection[r["name"]]
-        table.add_row(r["name"], str(r["ranks"]), str(r["threads"]), f"{r['images_per_s']:.1f}",
+        table.add_row(r["name"] + (" (TF32 convs)" if r.get("tf32") else ""), str(r["ranks"]), str(r["threads"]), f"{r['images_per_s']:.1f}",
                       f"{r['images_per_s'] / single:.2f}", f"{p['chexpert']:.0f}", f"{p['mimic']:.0f}")
     Console(stderr=True).print(table)
     return result
@@ -96,12 +96,16 @@ def _run_arm(arm: dict, model: str, image_size: int, global_batch: int, steps: i
     for p, (_, err) in zip(procs, outs):
         if p.returncode:
             raise RuntimeError(f"bench arm {arm['name']} failed:\n{err[-2000:]}")
-    times = [json.loads(o.strip().splitlines()[-1])["seconds"] for o, _ in outs]
-    return {"threads": threads, "seconds": max(times), "images_per_s": global_batch * steps / max(times)}
+    reports = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    seconds = max(r["seconds"] for r in reports)
+    return {"threads": threads, "seconds": seconds, "images_per_s": global_batch * steps / seconds,
+            "tf32": reports[0]["tf32"], "memory": {str(i): r["memory"] for i, r in enumerate(reports)}}
 
 
 def _worker(spec: dict) -> None:
-    """One rank of one arm: warm up, then time ``steps`` optimizer steps."""
+    """One rank of one arm: warm up, then time ``steps`` optimizer steps (synchronised), and report the
+    rank's memory. Spec keys: backend, zero, precision, channels_last, cudnn_benchmark, group_at_world1
+    (DDP wrapped even for one rank, to measure its hooks), model, image_size, batch, steps."""
     from cxrdist.config import TrainConfig
     from cxrdist.engine.backends import get_backend
     from cxrdist.models import build_model
@@ -111,9 +115,12 @@ def _worker(spec: dict) -> None:
     cfg = TrainConfig()
     cfg.dist.backend, cfg.dist.zero_stage = spec["backend"], spec.get("zero", 0)
     cfg.run.precision, cfg.run.channels_last = spec["precision"], spec.get("channels_last", False)
+    cfg.run.cudnn_benchmark = spec.get("cudnn_benchmark", True)
     cfg.optim.batch_size, cfg.run.out = spec["batch"], "bench"
     device = dist.select_device(env, "auto")
     backend = get_backend(cfg, env, device)
+    if spec.get("group_at_world1"):
+        dist.init_process_group(env, device, always=True)
     backend.init_distributed()
     torch.manual_seed(0)
     backend.setup(build_model(spec["model"], in_chans=1), total_steps=spec["steps"] + 2)
@@ -124,20 +131,153 @@ def _worker(spec: dict) -> None:
     def loss_fn(model):
         return torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
 
-    for _ in range(2):
+    for _ in range(spec.get("warmup", 2)):
         backend.train_step(loss_fn)
     dist.barrier()
+    backend.synchronize()
+    backend.reset_peak_memory()
+    t0 = time.perf_counter()
+    for _ in range(spec["steps"]):
+        backend.train_step(loss_fn)
+    backend.synchronize()
+    seconds = time.perf_counter() - t0
+    dist.barrier()
+    print(json.dumps({"seconds": seconds, "memory": backend.peak_memory(), "channels_last": backend.channels_last,
+                      "tf32": dist.tf32_convolutions(device) and spec["precision"] == "fp32"}), flush=True)
+    dist.destroy()
+
+
+# --------------------------------------------------------------------------------------------------
+# `cxrdist bench trainer`: the whole trainer against a bare loop, same model / precision / batch / threads
+# --------------------------------------------------------------------------------------------------
+TRAINER_GOAL = 0.85
+
+
+def native_bf16() -> bool:
+    """bf16 runs in hardware here (a GPU since Ampere, or a CPU with AVX-512 BF16 / AMX); else it is emulated."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def bench_trainer(quick: bool = False, model: str = "densenetblur121d", image_size: int = 64, batch: int = 32,
+                  precision: str | None = None, steps: int = 0, workdir: str | None = None) -> dict:
+    """Steady-state images/s of `cxrdist train --backend single` (shards, loader workers, telemetry, the real
+    step) against a bare forward/backward/AdamW loop on tensors in memory, interleaved, best of each."""
+    import tempfile
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    precision = precision or ("bf16" if native_bf16() else "fp32")
+    steps = steps or (10 if quick else 30)
+    spec = {"model": model, "image_size": image_size, "batch": batch, "precision": precision,
+            "channels_last": True, "steps": steps}
+    best = {"bare": 0.0, "trainer": 0.0}
+    with tempfile.TemporaryDirectory(prefix="cxrdist-bench-trainer-", dir=workdir) as tmp:
+        shards = _bench_shards(Path(tmp), n=batch * (steps + 12) * 10 // 8, size=image_size)
+        for r in range(1 if quick else 2):
+            best["bare"] = max(best["bare"], _bare_arm(spec))
+            best["trainer"] = max(best["trainer"], _trainer_arm(spec, shards, Path(tmp) / f"run{r}"))
+    ratio = best["trainer"] / best["bare"]
+    result = {"trainer": {"bare_loop_ips": round(best["bare"], 1), "trainer_ips": round(best["trainer"], 1)},
+              "ratios": {"trainer_vs_bare": round(ratio, 3)},
+              "goals": {"trainer_vs_bare": {"want": f">= {TRAINER_GOAL}", "met": bool(ratio >= TRAINER_GOAL)}},
+              "settings": {**spec, "threads": dist.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+                           "omp_wait_policy": "the trainer's own choice (cxrdist.cpus)", "rounds": 1 if quick else 2}}
+    table = Table(title=f"trainer vs bare loop: {model} {precision} channels_last @ {image_size}px, batch {batch}")
+    for col in ("arm", "images/s", "x bare"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    table.add_row("bare loop (tensors in memory)", f"{best['bare']:.1f}", "1.00")
+    table.add_row("cxrdist train --backend single (shards)", f"{best['trainer']:.1f}", f"{ratio:.2f}")
+    Console(stderr=True).print(table)
+    return result
+
+
+def _bench_shards(tmp, n: int, size: int) -> str:
+    from cxrdist.shards.pack import pack
+    from cxrdist.synth import synthesize
+
+    root = synthesize(layout="chexpert", out=tmp / "raw", n=n, size=size + size // 2, seed=0)
+    pack(source="chexpert", root=root, out=tmp / "shards", size=size, encoding="jpg", views="frontal",
+         policy="u-zeros", split="patient", workers=1, samples_per_shard=200, dry_run=False, strict=False,
+         seed=0, min_shards=1, quiet=True)
+    return str(tmp / "shards")
+
+
+def _bare_arm(spec: dict) -> float:
+    out = subprocess.run([sys.executable, "-m", "cxrdist.engine.benchstep", "bare", json.dumps(spec)],
+                         capture_output=True, text=True, env=_clean_env())
+    if out.returncode:
+        raise RuntimeError(f"bench trainer: the bare loop failed:\n{out.stderr[-2000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
+
+
+def _trainer_arm(spec: dict, shards: str, run_dir) -> float:
+    log_every = 5
+    argv = [sys.executable, "-m", "cxrdist.cli", "train", "--shards", shards, "--out", str(run_dir),
+            "--backend", "single", "--model", spec["model"], "--image-size", str(spec["image_size"]),
+            "--batch-size", str(spec["batch"]), "--precision", spec["precision"], "--channels-last",
+            "--epochs", "1", "--max-steps", str(spec["steps"] + log_every), "--log-every", str(log_every),
+            "--no-test", "--device", "cpu" if not torch.cuda.is_available() else "cuda"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=_clean_env())
+    if out.returncode:
+        raise RuntimeError(f"bench trainer: cxrdist train failed:\n{out.stderr[-2000:]}")
+    records = [json.loads(ln) for ln in (run_dir / "telemetry" / "rank0.jsonl").read_text().splitlines()]
+    windows = [r for r in records if r.get("event") == "step"][1:]  # the first window holds the warm-up
+    images = sum(r["images_per_s"] * r["step_time_s"] * log_every for r in windows)
+    seconds = sum(r["step_time_s"] * log_every for r in windows)
+    return images / seconds
+
+
+def _clean_env() -> dict:
+    """Both arms choose their threads and OpenMP policy from the machine, as a user's run would."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "CXRDIST_THREADS", "OMP_WAIT_POLICY",
+                                                             "CXRDIST_OMP_WAIT")}
+    return env
+
+
+def _bare(spec: dict) -> None:
+    """A bare loop: the model, AdamW, the same autocast and memory format, a fixed batch in memory."""
+    from cxrdist.models import build_model
+
+    threads = dist.threads_per_rank(dist.read_env())
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    model = build_model(spec["model"], in_chans=1).to(device, memory_format=fmt).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    x = torch.randn(spec["batch"], 1, spec["image_size"], spec["image_size"], device=device).contiguous(memory_format=fmt)
+    y = (torch.rand(spec["batch"], 14, device=device) < 0.3).float()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(spec["steps"]):
-        backend.train_step(loss_fn)
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dist.barrier()
-    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
-    dist.destroy()
+    print(json.dumps({"images_per_s": spec["batch"] * spec["steps"] / (time.perf_counter() - t0),
+                      "threads": threads}), flush=True)
 
 
 if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))
+    if sys.argv[1] == "bare":
+        _bare(json.loads(sys.argv[2]))
+    else:
+        _worker(json.loads(sys.argv[1]))
