@@ -8,7 +8,7 @@ export MPLBACKEND := Agg
 # pinned: local wheels on this machine (pip is capped at these versions)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast slurm-deps slurm-up slurm-down bench clean
+.PHONY: setup demo test test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
 
 $(BIN)/cxrdist: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,6 +48,39 @@ bench: setup
 	$(BIN)/cxrdist bench loader --out reports/bench_loader.json
 	$(BIN)/cxrdist bench pack --out reports/bench_pack.json
 	$(BIN)/cxrdist bench step --out reports/bench_step.json
+	$(BIN)/cxrdist bench trainer --out reports/bench_trainer.json
+
+# --- a GPU node without network: `make gpu-wheels` here, carry .whl/ over, `make gpu-check` there ----------
+# The node brings a CUDA torch, torchvision, timm, numpy, pandas, scikit-learn, rich, matplotlib, pyyaml; these
+# are what it lacks (and their own dependencies), as the exact versions this venv runs, for CPython 3.12.
+GPU_PKGS := deepspeed einops hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types \
+            typing-inspection typing-extensions tqdm psutil packaging submitit cloudpickle webdataset braceexpand \
+            pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls
+GPU_PYVER ?= 3.12
+# pip matches --platform tags exactly: every manylinux level a glibc >= 2.34 node runs (Ubuntu 22.04 and newer)
+GPU_PLATFORMS := manylinux2014_x86_64 $(foreach v,17 24 27 28 31 34,manylinux_2_$(v)_x86_64) any
+GPU_REPORT ?= reports/gpu
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	pins=$$($(BIN)/python -c "import importlib.metadata as m, sys; print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:] if n != 'deepspeed'))" $(GPU_PKGS)) && \
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --dest .whl --python-version $(GPU_PYVER) \
+	    --implementation cp $(foreach t,$(GPU_PLATFORMS),--platform $(t)) $$pins
+	# deepspeed is an sdist on PyPI: build it here into a pure wheel (no ops compiled; torch from this venv)
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation --wheel-dir .whl \
+	    deepspeed==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+	@du -sh .whl && ls .whl | wc -l
+
+# On the GPU node (PY: the python that holds the CUDA torch): the wheels into a throw-away folder on
+# PYTHONPATH, the project from this source tree; under 8 minutes on one GPU.
+gpu-check:
+	@test -n "$$(ls .whl/*.whl 2>/dev/null)" || { echo "gpu-check: no .whl/ here: run 'make gpu-wheels' on a machine with the package index and carry .whl/ along"; exit 2; }
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PY) -m pip install -q --no-index --no-deps --target "$$tmp" .whl/*.whl && \
+	PYTHONPATH="$$tmp:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) -m cxrdist.gpucheck --out $(GPU_REPORT)
+
+# The same harness on the CPU (gloo, tiny images, nothing timed): part of `make test` (tests/test_gpucheck.py).
+gpu-check-dry: setup
+	$(BIN)/python -m cxrdist.gpucheck --dry --out $(GPU_REPORT)-dry
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) .cache build *.egg-info .whl
