@@ -16,8 +16,7 @@ from rich.table import Table
 from cxrdist import dist
 from cxrdist.config import TrainConfig
 from cxrdist.data.transforms import Augment
-from cxrdist.engine import checkpoint as ckpt
-from cxrdist.engine.backends import deepspeed_safe_globals
+from cxrdist.engine.backends import read_weights
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
 from cxrdist.engine.inputs import Loaders
 from cxrdist.errors import UserError
@@ -26,27 +25,11 @@ from cxrdist.metrics import fmt
 from cxrdist.models import build_model, uses_demographics
 
 
-def load_checkpoint(path: Path, tag: str = "best") -> tuple[dict, dict]:
-    """(model state dict, client state with config and data meta) from a .pt file, a run's checkpoints
-    folder (``best``/``last``), or a DeepSpeed checkpoint folder."""
-    path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if path.is_dir():
-        if (path / f"{tag}.pt").is_file():
-            path = path / f"{tag}.pt"
-        elif (path / ("latest" if tag == "last" else tag)).is_file():
-            pointer = path / ("latest" if tag == "last" else tag)
-            folder = path / pointer.read_text().strip()
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                state = ckpt.load(folder / "mp_rank_00_model_states.pt")
-            return state["module"], state
-        else:
-            raise UserError(f"{path}: no {tag} checkpoint (expected {tag}.pt or a DeepSpeed '{tag}' pointer)")
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint")
-    state = ckpt.load(path)
-    return state["model"], state
+def load_checkpoint(path: Path, tag: str = "best", backend: str | None = None) -> tuple[dict, dict]:
+    """(model state dict, client state with config and data meta) from a run folder, its checkpoints folder
+    (``best``/``last``) or a checkpoint, in whichever backend's format it was written (the registry asks
+    each backend; ``backend`` first)."""
+    return read_weights(Path(path), tag, backend=backend)
 
 
 def model_from_checkpoint(state_dict: dict, cfg: TrainConfig) -> torch.nn.Module:
@@ -59,7 +42,7 @@ def evaluate_run(run: Path, split: str = "test", checkpoint: str = "best") -> di
     run = Path(run)
     cfg = TrainConfig.load(run / "config.yaml")
     tag = checkpoint if checkpoint in ("best", "last") else "best"
-    weights, _ = load_checkpoint(run if checkpoint in ("best", "last") else Path(checkpoint), tag)
+    weights, _ = load_checkpoint(run if checkpoint in ("best", "last") else Path(checkpoint), tag, cfg.dist.backend)
     model = model_from_checkpoint(weights, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

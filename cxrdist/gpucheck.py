@@ -134,7 +134,8 @@ def build_backend(ctx: Ctx, cfg: TrainConfig, cls=None):
 
 def legacy_deepspeed():
     """The recipe cxrdist used before: an outer torch.autocast, no ``torch_autocast`` section."""
-    from cxrdist.engine.backends import Backend, DeepSpeedBackend
+    from cxrdist.engine.backends import Backend
+    from cxrdist.engine.backends.deepspeed import DeepSpeedBackend
 
     class Legacy(DeepSpeedBackend):
         def ds_config(self):
@@ -210,14 +211,21 @@ def check_augmentation(ctx: Ctx):
 
 def check_conv_dtypes(ctx: Ctx):
     ensure_group(ctx)
+    from cxrdist.config import ConfigError
+    from cxrdist.engine.backends import layout_of, names
+
     table, bad = {}, []
-    for backend in ("single", "ddp", "deepspeed"):
+    for backend in (n for n in names() if not layout_of(n).all_gpus):  # dp needs >= 2 GPUs
         for precision in ("bf16", "fp16"):
             key = f"{backend} {precision}"
             if precision == "fp16" and not ctx.gpu:
                 table[key] = "skipped (fp16 needs a GPU)"
                 continue
-            b = build_backend(ctx, train_cfg(ctx, backend, precision))
+            try:
+                b = build_backend(ctx, train_cfg(ctx, backend, precision))
+            except ConfigError as e:
+                table[key] = f"refused: {e}"
+                continue
             with simulated_cuda_autocast(not ctx.gpu):
                 seen = conv_output_dtypes(b.module, lambda: tiny_step(b, ctx))
             want = {"bf16": "bfloat16", "fp16": "float16"}[precision]
@@ -239,7 +247,7 @@ def check_conv_dtypes(ctx: Ctx):
 
 def check_channels_last(ctx: Ctx):
     ensure_group(ctx)
-    arms = [("single", 0), ("ddp", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2)]
+    arms = [("single", 0), ("ddp", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2), ("fsdp", 0)]
     out, bad = {}, []
     for backend, zero in arms:
         key = backend + (f" zero-{zero}" if backend == "deepspeed" else "")
@@ -383,6 +391,7 @@ THROUGHPUT_ARMS = [
      "channels_last": True, "zero": 0},
     {"name": "deepspeed zero-1 bf16 channels_last (activations)", "backend": "deepspeed", "precision": "bf16",
      "channels_last": True, "zero": 1},
+    {"name": "fsdp bf16 channels_last (activations)", "backend": "fsdp", "precision": "bf16", "channels_last": True},
 ]
 
 

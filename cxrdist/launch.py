@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import submitit
 
-from cxrdist.config import BACKENDS, TrainConfig
+from cxrdist.config import TrainConfig
 from cxrdist.cpus import cpu_count
 from cxrdist.errors import UserError
 
@@ -73,7 +73,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which SLURM sends USR2 (checkpoint + requeue)")
     g = p.add_argument_group("launcher")
-    g.add_argument("--backend", choices=BACKENDS, default="ddp", help="single | dp | ddp | deepspeed")
+    from cxrdist.engine.backends import names  # the submitting process only: the job never builds a parser
+
+    g.add_argument("--backend", choices=names(), default="ddp", metavar="NAME",
+                   help=f"one of {', '.join(names())} (default: ddp)")
     g.add_argument("--cluster", choices=CLUSTERS, default="auto",
                    help="slurm, local (submitit's LocalExecutor), or auto: SLURM when a controller answers")
     g.add_argument("--wait", action="store_true", help="block, stream the status, exit with the job's outcome")
@@ -304,40 +307,24 @@ def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None)
                               "multi-node runs need SLURM (--cluster slurm)")
         target_gpus = local_gpu_count()
         if gpus > 0 and target_gpus == 0:
-            k = (args.tasks_per_node or gpus) if backend in ("ddp", "deepspeed") else 1
+            from cxrdist.engine.backends import layout_of
+
+            k = (args.tasks_per_node or gpus) if layout_of(backend).per_gpu else 1
             notes.append(f"warning: no SLURM controller and no GPU here: running {k} CPU rank(s) locally "
                          f"instead of {gpus} GPU(s)")
         elif gpus > target_gpus:
             raise LaunchError(f"--gpus {gpus}: this machine has {target_gpus} GPU(s)")
 
-    cpu_only = gpus == 0 or target_gpus == 0
-    if backend == "dp":
-        if cpu_only:
-            raise LaunchError("dp needs >= 2 GPUs per node; the target has 0")
-        if gpus < 2:
-            raise LaunchError(f"dp needs >= 2 GPUs per node; --gpus {gpus} asks for {gpus}")
-        if nodes != 1:
-            raise LaunchError("dp is one process on one node: use --nodes 1 (or ddp for several nodes)")
-        if args.tasks_per_node not in (None, 1):
-            raise LaunchError("dp runs one task that sees every GPU: drop --tasks-per-node")
-        tasks, gpn = 1, gpus
-    elif backend == "single":
-        if nodes != 1:
-            raise LaunchError("single is one process on one device: use --nodes 1")
-        if args.tasks_per_node not in (None, 1):
-            raise LaunchError("single runs one task: drop --tasks-per-node")
-        tasks, gpn = 1, (0 if cpu_only else 1)
-        if gpus > 1 and not cpu_only:
-            notes.append(f"note: --backend single uses 1 of the {gpus} GPUs asked for")
-    else:  # ddp / deepspeed: one task per GPU, or K CPU ranks
-        if cpu_only:
-            tasks, gpn = args.tasks_per_node or max(1, gpus), 0
-        else:
-            if args.tasks_per_node not in (None, gpus):
-                raise LaunchError(f"{backend} runs one task per GPU: --tasks-per-node {args.tasks_per_node} "
-                                  f"does not match --gpus {gpus}")
-            tasks, gpn = gpus, gpus
-        _check_deepspeed_config(cfg, nodes * tasks)
+    from cxrdist.engine.backends import backend_class  # lazily: the submitit job must not load torch early
+
+    cls = backend_class(backend)
+    tasks, gpn, note = layout_tasks(backend, cls.layout, nodes, gpus, args.tasks_per_node,
+                                    cpu_only=gpus == 0 or target_gpus == 0)
+    notes += [note] if note else []
+    try:
+        cls.check_launch(cfg, nodes * tasks)
+    except UserError as e:
+        raise LaunchError(str(e)) from None
 
     cpus, threads = size_cpus(args.cpus_per_task, tasks, partition.cpus if partition else cpu_count(), cluster,
                               gpus_used=gpn, node_gpus=target_gpus)
@@ -347,6 +334,30 @@ def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None)
     return Plan(cluster=cluster, backend=backend, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpn,
                 cpus_per_task=cpus, partition=partition.name if partition else None,
                 target_gpus=target_gpus, threads=threads, notes=notes)
+
+
+def layout_tasks(backend: str, layout, nodes: int, gpus: int, tasks_per_node: int | None,
+                 cpu_only: bool) -> tuple[int, int, str | None]:
+    """(tasks per node, GPUs per node, a note) for a backend's ``Layout``; LaunchError where it cannot run."""
+    if nodes != 1 and not layout.multi_node:
+        raise LaunchError(f"{backend} is one process on one {'node' if layout.all_gpus else 'device'}: use "
+                          "--nodes 1 (or a backend with one process per GPU for several nodes)")
+    if layout.per_gpu:
+        if cpu_only:
+            return tasks_per_node or max(1, gpus), 0, None
+        if tasks_per_node not in (None, gpus):
+            raise LaunchError(f"{backend} runs one task per GPU: --tasks-per-node {tasks_per_node} "
+                              f"does not match --gpus {gpus}")
+        return gpus, gpus, None
+    if tasks_per_node not in (None, 1):
+        raise LaunchError(f"{backend} runs one task: drop --tasks-per-node")
+    if layout.all_gpus:
+        if cpu_only or gpus < layout.min_gpus:
+            raise LaunchError(f"{backend} needs >= {layout.min_gpus} GPUs per node; "
+                              + ("the target has 0" if cpu_only else f"--gpus {gpus} asks for {gpus}"))
+        return 1, gpus, None
+    note = f"note: --backend {backend} uses 1 of the {gpus} GPUs asked for" if gpus > 1 and not cpu_only else None
+    return 1, (0 if cpu_only else 1), note
 
 
 def size_cpus(asked: int | None, tasks: int, node_cpus: int, cluster: str, gpus_used: int = 0,
@@ -363,26 +374,6 @@ def size_cpus(asked: int | None, tasks: int, node_cpus: int, cluster: str, gpus_
     if cluster == "slurm":
         return cpus, None
     return cpus, max(1, min(cpus, cpu_count() // max(1, tasks)))
-
-
-def _check_deepspeed_config(cfg: TrainConfig, world: int) -> None:
-    if cfg.dist.backend != "deepspeed" or not cfg.dist.deepspeed_config:
-        return
-    path = Path(cfg.dist.deepspeed_config)
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise LaunchError(f"--deepspeed-config {path}: {e}") from None
-    micro = ds.get("train_micro_batch_size_per_gpu")
-    accum = ds.get("gradient_accumulation_steps", 1)
-    total = ds.get("train_batch_size")
-    if isinstance(micro, int) and micro != cfg.optim.batch_size:
-        raise LaunchError(f"--deepspeed-config {path}: train_micro_batch_size_per_gpu={micro} but --batch-size "
-                          f"{cfg.optim.batch_size}")
-    if isinstance(total, int) and isinstance(accum, int) and total != cfg.optim.batch_size * accum * world:
-        raise LaunchError(f"--deepspeed-config {path}: train_batch_size={total}, but {cfg.optim.batch_size} per "
-                          f"rank x {accum} accumulation x {world} ranks (nodes x tasks) = "
-                          f"{cfg.optim.batch_size * accum * world}")
 
 
 def preflight(launch_args: argparse.Namespace, cfg: TrainConfig) -> str | None:
@@ -475,7 +466,10 @@ def prepare_config(args: argparse.Namespace, cfg: TrainConfig, log: TextIO | Non
     if model.pretrained:
         model = replace(model, pretrained=str(Path(model.pretrained).absolute()))
     cfg = replace(cfg, data=data, run=run, model=model)
+    from cxrdist.engine.backends import validate_config
+
     cfg.validate()
+    validate_config(cfg)
     ckpts = Path(cfg.run.out) / "checkpoints"
     if not cfg.run.resume and ckpts.is_dir() and any(ckpts.iterdir()):
         raise LaunchError(f"{cfg.run.out} already holds checkpoints: pass --resume (after `--`) to continue "

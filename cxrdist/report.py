@@ -31,7 +31,8 @@ import yaml
 STRAGGLER_THRESHOLD = 0.10      # a rank >= 10% slower than the median rank
 LOADER_BOUND_THRESHOLD = 0.20   # data wait > 20% of the step time
 
-BACKEND_ORDER = ("single", "dp", "ddp", "deepspeed")
+# what a run's backend is (order, reference, layout) comes from its summary.json ("backend_info", written
+# by the backend itself): this floor never imports the engine and never names a backend
 FORMAT_ORDER = ("shards", "jpeg", "dicom")
 
 COLUMNS = [
@@ -133,7 +134,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     world = _int(summary.get("world_size"))
     if world is None:
         dist = config.get("dist") or {}
-        world = _int(dist.get("nproc")) if dist.get("backend") in ("ddp", "deepspeed") else None
+        world = _int(dist.get("nproc")) if (_int(dist.get("nproc")) or 1) > 1 else None
     if world is None:
         world = max(ranks) + 1 if ranks else None
     if world is not None and run_dir.is_dir():
@@ -202,14 +203,14 @@ def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict]]:
     return runs, skipped
 
 
-def _layout(world: int | None, nodes: int | None, device: str, gpus: int | None, backend: str) -> str:
+def _layout(world: int | None, nodes: int | None, device: str, gpus: int | None, info: dict) -> str:
     if world is None:
         return ""
     if device.startswith("cpu"):
         return f"{world} CPU rank" + ("s" if world != 1 else "")
     nodes = nodes or 1
-    if backend == "dp" and not gpus:
-        return "1 node, dp"  # one process driving every visible GPU; the summary does not say how many
+    if info.get("all_gpus") and not gpus:
+        return f"1 node, {info['name']}"  # one process driving every visible GPU; the summary does not say how many
     total = gpus or world
     return f"{nodes}×{max(1, total // nodes)} GPU"
 
@@ -255,7 +256,9 @@ def run_row(run: dict) -> dict[str, Any]:
     pct = lambda v: 100.0 * _num(v)  # noqa: E731
     return {
         "run": run["name"], "backend": s.get("backend") or dist.get("backend", ""),
-        "format": s.get("format") or data.get("format", ""), "layout": _layout(world, nodes, device, gpus, s.get("backend") or dist.get("backend", "")),
+        "format": s.get("format") or data.get("format", ""),
+        "layout": _layout(world, nodes, device, gpus, s.get("backend_info") or {}),
+        "_info": s.get("backend_info") or {},
         "world_size": world, "nodes": nodes, "device": device,
         "precision": s.get("precision") or runc.get("precision", ""),
         "batch_per_rank": _int(optim.get("batch_size")),
@@ -304,15 +307,22 @@ def run_flags(run: dict) -> list[str]:
 
 def _order_key(row: dict) -> tuple:
     f = row.get("format") or ""
-    b = row.get("backend") or ""
     return (FORMAT_ORDER.index(f) if f in FORMAT_ORDER else len(FORMAT_ORDER),
-            BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER))
+            (row.get("_info") or {}).get("order", 99), row.get("backend") or "")
+
+
+def _is_reference(row: dict) -> bool:
+    """The single-device run speed-ups are measured against (older summaries: one rank, at most one GPU)."""
+    info = row.get("_info") or {}
+    if "reference" in info:
+        return bool(info["reference"])
+    return (row["world_size"] or 1) == 1 and (row.get("_gpus") or 0) <= 1
 
 
 def _add_speedup(rows: list[dict]) -> None:
     """Speed-up by epoch time over the single-device run of the same format (else any single-device run)."""
-    refs = [r for r in rows if r["status"] != "skipped" and r["backend"] == "single"
-            and (r["world_size"] or 1) == 1 and not math.isnan(r["epoch_time_s"]) and r["epoch_time_s"] > 0]
+    refs = [r for r in rows if r["status"] != "skipped" and _is_reference(r) and (r["world_size"] or 1) == 1
+            and not math.isnan(r["epoch_time_s"]) and r["epoch_time_s"] > 0]
     for r in rows:
         if r["status"] == "skipped" or math.isnan(r["epoch_time_s"]) or r["epoch_time_s"] <= 0 or not refs:
             continue
@@ -320,8 +330,8 @@ def _add_speedup(rows: list[dict]) -> None:
         r["speedup"] = ref["epoch_time_s"] / r["epoch_time_s"]
         r["speedup_ref"] = ref["run"]
         devices = r.pop("_gpus", None) or r["world_size"] or 1
-        if r["backend"] == "dp" and devices == 1 and not str(r["device"]).startswith("cpu"):
-            continue  # dp is one process over several GPUs: without their number no efficiency
+        if (r.get("_info") or {}).get("all_gpus") and devices == 1 and not str(r["device"]).startswith("cpu"):
+            continue  # one process over several GPUs: without their number no efficiency
         r["efficiency_pct"] = 100.0 * r["speedup"] / devices
 
 
@@ -454,7 +464,7 @@ def _plot_throughput(runs: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def _plot_epoch_time(df: pd.DataFrame, path: Path) -> None:
+def _plot_epoch_time(df: pd.DataFrame, path: Path, colours: dict[str, int]) -> None:
     fig, ax = _figure()
     d = df[df["epoch_time_s"].notna()]
     if d.empty:
@@ -463,8 +473,7 @@ def _plot_epoch_time(df: pd.DataFrame, path: Path) -> None:
         minutes = d["epoch_time_s"].max() >= 120
         vals = d["epoch_time_min"] if minutes else d["epoch_time_s"]
         labels = [_label(r) for _, r in d.iterrows()]
-        bars = ax.bar(range(len(d)), vals, color=[f"C{BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 4}"
-                                                  for b in d["backend"]])
+        bars = ax.bar(range(len(d)), vals, color=[f"C{colours.get(b, 9) % 10}" for b in d["backend"]])
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], padding=2, fontsize="small")
         ax.set_xticks(range(len(d)), labels, fontsize="small")
         ax.set_ylabel("average time per epoch (" + ("min" if minutes else "s") + ")")
@@ -533,12 +542,13 @@ def build_report(runs: list[Path], out: Path, skipped: list[dict] | None = None,
         row = {c: math.nan for c in COLUMNS}
         row.update(run=s.get("run") or f"{b}-{f}".strip("-"), backend=b, format=f, layout="", device="",
                    precision="", speedup_ref="", status="skipped", reason=s.get("reason", ""), path="",
-                   restarts=0, epochs=0)
+                   restarts=0, epochs=0, _info=s.get("backend_info") or {})
         rows.append(row)
     _add_speedup(rows)
     for r in rows:
         r.pop("_gpus", None)
     rows.sort(key=_order_key)
+    colours = {r["backend"]: (r.pop("_info", None) or {}).get("order", 9) for r in rows}
     df = pd.DataFrame(rows, columns=COLUMNS)
 
     flags = [f for r in loaded for f in run_flags(r)]
@@ -546,7 +556,7 @@ def build_report(runs: list[Path], out: Path, skipped: list[dict] | None = None,
 
     plots = ["throughput.png", "epoch_time.png", "memory.png"]
     _plot_throughput(loaded, out / plots[0])
-    _plot_epoch_time(df, out / plots[1])
+    _plot_epoch_time(df, out / plots[1], colours)
     _plot_memory(loaded, out / plots[2])
 
     rounding = {"epoch_time_s": 3, "epoch_time_min": 3, "images_per_s": 2, "images_per_s_per_rank": 2,

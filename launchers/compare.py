@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the same training under several backends (and input formats), then compare them (poster Tables 3/4).
 
-    python launchers/compare.py --nodes 1 --gpus 4 --backends single,dp,ddp,deepspeed [--formats shards,jpeg] \\
+    python launchers/compare.py --nodes 1 --gpus 4 --backends single,dp,ddp,deepspeed,fsdp [--formats shards,jpeg] \\
         --epochs 3 [submit.py's launcher flags] [--wait] [--report-dir DIR] -- --shards shards/x --image-size 224
 
 One run per backend x format with identical data, model, per-rank batch and seed: only ``dist.backend``,
@@ -49,11 +49,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     for action in p._actions:  # one backend per run comes from --backends
         if action.dest == "backend":
             action.help = argparse.SUPPRESS
-    from cxrdist.config import BACKENDS, FORMATS
+    from cxrdist.config import FORMATS
+    from cxrdist.engine.backends import names
 
     g = p.add_argument_group("sweep")
-    g.add_argument("--backends", type=_csv(BACKENDS, "--backends"), default=list(BACKENDS),
-                   help="comma list of single,dp,ddp,deepspeed (default: all)")
+    g.add_argument("--backends", type=_csv(names(), "--backends"), default=list(names()), metavar="NAMES",
+                   help=f"comma list of {','.join(names())} (default: all)")
     g.add_argument("--formats", type=_csv(FORMATS, "--formats"), default=["shards"],
                    help="comma list of shards,jpeg,dicom (default: shards)")
     g.add_argument("--epochs", type=int, default=None, help="epochs per run (same as the train option --epochs)")
@@ -68,13 +69,15 @@ def _write_sweep(sweep_dir: Path, data: dict) -> None:
 
 
 def launch_args_for(args: argparse.Namespace, backend: str, fmt: str) -> argparse.Namespace:
-    """The submit.py flags of one run: single and dp are one task on one node, ddp/deepspeed as asked."""
+    """The submit.py flags of one run: one-process backends on one node, the others as asked."""
+    from cxrdist.engine.backends import layout_of
+
     la = argparse.Namespace(**vars(args))
     for k in ("backends", "formats", "epochs", "report_dir"):
         delattr(la, k)
     la.backend, la.wait = backend, False
     la.name = f"{args.name or 'cxrdist'}-{backend}-{fmt}"
-    if backend in ("single", "dp"):
+    if not layout_of(backend).per_gpu:
         la.nodes, la.tasks_per_node = 1, None
     return la
 
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     use_repo_python()
     from cxrdist import launch
     from cxrdist.config import parse_train_argv
+    from cxrdist.engine.backends import backend_class
     from cxrdist.errors import UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                         reason = f"not submitted: {e}"
                 if sub is None:
                     print(f"skip {backend}-{fmt}: {reason}", flush=True)
-                    sweep["skipped"].append({"backend": backend, "format": fmt, "reason": reason})
+                    sweep["skipped"].append({"backend": backend, "format": fmt, "reason": reason,
+                                             "backend_info": backend_class(backend).info()})
                     _write_sweep(sweep_dir, sweep)
                     continue
                 entry = {"backend": backend, "format": fmt, "run_dir": run_dir.name, "job_id": sub.job_id,

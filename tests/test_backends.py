@@ -1,4 +1,4 @@
-"""The four backends behind one interface: same data + same global batch => the same loss curve."""
+"""The backends behind one interface: same data + same global batch => the same loss curve."""
 import os
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import torch
 
 from cxrdist import dist
 from cxrdist.config import ConfigError, TrainConfig
-from cxrdist.engine.backends import BACKENDS, get_backend
+from cxrdist.engine.backends import get_backend, names, validate_config
 from cxrdist.engine.spawn import free_port
 
 HELPER = Path(__file__).parent / "helpers" / "loss_curve.py"
@@ -40,14 +40,16 @@ def test_ddp_and_deepspeed_follow_the_single_process_loss_curve(tmp_path):
     single = run_ranks("single", 1, 0, tmp_path)
     ddp = run_ranks("ddp", 2, 0, tmp_path)
     zero1 = run_ranks("deepspeed", 2, 1, tmp_path)
+    fsdp = run_ranks("fsdp", 2, 0, tmp_path)
     assert single[-1] < single[0], f"the loss should move: {single}"
     # BatchNorm normalises over 8 images per rank instead of 16: close, not bitwise equal
-    for name, curve in (("ddp", ddp), ("deepspeed zero-1", zero1)):
+    for name, curve in (("ddp", ddp), ("deepspeed zero-1", zero1), ("fsdp", fsdp)):
         for step, (a, b) in enumerate(zip(single, curve)):
             assert abs(a - b) <= 0.03 * abs(a) + 1e-3, f"{name} step {step}: {b} vs single {a}\n{single}\n{curve}"
-    # DDP and ZeRO-1 see identical per-rank batches: they agree much more tightly with each other
-    for a, b in zip(ddp, zero1):
-        assert abs(a - b) <= 1e-3 * abs(a) + 1e-5, f"ddp {ddp} vs zero-1 {zero1}"
+    # DDP, ZeRO-1 and FSDP see identical per-rank batches: they agree much more tightly with each other
+    for name, curve in (("zero-1", zero1), ("fsdp", fsdp)):
+        for a, b in zip(ddp, curve):
+            assert abs(a - b) <= 1e-3 * abs(a) + 1e-5, f"ddp {ddp} vs {name} {curve}"
 
 
 def test_dp_is_refused_without_two_gpus():
@@ -62,7 +64,7 @@ def test_dp_is_refused_without_two_gpus():
 def test_fp16_is_refused_on_cpu():
     cfg = TrainConfig()
     cfg.run.precision, cfg.run.out = "fp16", "x"
-    for name in BACKENDS:
+    for name in names():
         cfg.dist.backend = name
         with pytest.raises(ConfigError):
             get_backend(cfg, dist.DistEnv(), torch.device("cpu"))
@@ -72,8 +74,11 @@ def test_incompatible_options_are_refused_by_the_config():
     cfg = TrainConfig()
     cfg.run.out = "x"
     cfg.dist.zero_stage = 2
-    with pytest.raises(ConfigError, match="needs --backend deepspeed"):
-        cfg.validate()
+    with pytest.raises(ConfigError, match="--zero-stage 2 needs --backend deepspeed"):
+        validate_config(cfg)
     cfg.dist.zero_stage, cfg.dist.backend, cfg.dist.nproc = 0, "single", 2
     with pytest.raises(ConfigError, match="runs one process"):
-        cfg.validate()
+        validate_config(cfg)
+    cfg.dist.backend = "horovod"
+    with pytest.raises(ConfigError, match="--backend must be one of single, dp, ddp, deepspeed, fsdp, not 'horovod'"):
+        validate_config(cfg)

@@ -25,10 +25,10 @@ def test_gpu_check_dry_run_passes_every_check(tmp_path):
     dtypes = checks["conv dtypes"]["details"]
     # under a simulated CUDA autocast the old DeepSpeed recipe falls back to fp32; the current one is bf16
     assert dtypes["deepspeed bf16, old recipe, simulated CUDA autocast"] == ["float32"]
-    assert dtypes["deepspeed bf16"] == dtypes["single bf16"] == dtypes["ddp bf16"] == ["bfloat16"]
+    assert dtypes["deepspeed bf16"] == dtypes["single bf16"] == dtypes["ddp bf16"] == dtypes["fsdp bf16"] == ["bfloat16"]
     modes = {k: v["mode"] for k, v in checks["channels_last"]["details"].items()}
     assert modes == {"single": "model", "ddp": "model", "deepspeed zero-0": "model",
-                     "deepspeed zero-1": "activations", "deepspeed zero-2": "activations"}
+                     "deepspeed zero-1": "activations", "deepspeed zero-2": "activations", "fsdp": "activations"}
     e2e = checks["end to end"]["details"]["single bf16 channels_last, preempted + resumed"]
     assert 0 < e2e["preempted_at_step"] < e2e["final_steps"]
     assert (tmp_path / "gpu-dry" / "gpucheck.md").read_text().startswith("# cxrdist gpu-check (dry run on CPU)")

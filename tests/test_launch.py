@@ -279,13 +279,13 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tiny_shards, tmp_path, d
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_ddp_sbatch_template_runs_on_two_nodes_and_requeues_itself(slurm_cluster, tiny_shards, tmp_path):
+def test_the_sbatch_template_runs_ddp_on_two_nodes_and_requeues_itself(slurm_cluster, tiny_shards, tmp_path):
     run = tmp_path / "run"
     job = slurm_cluster.run(
         "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-        "--time=20", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm" / "ddp.sbatch"),
-        "--shards", str(tiny_shards["shards"]), "--out", str(run), *TINY).stdout.strip()
-    log = tmp_path / f"cxrdist-ddp-{job}.out"
+        "--time=20", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm" / "train.sbatch"),
+        "--backend", "ddp", "--shards", str(tiny_shards["shards"]), "--out", str(run), *TINY).stdout.strip()
+    log = tmp_path / f"cxrdist-{job}.out"
     wait_for(lambda: [r for r in records(run, 0, "step") if r["epoch"] == 0 and r["step"] >= 3], 90,
              "a few steps of epoch 1")
     slurm_cluster.run("scancel", "--signal=USR2", job)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from cxrdist.engine.backends import backend_class
 from cxrdist.report import build_report, load_run
 
 T0 = 1_700_000_000.0
@@ -60,7 +61,7 @@ def _write_run(root: Path, name: str, backend: str, *, world: int, nodes: int = 
                    "mem_peak_mb": {str(r): m for r, m in (mem or {}).items()}} for e in range(2)]
     test = {} if test_auc is None else {"auc": {}, "auc_mean": test_auc, "accuracy": {},
                                         "accuracy_mean": test_acc, "n": 100, "subgroups": {}}
-    summary = {"backend": backend, "world_size": world, "nodes": nodes,
+    summary = {"backend": backend, "backend_info": backend_class(backend).info(), "world_size": world, "nodes": nodes,
                "hosts": [f"node{i + 1}" for i in range(nodes)], "device": device, "format": fmt, "config": cfg,
                "restarts": restarts, "status": status, "epochs": epochs, "test": test}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -92,7 +93,8 @@ def runs(tmp_path) -> list[Path]:
     return [single, ddp, ds, failed]
 
 
-SKIPPED = [{"backend": "dp", "format": "shards", "reason": "dp needs >= 2 GPUs on one node; the target has 0"}]
+SKIPPED = [{"backend": "dp", "format": "shards", "reason": "dp needs >= 2 GPUs on one node; the target has 0",
+            "backend_info": backend_class("dp").info()}]   # as launchers/compare.py records a skipped backend
 
 
 def _row(df: pd.DataFrame, run: str) -> pd.Series:

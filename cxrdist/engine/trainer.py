@@ -29,7 +29,7 @@ from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.errors import UserError
 from cxrdist.engine import checkpoint as ckpt
-from cxrdist.engine.backends import Backend, get_backend
+from cxrdist.engine.backends import Backend, get_backend, validate_config
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
 from cxrdist.models import build_model, uses_demographics
 from cxrdist.telemetry import Telemetry
@@ -74,6 +74,7 @@ def launch(cfg: TrainConfig) -> dict:
 def preflight(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> None:
     """Options, hardware and data checks that must fail before a rank is started."""
     cfg.validate()
+    validate_config(cfg)
     device = dist.select_device(replace(env, local_rank=0), cfg.run.device, same_view=same_view)
     get_backend(cfg, env, device)
     from cxrdist.engine.inputs import check_inputs
@@ -189,8 +190,7 @@ class Trainer:
         if self.state["step_in_epoch"]:  # mid-epoch: what a resumed epoch must add to its time and images
             self.state["epoch_carried"] = list(self.telemetry.epoch_progress())
         self.backend.sync_buffers()
-        total = sum(p.detach().float().abs().sum() for p in self.backend.module.parameters())
-        if not torch.isfinite(total):  # never overwrite the last good checkpoint with a diverged model
+        if not self.backend.weights_finite():  # never overwrite the last good checkpoint with a diverged model
             raise NonFiniteLoss(f"the weights became non-finite by step {self.state['global_step']}; stopped. "
                                 f"The last good checkpoint is kept in {self.ckpt_dir}")
         self.backend.save(self.ckpt_dir, tag, {**self.state, "rng": ckpt.rng_state(),
@@ -274,7 +274,7 @@ class Trainer:
     def evaluate(self, split: str) -> dict:
         self.backend.sync_buffers()
         loader = self.loaders.eval(split)
-        part = predict_loader(self.backend.module, loader, lambda b: self.prepare(b, train=False),
+        part = predict_loader(self.backend.eval_model(), loader, lambda b: self.prepare(b, train=False),
                               self.backend.autocast)
         return gather_and_score(part, expected=self.loaders.samples(split))
 
@@ -345,7 +345,8 @@ class Trainer:
 
     def write_summary(self, status: str, test: dict | None = None, error: str | None = None) -> dict:
         summary = {
-            "backend": self.cfg.dist.backend, "world_size": self.env.world_size, "nodes": self.env.num_nodes,
+            "backend": self.cfg.dist.backend, "backend_info": type(self.backend).info(),
+            "world_size": self.env.world_size, "nodes": self.env.num_nodes,
             "hosts": self.state["hosts"], "device": self.device.type,
             "gpus": self.env.world_size * self.backend.devices_per_process() if self.device.type == "cuda" else 0,
             "device_name": dist.device_name(self.device),

@@ -1,0 +1,165 @@
+"""fsdp: FSDP2 (``torch.distributed.fsdp.fully_shard``), one process per GPU, parameters sharded over ranks.
+
+- Sharding: every top-level block of the model (``features.denseblock1``, ``features.transition1``, ...
+  for DenseNet; the same depth-2 modules for any timm model) is one FSDP unit, the rest the root's.
+- Precision: FSDP's ``MixedPrecisionPolicy`` (bf16 parameters for compute, fp32 gradient reduction, fp32
+  sharded master weights), inside torch.autocast for what the policy does not cast (buffers used as
+  convolution weights: the blur filters of densenetblur121d). BatchNorm keeps fp32 weights in units of its own (CPU kernels refuse bf16
+  weights against fp32 running statistics; on GPUs fp32 statistics are also the numerically sound choice):
+  its input stays bf16 and only its small parameters are gathered in fp32. fp16 is refused: FSDP2's loss
+  scaling is not wired up here (use bf16).
+- Evaluation: ranks see different numbers of evaluation batches (exact-once), but every FSDP forward is a
+  collective; ``eval_model`` is therefore a plain replica with the full weights (gathered once per
+  evaluation), run independently on each rank.
+- Checkpoints: ``torch.distributed.checkpoint`` folders (each rank writes its shards) named by the same
+  atomic ``latest``/``best`` pointers as DeepSpeed's; the trainer's state in ``client.pt`` (rank 0).
+  ``read_weights`` loads one into a full state dict in a single process (no group).
+- BatchNorm running statistics are not synchronised by FSDP: averaged before evaluation and checkpoints.
+- channels_last: the all-gathered weights are contiguous, so the activations carry the format (a hook
+  on the stem, as for ZeRO-1/2).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cxrdist.config import ConfigError
+from cxrdist.engine import checkpoint as ckpt
+from cxrdist.engine.backends.base import (Backend, Layout, activations_channels_last, average_buffers,
+                                          make_optimizer, make_scheduler, pointed_folder, publish, register,
+                                          unique_tag)
+
+CLIENT = "client.pt"
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules that become FSDP units: depth-2 children with parameters (DenseNet: its blocks)."""
+    units = []
+    for name, mod in model.named_modules():
+        if name.count(".") == 1 and any(True for _ in mod.parameters()):
+            units.append(mod)
+    return units
+
+
+@register
+class FSDPBackend(Backend):
+    name = "fsdp"
+    description = "FSDP2 fully_shard: parameters, gradients and optimizer state sharded, one process per GPU"
+    layout = Layout(per_gpu=True, multi_node=True, cpu_ranks=True)
+    distributed = True
+    always_group = True
+    checkpoint_format = "torch.distributed.checkpoint folders named by 'latest' / 'best' pointer files"
+
+    @classmethod
+    def check(cls, cfg, env, device):
+        super().check(cfg, env, device)
+        if cfg.run.precision == "fp16":
+            raise ConfigError("--backend fsdp trains in bf16 or fp32 (FSDP2 loss scaling for fp16 is not wired "
+                              "up): use --precision bf16")
+
+    def setup(self, model, total_steps):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.cfg.run.channels_last:  # all-gathered weights come back contiguous: the activations carry it
+            self.channels_last = "activations"
+            activations_channels_last(model)
+        model = self.prepare_model(model)
+        self._replica = copy.deepcopy(model)            # the evaluation module, filled on demand
+        low = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.amp_dtype is None:
+            norms = []
+        for m in norms:
+            fully_shard(m, mp_policy=fp32)
+        for unit in shard_units(model):
+            if unit not in norms:  # a top-level BatchNorm (DenseNet's norm0) is a unit of its own already
+                fully_shard(unit, mp_policy=low)
+        fully_shard(model, mp_policy=low)
+        self._module = model
+        self.optimizer = make_optimizer(model, self.cfg)
+        self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.optim.warmup_steps)
+
+    def train_step(self, loss_fn):
+        self._module.train()
+        with self.step_autocast():  # FSDP casts parameters; autocast also covers buffers used as conv
+            loss = loss_fn(self._module)  # weights (the blur filters of densenetblur121d)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+    @property
+    def module(self):
+        return self._module
+
+    def eval_model(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self._module, options=StateDictOptions(full_state_dict=True))
+        self._replica.load_state_dict(full)
+        return self._replica.to(self.device)
+
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def sync_buffers(self):
+        average_buffers(self._module, self.env.world_size)
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self._module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self, ckpt_dir, tag, state):
+        import torch.distributed.checkpoint as dcp
+
+        ckpt_dir = Path(ckpt_dir)
+        unique = unique_tag(tag, state)
+        folder = ckpt_dir / unique
+        folder.mkdir(parents=True, exist_ok=True)
+        dcp.save(self._state(), checkpoint_id=str(folder))
+        if self.env.is_main:
+            ckpt.atomic_torch_save({**state, "scheduler": self.scheduler.state_dict()}, folder / CLIENT)
+        publish(ckpt_dir, tag, unique, self.env.is_main)
+
+    def load(self, ckpt_dir, tag="last"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        folder = pointed_folder(ckpt_dir, tag)
+        if folder is None:
+            return None
+        sd = self._state()
+        dcp.load(sd, checkpoint_id=str(folder))
+        set_state_dict(self._module, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        client = ckpt.load(folder / CLIENT)
+        self.scheduler.load_state_dict(client.pop("scheduler"))
+        return client
+
+    @classmethod
+    def read_weights(cls, path, tag):
+        import torch.distributed.checkpoint as dcp
+
+        folder = pointed_folder(path, tag)
+        if folder is None and (Path(path) / CLIENT).is_file():
+            folder = Path(path)
+        if folder is None or not (folder / CLIENT).is_file():
+            return None
+        client = ckpt.load(folder / CLIENT)
+        from cxrdist.config import TrainConfig
+        from cxrdist.models import build_model
+
+        cfg = TrainConfig.from_dict(client["config"])
+        model = build_model(cfg.model.name, in_chans=cfg.model.in_chans, fuse_demographics=cfg.model.fuse_demographics,
+                            drop_rate=cfg.model.drop_rate)
+        sd = {"model": model.state_dict()}
+        dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
+        return sd["model"], client
