@@ -8,7 +8,7 @@ export MPLBACKEND := Agg
 # pinned: local wheels on this machine (pip is capped at these versions)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
+.PHONY: setup lint demo test test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
 
 $(BIN)/cxrdist: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,10 +38,15 @@ demo: setup
 	    --out runs/demo --epochs 5 --batch-size 16 --image-size 64
 	$(BIN)/cxrdist report runs/demo --out runs/demo/report
 
-test: setup slurm-deps
+# lint and format check (ruff, configured in pyproject.toml); the floor plan is checked by tests/test_floors.py
+lint: setup
+	$(BIN)/ruff check cxrdist launchers tests
+	$(BIN)/ruff format --check cxrdist launchers tests
+
+test: lint slurm-deps
 	$(BIN)/python -m pytest -x -q tests
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -x -q tests -m "not slow and not slurm"
 
 bench: setup

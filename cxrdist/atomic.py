@@ -3,14 +3,16 @@
 Write to a temporary file in the same folder, fsync it, ``os.replace`` it over the target (an atomic rename
 on POSIX), then fsync the folder so the rename itself survives a power cut.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 
 @contextlib.contextmanager

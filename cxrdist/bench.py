@@ -10,6 +10,7 @@
 
 ``run(what, out=None, quick=False)`` returns the result dict and writes it as JSON to ``out``.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,11 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from cxrdist import log
 from cxrdist.dist import cpu_count
 
 GOALS = {"shards_vs_raw": 0.7, "shards_vs_dicom": 20.0}
@@ -37,9 +40,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def _best_rates(fns: dict[str, Callable[[], int]], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -71,12 +80,21 @@ def _prepare(work: Path, quick: bool) -> dict[str, Any]:
     n_jpg, n_dcm = (300, 8) if quick else (1500, 40)
     jpg_root = synthesize(layout="chexpert", out=work / "chexpert", n=n_jpg, size=256, seed=0)
     dcm_root = synthesize(layout="mimic-dicom", out=work / "mimic", n=n_dcm, size=DICOM_SIZE, seed=0)
-    common = dict(size=256, encoding="jpg", views="all", policy="u-zeros", split="patient", workers=1,
-                  samples_per_shard=1000, min_shards=1, seed=0, quiet=True)
+    common = dict(
+        size=256,
+        encoding="jpg",
+        views="all",
+        policy="u-zeros",
+        split="patient",
+        workers=1,
+        samples_per_shard=1000,
+        min_shards=1,
+        seed=0,
+        quiet=True,
+    )
     pack(source="chexpert", root=jpg_root, out=work / "shards-jpg", **common)
     pack(source="mimic", root=dcm_root, out=work / "shards-dcm", **common)
-    return {"jpg": work / "shards-jpg", "dcm": work / "shards-dcm", "images": {"chexpert": n_jpg,
-                                                                             "mimic-dicom": n_dcm}}
+    return {"jpg": work / "shards-jpg", "dcm": work / "shards-dcm", "images": {"chexpert": n_jpg, "mimic-dicom": n_dcm}}
 
 
 def bench_loader(quick: bool = False, workdir: str | Path | None = None) -> dict[str, Any]:
@@ -111,29 +129,50 @@ def _bench_loader(quick: bool, workdir: str | Path | None) -> dict[str, Any]:
 
         kw = dict(batch_size=bs, workers=0, train=True, epoch=0, seed=0)
         aug = Augment(224, train=True)
-        rates, wall = _best_rates({
-            "raw_decode_ips": raw,
-            "shards_ips": lambda: _count(make_loader(data["jpg"], "train", **kw)),
-            "shards_cpu_aug_ips": lambda: _count(make_loader(data["jpg"], "train", augment=aug, **kw)),
-            "jpeg_files_ips": lambda: _count(make_file_loader(data["jpg"], "train", "jpeg", **kw)),
-        }, repeats)
+        rates, wall = _best_rates(
+            {
+                "raw_decode_ips": raw,
+                "shards_ips": lambda: _count(make_loader(data["jpg"], "train", **kw)),
+                "shards_cpu_aug_ips": lambda: _count(make_loader(data["jpg"], "train", augment=aug, **kw)),
+                "jpeg_files_ips": lambda: _count(make_file_loader(data["jpg"], "train", "jpeg", **kw)),
+            },
+            repeats,
+        )
         # the DICOM arm: every image of the (small, slow) DICOM set once, in eval order
-        dicom_cpu, dicom_wall = _best_rates({"dicom_ips": lambda: _count(make_file_loader(
-            data["dcm"], "train", "dicom", batch_size=4, workers=0, train=False))}, 1)
+        dicom_cpu, dicom_wall = _best_rates(
+            {
+                "dicom_ips": lambda: _count(
+                    make_file_loader(data["dcm"], "train", "dicom", batch_size=4, workers=0, train=False)
+                )
+            },
+            1,
+        )
         rates.update(dicom_cpu)
         wall.update(dicom_wall)
-    ratios = {"shards_vs_raw": rates["shards_ips"] / rates["raw_decode_ips"],
-              "shards_vs_dicom": rates["shards_ips"] / rates["dicom_ips"],
-              "shards_vs_jpeg_files": rates["shards_ips"] / rates["jpeg_files_ips"],
-              "cpu_aug_cost": rates["shards_cpu_aug_ips"] / rates["shards_ips"]}
-    return {"loader": {k: round(v, 1) for k, v in rates.items()},
-            "wall": {k: round(v, 1) for k, v in wall.items()},
-            "ratios": {k: round(v, 3) for k, v in ratios.items()},
-            "goals": {k: {"want": f">= {v}", "met": bool(ratios[k] >= v)} for k, v in GOALS.items()},
-            "setup": {"images": data["images"], "packed_size": 256, "dicom_size": DICOM_SIZE, "train_size": 224,
-                      "batch_size": bs, "workers": 0, "torch_threads": 1, "rounds": repeats,
-                      "clock": "loader: process CPU time (one in-process worker, one thread); wall: wall clock"},
-            "machine": machine()}
+    ratios = {
+        "shards_vs_raw": rates["shards_ips"] / rates["raw_decode_ips"],
+        "shards_vs_dicom": rates["shards_ips"] / rates["dicom_ips"],
+        "shards_vs_jpeg_files": rates["shards_ips"] / rates["jpeg_files_ips"],
+        "cpu_aug_cost": rates["shards_cpu_aug_ips"] / rates["shards_ips"],
+    }
+    return {
+        "loader": {k: round(v, 1) for k, v in rates.items()},
+        "wall": {k: round(v, 1) for k, v in wall.items()},
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "goals": {k: {"want": f">= {v}", "met": bool(ratios[k] >= v)} for k, v in GOALS.items()},
+        "setup": {
+            "images": data["images"],
+            "packed_size": 256,
+            "dicom_size": DICOM_SIZE,
+            "train_size": 224,
+            "batch_size": bs,
+            "workers": 0,
+            "torch_threads": 1,
+            "rounds": repeats,
+            "clock": "loader: process CPU time (one in-process worker, one thread); wall: wall clock",
+        },
+        "machine": machine(),
+    }
 
 
 def bench_pack(quick: bool = False, workdir: str | Path | None = None) -> dict[str, Any]:
@@ -146,17 +185,24 @@ def bench_pack(quick: bool = False, workdir: str | Path | None = None) -> dict[s
         root = synthesize(layout="chexpert", out=Path(tmp) / "chexpert", n=n, size=256, seed=0)
         rates = {}
         for workers in sorted({1, cpus}):
-            rates[workers] = pack_rate(source="chexpert", root=root, out=Path(tmp) / f"shards-{workers}",
-                                       workers=workers, size=256, encoding="jpg")
+            rates[workers] = pack_rate(
+                source="chexpert",
+                root=root,
+                out=Path(tmp) / f"shards-{workers}",
+                workers=workers,
+                size=256,
+                encoding="jpg",
+            )
     one, many = rates[1], rates[cpus]
-    return {"pack": {"ips_1_worker": round(one, 1), "ips_n_workers": round(many, 1), "n_workers": cpus},
-            "ratios": {"scaling": round(many / one, 2), "efficiency": round(many / one / cpus, 2)},
-            "setup": {"images": n, "size": 256, "encoding": "jpg", "workers": sorted({1, cpus})},
-            "machine": machine()}
+    return {
+        "pack": {"ips_1_worker": round(one, 1), "ips_n_workers": round(many, 1), "n_workers": cpus},
+        "ratios": {"scaling": round(many / one, 2), "efficiency": round(many / one / cpus, 2)},
+        "setup": {"images": n, "size": 256, "encoding": "jpg", "workers": sorted({1, cpus})},
+        "machine": machine(),
+    }
 
 
 def _print(what: str, result: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"cxrdist bench {what}")
@@ -167,7 +213,7 @@ def _print(what: str, result: dict[str, Any]) -> None:
             table.add_row(f"{group}.{k}" if group == "ratios" else k, f"{v:,.2f}" if isinstance(v, float) else str(v))
     for k, v in (result.get("goals") or {}).items():
         table.add_row(f"goal {k} {v['want']}", "[green]met" if v["met"] else "[red]missed")
-    Console(stderr=True).print(table)
+    log.console(stderr=True).print(table)
 
 
 def run(what: str, out: str | Path | None = None, quick: bool = False) -> dict[str, Any]:

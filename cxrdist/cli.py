@@ -1,7 +1,8 @@
-"""The `cxrdist` command: parses, then calls one function per subcommand.
+"""The `cxrdist` command: one function per subcommand.
 
 Imports are lazy so that `cxrdist --help` and the data commands do not pay for torch/DeepSpeed start-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,22 @@ def cmd_synth(a) -> int:
 def cmd_shard(a) -> int:
     from cxrdist.shards.pack import pack
 
-    manifest = pack(source=a.source, root=a.root, out=a.out, size=a.size, encoding=a.encoding, views=a.views,
-                    policy=a.policy, split=a.split, workers=a.workers, samples_per_shard=a.samples_per_shard,
-                    dry_run=a.dry_run, strict=a.strict, seed=a.seed, min_shards=a.min_shards)
+    manifest = pack(
+        source=a.source,
+        root=a.root,
+        out=a.out,
+        size=a.size,
+        encoding=a.encoding,
+        views=a.views,
+        policy=a.policy,
+        split=a.split,
+        workers=a.workers,
+        samples_per_shard=a.samples_per_shard,
+        dry_run=a.dry_run,
+        strict=a.strict,
+        seed=a.seed,
+        min_shards=a.min_shards,
+    )
     return 0 if manifest is not None else 1
 
 
@@ -79,8 +93,18 @@ def cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cxrdist", description=__doc__.splitlines()[0], allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True)
+    from cxrdist import __version__
+
+    p = argparse.ArgumentParser(
+        prog="cxrdist",
+        allow_abbrev=False,
+        description="Multi-label chest X-ray classification on GPU clusters: datasets (CheXpert, MIMIC-CXR) to "
+        "WebDataset shards, training under single / DataParallel / DDP / DeepSpeed / FSDP with per-rank "
+        "throughput and memory, evaluation, prediction, backend comparison reports and benchmarks.",
+        epilog="Set-up and the SLURM launcher: see README.md (python launchers/submit.py --help).",
+    )
+    p.add_argument("--version", action="version", version=f"cxrdist {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR JPG/DICOM)")
     s.add_argument("--layout", choices=("chexpert", "mimic-jpg", "mimic-dicom"), required=True)
@@ -101,9 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=("patient", "official"), default="patient")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--samples-per-shard", type=int, default=1000)
-    s.add_argument("--min-shards", type=int, default=None,
-                   help="at least this many shards per split, so ranks x loader workers <= shards "
-                        "(default 128: 64 GPUs x 2 workers)")
+    s.add_argument(
+        "--min-shards",
+        type=int,
+        default=None,
+        help="at least this many shards per split, so ranks x loader workers <= shards "
+        "(default 128: 64 GPUs x 2 workers)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dry-run", action="store_true", help="write the manifest from the tables alone")
     s.add_argument("--strict", action="store_true", help="fail when any input is skipped")
@@ -113,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", type=Path)
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("train", help="train a DenseNet variant under single, dp, ddp or deepspeed")
+    s = sub.add_parser("train", help="train a model on shards under one of the distributed backends")
     add_train_args(s)
     s.set_defaults(func=cmd_train)
 

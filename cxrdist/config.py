@@ -3,6 +3,7 @@
 ``TrainConfig`` is what ``cxrdist train`` resolves its flags into, what the launcher forwards, what the
 trainer reads, and what ``RUN/config.yaml`` holds. Groups: data, model, optim, dist, run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,20 +22,20 @@ FORMATS = ("shards", "jpeg", "dicom")
 
 @dataclass
 class DataConfig:
-    shards: str = ""                 # shard folder (manifest.json + {split}-NNNNNN.tar)
-    format: str = "shards"           # shards | jpeg (loose files) | dicom (read from the source)
-    source_root: str = ""            # dataset root for the jpeg/dicom formats (default: manifest's root)
-    image_size: int = 224            # training resolution (shards are packed at --size, e.g. 256)
-    workers: int = -1                # loader worker processes per rank (-1: auto, cxrdist.cpus.auto_workers)
-    augment: str = "auto"            # auto (device on GPU, worker on CPU) | device | worker | none
-    shuffle_buffer: int = 1000       # samples in each worker's shuffle buffer
+    shards: str = ""  # shard folder (manifest.json + {split}-NNNNNN.tar)
+    format: str = "shards"  # shards | jpeg (loose files) | dicom (read from the source)
+    source_root: str = ""  # dataset root for the jpeg/dicom formats (default: manifest's root)
+    image_size: int = 224  # training resolution (shards are packed at --size, e.g. 256)
+    workers: int = -1  # loader worker processes per rank (-1: auto, cxrdist.cpus.auto_workers)
+    augment: str = "auto"  # auto (device on GPU, worker on CPU) | device | worker | none
+    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
 
 
 @dataclass
 class ModelConfig:
     name: str = "densenetblur121d"
     in_chans: int = 1
-    pretrained: str = ""             # local checkpoint path; never a hub download
+    pretrained: str = ""  # local checkpoint path; never a hub download
     fuse_demographics: bool = False  # age and sex concatenated to the pooled features
     drop_rate: float = 0.0
 
@@ -42,35 +43,35 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 5
-    batch_size: int = 64             # per rank (the poster: 64 per GPU)
-    lr: float = 1e-3                 # for the global batch; AdamW
+    batch_size: int = 64  # per rank (the poster: 64 per GPU)
+    lr: float = 1e-3  # for the global batch; AdamW
     weight_decay: float = 1e-5
-    warmup_steps: int = 0            # linear warm-up, then cosine to 0 over the run
-    grad_clip: float = 0.0           # 0: off
+    warmup_steps: int = 0  # linear warm-up, then cosine to 0 over the run
+    grad_clip: float = 0.0  # 0: off
 
 
 @dataclass
 class DistConfig:
-    backend: str = "single"          # a registered backend (cxrdist.engine.backends.names())
-    nproc: int = 1                   # local ranks started by `cxrdist train` itself
-    zero_stage: int = 0              # DeepSpeed ZeRO stage (0, 1, 2)
-    deepspeed_config: str = ""       # a user JSON that overrides the generated one
-    timeout_s: int = 300             # collective timeout: a dead rank ends the job
+    backend: str = "single"  # a registered backend (cxrdist.engine.backends.names())
+    nproc: int = 1  # local ranks started by `cxrdist train` itself
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0, 1, 2)
+    deepspeed_config: str = ""  # a user JSON that overrides the generated one
+    timeout_s: int = 300  # collective timeout: a dead rank ends the job
 
 
 @dataclass
 class RunConfig:
-    out: str = ""                    # run folder
+    out: str = ""  # run folder
     seed: int = 0
-    precision: str = "fp32"          # fp32 | bf16 | fp16 (GPU only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only)
     channels_last: bool = False
-    log_every: int = 10              # steps between telemetry records
+    log_every: int = 10  # steps between telemetry records
     resume: bool = False
-    checkpoint_every: int = 0        # steps between mid-epoch checkpoints (0: epoch ends only)
-    max_steps: int = 0               # stop after this many optimizer steps in total (0: no limit)
-    device: str = "auto"             # auto | cpu | cuda
-    cudnn_benchmark: bool = True     # cuDNN picks its fastest algorithms for the fixed input size (GPU)
-    eval_test: bool = True           # evaluate the test split at the end
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: epoch ends only)
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit)
+    device: str = "auto"  # auto | cpu | cuda
+    cudnn_benchmark: bool = True  # cuDNN picks its fastest algorithms for the fixed input size (GPU)
+    eval_test: bool = True  # evaluate the test split at the end
 
 
 @dataclass
@@ -85,7 +86,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         groups = {}
         for f in dataclasses.fields(cls):
             sub = d.get(f.name) or {}
@@ -102,7 +103,7 @@ class TrainConfig:
         atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
     def validate(self) -> None:
@@ -152,8 +153,12 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--format", "data.format", str, "input: shards | jpeg (loose files) | dicom (from the source)"),
     ("--source-root", "data.source_root", str, "dataset root for --format jpeg/dicom"),
     ("--image-size", "data.image_size", int, "training resolution in pixels"),
-    ("--workers", "data.workers", workers_arg, "loader workers per rank, or auto (-1): the rank's CPUs - 1 on "
-     "GPUs, capped at 12; 1 on CPU ranks"),
+    (
+        "--workers",
+        "data.workers",
+        workers_arg,
+        "loader workers per rank, or auto (-1): the rank's CPUs - 1 on GPUs, capped at 12; 1 on CPU ranks",
+    ),
     ("--augment", "data.augment", str, "auto | device | worker | none"),
     ("--shuffle-buffer", "data.shuffle_buffer", int, "samples in each worker's shuffle buffer"),
     ("--model", "model.name", str, "densenet121 | densenet121d | densenetblur121d"),
@@ -195,8 +200,7 @@ def add_train_args(parser) -> None:
         if isinstance(kind, str):
             parser.add_argument(flag, dest=dest, action=kind, default=default, help=help_)
         else:
-            parser.add_argument(flag, dest=dest, type=kind, default=default,
-                                help=f"{help_} (default: {default})")
+            parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"{help_} (default: {default})")
 
 
 def config_from_args(ns) -> TrainConfig:

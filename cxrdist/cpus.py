@@ -10,6 +10,7 @@ trainer 65 ACTIVE vs 47 PASSIVE. Spinning pays when a rank's threads own their c
 step to seconds when ranks x threads oversubscribe them. On a GPU node the ranks' own threads are mostly
 idle between kernel launches, and spinning would take the loader workers' cores.
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,8 +40,13 @@ def ranks_on_node(env: dict | None = None) -> int:
     """Processes of this job on this node: torchrun/--nproc/the submitit job (LOCAL_WORLD_SIZE), submitit's
     local executor, or SLURM's tasks per node (``2(x3)`` -> 2)."""
     env = os.environ if env is None else env
-    for name in ("LOCAL_WORLD_SIZE", "SUBMITIT_LOCAL_NTASKS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE",
-                 "SLURM_TASKS_PER_NODE"):
+    for name in (
+        "LOCAL_WORLD_SIZE",
+        "SUBMITIT_LOCAL_NTASKS",
+        "SLURM_STEP_TASKS_PER_NODE",
+        "SLURM_NTASKS_PER_NODE",
+        "SLURM_TASKS_PER_NODE",
+    ):
         n = _first_int(env.get(name))
         if n:
             return n

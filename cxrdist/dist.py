@@ -8,6 +8,7 @@ Sources, first match wins:
 ``host`` is the SLURM node name when there is one (``SLURMD_NODENAME``), so telemetry names nodes the way
 ``squeue`` does; with several emulated nodes on one machine the hostname alone would not tell them apart.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -15,8 +16,12 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cxrdist import cpus
+
+if TYPE_CHECKING:
+    import torch
 
 # torch is imported inside the functions that need it: reading the rank layout must stay cheap and must
 # not load OpenMP before the submitit job has chosen its wait policy (cxrdist/cpus.py)
@@ -33,7 +38,7 @@ class DistEnv:
     host: str = ""
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    source: str = "single"           # torchrun | slurm | mpi | single
+    source: str = "single"  # torchrun | slurm | mpi | single
 
     @property
     def distributed(self) -> bool:
@@ -42,7 +47,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
 
 
 def _int(env, *names, default=None):
@@ -83,22 +87,29 @@ def read_env(env: dict | None = None) -> DistEnv:
         world = int(env["WORLD_SIZE"])
         local_world = _int(env, "LOCAL_WORLD_SIZE", default=world)
         return DistEnv(
-            rank=int(env["RANK"]), world_size=world,
-            local_rank=_int(env, "LOCAL_RANK", default=0), local_world_size=local_world,
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK", default=0),
+            local_world_size=local_world,
             node_rank=_int(env, "GROUP_RANK", "NODE_RANK", default=int(env["RANK"]) // max(local_world, 1)),
             num_nodes=_int(env, "NUM_NODES", default=max(1, world // max(local_world, 1))),
-            host=host, master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int(env, "MASTER_PORT", default=29500), source="torchrun",
+            host=host,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT", default=29500),
+            source="torchrun",
         )
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", host))
         world = int(env["SLURM_STEP_NUM_TASKS"])
         num_nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", default=len(nodes))
         return DistEnv(
-            rank=int(env["SLURM_PROCID"]), world_size=world,
+            rank=int(env["SLURM_PROCID"]),
+            world_size=world,
             local_rank=_int(env, "SLURM_LOCALID", default=0),
             local_world_size=max(1, world // max(num_nodes, 1)),
-            node_rank=_int(env, "SLURM_NODEID", default=0), num_nodes=num_nodes, host=host,
+            node_rank=_int(env, "SLURM_NODEID", default=0),
+            num_nodes=num_nodes,
+            host=host,
             master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", default=port_for_job(env.get("SLURM_JOB_ID"))),
             source="slurm",
@@ -108,23 +119,42 @@ def read_env(env: dict | None = None) -> DistEnv:
         world = _int(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default=1)
         local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", default=world)
         return DistEnv(
-            rank=rank, world_size=world,
+            rank=rank,
+            world_size=world,
             local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", default=0),
-            local_world_size=local_world, node_rank=rank // max(local_world, 1),
-            num_nodes=max(1, world // max(local_world, 1)), host=host,
+            local_world_size=local_world,
+            node_rank=rank // max(local_world, 1),
+            num_nodes=max(1, world // max(local_world, 1)),
+            host=host,
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int(env, "MASTER_PORT", default=29500), source="mpi",
+            master_port=_int(env, "MASTER_PORT", default=29500),
+            source="mpi",
         )
     return DistEnv(host=host)
 
 
+def torchrun_env(d: DistEnv) -> dict[str, str]:
+    """The torchrun-style variables of a rank: what every launcher of cxrdist ranks sets (``--nproc``, the
+    submitit job, ``bench step``), and what DeepSpeed and torch.distributed's env:// read."""
+    return {
+        "RANK": str(d.rank),
+        "WORLD_SIZE": str(d.world_size),
+        "LOCAL_RANK": str(d.local_rank),
+        "LOCAL_WORLD_SIZE": str(d.local_world_size),
+        "GROUP_RANK": str(d.node_rank),
+        "NUM_NODES": str(d.num_nodes),
+        "MASTER_ADDR": d.master_addr,
+        "MASTER_PORT": str(d.master_port),
+    }
+
+
+def local_rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """torchrun_env for rank ``rank`` of ``world`` ranks on this machine (one node, rendezvous on loopback)."""
+    return torchrun_env(DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, master_port=port))
+
+
 def export_env(d: DistEnv) -> None:
-    """Write the torchrun-style variables, which DeepSpeed and torch.distributed's env:// read."""
-    os.environ.update({
-        "RANK": str(d.rank), "WORLD_SIZE": str(d.world_size), "LOCAL_RANK": str(d.local_rank),
-        "LOCAL_WORLD_SIZE": str(d.local_world_size), "GROUP_RANK": str(d.node_rank),
-        "NUM_NODES": str(d.num_nodes), "MASTER_ADDR": d.master_addr, "MASTER_PORT": str(d.master_port),
-    })
+    os.environ.update(torchrun_env(d))
 
 
 def cpu_count() -> int:
@@ -148,25 +178,33 @@ def cuda_unavailable_reason() -> str:
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
     driver = _driver_version()
     if driver is None:
-        return f"no NVIDIA driver answers (nvidia-smi missing or failing); torch {torch.__version__} needs one for CUDA {built}"
-    return (f"torch {torch.__version__} is built for CUDA {built}, and driver {driver} cannot run it (CUDA 13 "
-            "wheels need driver >= 580, CUDA 12 >= 525): install a torch wheel for this driver's CUDA, or a newer driver")
+        return (
+            f"no NVIDIA driver answers (nvidia-smi missing or failing); torch {torch.__version__} needs one "
+            f"for CUDA {built}"
+        )
+    return (
+        f"torch {torch.__version__} is built for CUDA {built}, and driver {driver} cannot run it (CUDA 13 "
+        "wheels need driver >= 580, CUDA 12 >= 525): install a torch wheel for this driver's CUDA, or a newer driver"
+    )
 
 
 def _driver_version() -> str | None:
     import subprocess
 
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=20)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = r.stdout.strip().splitlines() if r.returncode == 0 else []
     return lines[0].strip() if lines else None
 
 
-def check_gpu_sharing(local_world: int, visible: int, gpus_on_node: int | None = None,
-                      same_view: bool = False) -> None:
+def check_gpu_sharing(local_world: int, visible: int, gpus_on_node: int | None = None, same_view: bool = False) -> None:
     """Refuse two ranks on one GPU (NCCL would fail later with "Duplicate GPU").
 
     ``visible``: GPUs this process sees; ``gpus_on_node``: GPUs the scheduler gave the job on this node
@@ -177,11 +215,15 @@ def check_gpu_sharing(local_world: int, visible: int, gpus_on_node: int | None =
 
     shared = local_world > visible and (visible >= 2 or same_view)
     if shared:
-        raise ConfigError(f"{local_world} ranks on this node but {visible} visible GPU(s): two ranks would share "
-                          "a GPU; start one rank per GPU (--nproc / --gpus / --ntasks-per-node)")
+        raise ConfigError(
+            f"{local_world} ranks on this node but {visible} visible GPU(s): two ranks would share "
+            "a GPU; start one rank per GPU (--nproc / --gpus / --ntasks-per-node)"
+        )
     if gpus_on_node is not None and local_world > gpus_on_node:
-        raise ConfigError(f"{local_world} ranks on this node but SLURM gave it {gpus_on_node} GPU(s): two ranks "
-                          "would share a GPU; ask for one task per GPU")
+        raise ConfigError(
+            f"{local_world} ranks on this node but SLURM gave it {gpus_on_node} GPU(s): two ranks "
+            "would share a GPU; ask for one task per GPU"
+        )
 
 
 def select_device(d: DistEnv, requested: str = "auto", same_view: bool = False) -> torch.device:
@@ -200,8 +242,9 @@ def select_device(d: DistEnv, requested: str = "auto", same_view: bool = False) 
         if requested == "auto" and not cpus.gpu_node():
             return torch.device("cpu")
         what = "--device cuda was asked for" if requested == "cuda" else "this node has NVIDIA devices"
-        raise ConfigError(f"{what} but CUDA is unavailable: {cuda_unavailable_reason()} (--device cpu to train "
-                          "on the CPU on purpose)")
+        raise ConfigError(
+            f"{what} but CUDA is unavailable: {cuda_unavailable_reason()} (--device cpu to train on the CPU on purpose)"
+        )
     count = torch.cuda.device_count()
     check_gpu_sharing(d.local_world_size, count, cpus._first_int(os.environ.get("SLURM_GPUS_ON_NODE")), same_view)
     index = d.local_rank if count > 1 else 0
@@ -230,8 +273,9 @@ def tf32_convolutions(device: torch.device) -> bool:
     """fp32 convolutions really run in TF32: cuDNN allows it (torch's default) on an Ampere or newer GPU."""
     import torch
 
-    return (device.type == "cuda" and torch.backends.cudnn.allow_tf32
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+    return (
+        device.type == "cuda" and torch.backends.cudnn.allow_tf32 and torch.cuda.get_device_capability(device)[0] >= 8
+    )
 
 
 def _gloo_interface() -> None:
@@ -253,13 +297,20 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_s: int = 300, a
     export_env(d)
     _gloo_interface()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    where = ({"init_method": f"tcp://{d.master_addr}:{d.master_port}"} if d.distributed
-             else {"store": torch.distributed.HashStore()})
+    where = (
+        {"init_method": f"tcp://{d.master_addr}:{d.master_port}"}
+        if d.distributed
+        else {"store": torch.distributed.HashStore()}
+    )
     torch.distributed.init_process_group(
-        backend=backend, rank=d.rank, world_size=d.world_size, timeout=_dt.timedelta(seconds=timeout_s),
+        backend=backend,
+        rank=d.rank,
+        world_size=d.world_size,
+        timeout=_dt.timedelta(seconds=timeout_s),
         # device_id (eager NCCL init) only with peers: DeepSpeed's own one-rank groups fail on a bound device
         # (deepspeed/comm/torch.py, #8248)
-        **where, **({"device_id": device} if device.type == "cuda" and d.distributed else {}),
+        **where,
+        **({"device_id": device} if device.type == "cuda" and d.distributed else {}),
     )
 
 

@@ -3,6 +3,7 @@
 Both load checkpoints with ``weights_only=True``. ``predict`` reads DICOM, JPEG or PNG through
 ``imaging.load_for_model``: the same reading, windowing, resizing and quantisation as packing.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
-from cxrdist import dist
+from cxrdist import dist, log
 from cxrdist.config import TrainConfig
 from cxrdist.data.transforms import Augment
 from cxrdist.engine.backends import read_weights
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
 from cxrdist.engine.inputs import Loaders
-from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
 from cxrdist.metrics import fmt
 from cxrdist.models import build_model, uses_demographics
@@ -51,6 +50,7 @@ def evaluate_run(run: Path, split: str = "test", checkpoint: str = "best") -> di
 
     def prepare(batch):
         return loaders.augment(False)(batch["image"].to(device))
+
     part = predict_loader(model, loader, prepare, torch.no_grad)
     result = gather_and_score(part, expected=loaders.samples(split))
     result.update(split=split, checkpoint=checkpoint)
@@ -62,7 +62,7 @@ def evaluate_run(run: Path, split: str = "test", checkpoint: str = "best") -> di
     for name in OBSERVATIONS:
         table.add_row(name, fmt(result["auc"][name]), fmt(result["accuracy"][name]))
     table.add_row("[bold]mean", fmt(result["auc_mean"]), fmt(result["accuracy_mean"]))
-    Console().print(table)
+    log.console().print(table)
     return result
 
 
@@ -96,8 +96,8 @@ def predict_files(checkpoint: Path, files: list[Path], as_json: bool = False) ->
             table.add_column(Path(r["file"]).name, justify="right")
         for name in OBSERVATIONS:
             table.add_row(name, *[f"{r['probabilities'][name]:.3f}" if "probabilities" in r else "-" for r in results])
-        Console().print(table)
+        log.console().print(table)
         for r in results:
             if "error" in r:
-                Console(stderr=True).print(f"[red]{r['file']}: {r['error']}")
+                log.console(stderr=True).print(f"[red]{r['file']}: {r['error']}")
     return results

@@ -15,6 +15,7 @@ synchronised throughput and memory per arm next to the loader's images/s.
 harness cannot rot. On CPU the GPU condition that made DeepSpeed drop bf16 (an outer CUDA autocast) is
 simulated, and the old recipe is shown to fall back to fp32 under it while the current one stays bf16.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -46,10 +47,10 @@ class Ctx:
     dry: bool
     device: torch.device
     work: Path
-    size: int            # training resolution
-    packed: int          # shard resolution
+    size: int  # training resolution
+    packed: int  # shard resolution
     batch: int
-    images: int          # synthetic dataset size
+    images: int  # synthetic dataset size
     shards: Path | None = None
     results: dict = field(default_factory=dict)
 
@@ -146,11 +147,20 @@ def legacy_deepspeed():
         def train_step(self, loss_fn):
             with Backend.autocast(self):
                 return super().train_step(loss_fn)
+
     return Legacy
 
 
-RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NUM_NODES", "MASTER_ADDR",
-             "MASTER_PORT")
+RANK_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NUM_NODES",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def child_env(**extra: str) -> dict:
@@ -159,8 +169,9 @@ def child_env(**extra: str) -> dict:
 
 
 def cli(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxrdist.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout, env=child_env())
+    return subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", *argv], capture_output=True, text=True, timeout=timeout, env=child_env()
+    )
 
 
 def need(proc: subprocess.CompletedProcess, what: str) -> None:
@@ -173,15 +184,32 @@ def need(proc: subprocess.CompletedProcess, what: str) -> None:
 # the checks: each returns (status, one-line summary, details)
 # --------------------------------------------------------------------------------------------------------
 def check_device(ctx: Ctx):
-    facts = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "python": sys.version.split()[0],
-             "cpus": dist.cpu_count(), "device": str(ctx.device), "device_name": dist.device_name(ctx.device)}
+    facts = {
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "cpus": dist.cpu_count(),
+        "device": str(ctx.device),
+        "device_name": dist.device_name(ctx.device),
+    }
     if ctx.gpu:
         props = torch.cuda.get_device_properties(ctx.device)
-        facts.update(capability=f"{props.major}.{props.minor}", memory_gb=round(props.total_memory / 2**30, 1),
-                     gpus=torch.cuda.device_count(), driver=dist._driver_version(),
-                     cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported(),
-                     tf32_convolutions=dist.tf32_convolutions(ctx.device), nccl=".".join(map(str, torch.cuda.nccl.version())))
-        return "PASS", f"{facts['device_name']} sm_{props.major}{props.minor}, driver {facts['driver']}, torch {torch.__version__} (CUDA {torch.version.cuda})", facts
+        facts.update(
+            capability=f"{props.major}.{props.minor}",
+            memory_gb=round(props.total_memory / 2**30, 1),
+            gpus=torch.cuda.device_count(),
+            driver=dist._driver_version(),
+            cudnn=torch.backends.cudnn.version(),
+            bf16=torch.cuda.is_bf16_supported(),
+            tf32_convolutions=dist.tf32_convolutions(ctx.device),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
+        )
+        return (
+            "PASS",
+            f"{facts['device_name']} sm_{props.major}{props.minor}, driver {facts['driver']}, "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda})",
+            facts,
+        )
     if not ctx.dry:
         return "FAIL", f"no usable GPU: {dist.cuda_unavailable_reason()}", facts
     return "PASS", f"dry run on {facts['device_name']} ({facts['cpus']} CPUs), torch {torch.__version__}", facts
@@ -203,10 +231,17 @@ def check_augmentation(ctx: Ctx):
         assert torch.equal(on_dev, again), f"{name}: the same seed gave a different batch"
         diff = (on_dev.cpu() - on_cpu).abs().max().item()
         assert diff < 1e-3, f"{name}: device and CPU paths differ by {diff} for the same parameters"
-        out[name] = {"max_abs_diff_vs_cpu": diff, "mean": round(on_dev.mean().item(), 3),
-                     "std": round(on_dev.std().item(), 3)}
-    return "PASS", f"uint8 + 16-bit -> float channels_last {ctx.size} px, seeded, CPU path equal within " \
-                   f"{max(v['max_abs_diff_vs_cpu'] for v in out.values()):.1e}", out
+        out[name] = {
+            "max_abs_diff_vs_cpu": diff,
+            "mean": round(on_dev.mean().item(), 3),
+            "std": round(on_dev.std().item(), 3),
+        }
+    return (
+        "PASS",
+        f"uint8 + 16-bit -> float channels_last {ctx.size} px, seeded, CPU path equal within "
+        f"{max(v['max_abs_diff_vs_cpu'] for v in out.values()):.1e}",
+        out,
+    )
 
 
 def check_conv_dtypes(ctx: Ctx):
@@ -236,13 +271,19 @@ def check_conv_dtypes(ctx: Ctx):
         legacy = build_backend(ctx, train_cfg(ctx, "deepspeed", "bf16"), legacy_deepspeed())
         with simulated_cuda_autocast(True):
             table["deepspeed bf16, old recipe, simulated CUDA autocast"] = conv_output_dtypes(
-                legacy.module, lambda: tiny_step(legacy, ctx))["dtypes"]
+                legacy.module, lambda: tiny_step(legacy, ctx)
+            )["dtypes"]
         if table["deepspeed bf16, old recipe, simulated CUDA autocast"] != ["float32"]:
             bad.append("the simulated CUDA autocast did not reproduce DeepSpeed's fall-back to fp32")
     if bad:
         return "FAIL", "; ".join(bad), table
-    return "PASS", ", ".join(f"{k}: {v if isinstance(v, str) else '/'.join(v)}" for k, v in table.items()
-                             if "old recipe" not in k), table
+    return (
+        "PASS",
+        ", ".join(
+            f"{k}: {v if isinstance(v, str) else '/'.join(v)}" for k, v in table.items() if "old recipe" not in k
+        ),
+        table,
+    )
 
 
 def check_channels_last(ctx: Ctx):
@@ -255,8 +296,11 @@ def check_channels_last(ctx: Ctx):
         weights = [p for p in b.module.parameters() if p.dim() == 4]
         seen = conv_output_dtypes(b.module, lambda: tiny_step(b, ctx))
         kept = all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
-        out[key] = {"mode": b.channels_last, "weights_channels_last_after_step": kept,
-                    "activations_channels_last": seen["channels_last"]}
+        out[key] = {
+            "mode": b.channels_last,
+            "weights_channels_last_after_step": kept,
+            "activations_channels_last": seen["channels_last"],
+        }
         if b.channels_last == "model" and not kept:
             bad.append(f"{key}: weights lost channels_last")
         if seen["channels_last"] != [True]:
@@ -282,10 +326,18 @@ def check_ddp(ctx: Ctx):
     flag = torch.tensor([1.0], dtype=torch.float64)
     tdist.all_reduce(flag, group=ctrl)
     ok = torch.equal(before, buf) and objs[0]["host"] and flag.item() == 1.0 and wrapped == "DistributedDataParallel"
-    facts = {"backend": tdist.get_backend(), "wrapped": wrapped, "control_group": tdist.get_backend(ctrl),
-             "objects": objs}
-    return ("PASS" if ok else "FAIL"), f"{facts['backend']} group, {wrapped}, buffer broadcast, " \
-                                      f"all_gather_object, {facts['control_group']} control group", facts
+    facts = {
+        "backend": tdist.get_backend(),
+        "wrapped": wrapped,
+        "control_group": tdist.get_backend(ctrl),
+        "objects": objs,
+    }
+    return (
+        ("PASS" if ok else "FAIL"),
+        f"{facts['backend']} group, {wrapped}, buffer broadcast, "
+        f"all_gather_object, {facts['control_group']} control group",
+        facts,
+    )
 
 
 def check_deepspeed(ctx: Ctx):
@@ -314,18 +366,48 @@ def ensure_shards(ctx: Ctx) -> Path:
         from cxrdist.synth import synthesize
 
         root = synthesize(layout="chexpert", out=ctx.work / "raw", n=ctx.images, size=ctx.packed + 32, seed=0)
-        pack(source="chexpert", root=root, out=ctx.work / "shards", size=ctx.packed, encoding="jpg",
-             views="frontal", policy="u-zeros", split="patient", workers=min(8, dist.cpu_count()),
-             samples_per_shard=max(20, ctx.images // 24), dry_run=False, strict=False, seed=0, min_shards=1,
-             quiet=True)
+        pack(
+            source="chexpert",
+            root=root,
+            out=ctx.work / "shards",
+            size=ctx.packed,
+            encoding="jpg",
+            views="frontal",
+            policy="u-zeros",
+            split="patient",
+            workers=min(8, dist.cpu_count()),
+            samples_per_shard=max(20, ctx.images // 24),
+            dry_run=False,
+            strict=False,
+            seed=0,
+            min_shards=1,
+            quiet=True,
+        )
         ctx.shards = ctx.work / "shards"
     return ctx.shards
 
 
 def train_argv(ctx: Ctx, out: Path, *extra: str) -> list[str]:
-    return ["train", "--shards", str(ensure_shards(ctx)), "--out", str(out), "--model", MODEL,
-            "--image-size", str(ctx.size), "--batch-size", str(ctx.batch), "--epochs", "2", "--log-every", "2",
-            "--device", ctx.device.type, *extra]
+    return [
+        "train",
+        "--shards",
+        str(ensure_shards(ctx)),
+        "--out",
+        str(out),
+        "--model",
+        MODEL,
+        "--image-size",
+        str(ctx.size),
+        "--batch-size",
+        str(ctx.batch),
+        "--epochs",
+        "2",
+        "--log-every",
+        "2",
+        "--device",
+        ctx.device.type,
+        *extra,
+    ]
 
 
 def preempt_and_resume(ctx: Ctx, out: Path, *extra: str) -> dict:
@@ -345,15 +427,20 @@ def preempt_and_resume(ctx: Ctx, out: Path, *extra: str) -> dict:
     need(cli(*train_argv(ctx, out, *extra, "--resume")), "the resumed run")
     final = json.loads((out / "summary.json").read_text())
     assert final["status"] == "completed" and final["restarts"] == 1, final["status"]
-    return {"preempted_at_step": first["global_step"], "final_steps": final["global_step"],
-            "val_auc": final["epochs"][-1]["val_auc_mean"], "precision": final["precision"]}
+    return {
+        "preempted_at_step": first["global_step"],
+        "final_steps": final["global_step"],
+        "val_auc": final["epochs"][-1]["val_auc_mean"],
+        "precision": final["precision"],
+    }
 
 
 def check_end_to_end(ctx: Ctx):
     out = {}
     precision = "bf16"
     out["single bf16 channels_last, preempted + resumed"] = preempt_and_resume(
-        ctx, ctx.work / "e2e-bf16", "--precision", precision, "--channels-last", "--checkpoint-every", "4")
+        ctx, ctx.work / "e2e-bf16", "--precision", precision, "--channels-last", "--checkpoint-every", "4"
+    )
     if ctx.gpu:
         run = ctx.work / "e2e-fp16"
         need(cli(*train_argv(ctx, run, "--precision", "fp16", "--epochs", "1")), "fp16 training")
@@ -364,54 +451,100 @@ def check_end_to_end(ctx: Ctx):
     else:
         out["single fp16"] = "skipped (fp16 needs a GPU)"
     run = ctx.work / "e2e-deepspeed"
-    need(cli(*train_argv(ctx, run, "--backend", "deepspeed", "--zero-stage", "1", "--precision", precision,
-                         "--epochs", "1")), "DeepSpeed training")
+    need(
+        cli(
+            *train_argv(
+                ctx, run, "--backend", "deepspeed", "--zero-stage", "1", "--precision", precision, "--epochs", "1"
+            )
+        ),
+        "DeepSpeed training",
+    )
     ev = cli("eval", "--run", str(run), "--split", "test")
     need(ev, "cxrdist eval on the DeepSpeed checkpoint")
-    out["deepspeed zero-1 + eval"] = json.loads(ev.stdout[ev.stdout.index("{"):])
+    out["deepspeed zero-1 + eval"] = json.loads(ev.stdout[ev.stdout.index("{") :])
     tel = [json.loads(ln) for ln in (ctx.work / "e2e-bf16" / "telemetry" / "rank0.jsonl").read_text().splitlines()]
     steps = [r for r in tel if r.get("event") == "step"]
     wait = sum(r["data_time_s"] for r in steps) / max(1e-9, sum(r["step_time_s"] for r in steps))
     out["data_wait_share"] = round(wait, 4)
-    return "PASS", f"preempt + resume ({out['single bf16 channels_last, preempted + resumed']['final_steps']} steps), " \
-                   f"fp16: {'GradScaler' if ctx.gpu else 'skipped'}, DeepSpeed eval AUC " \
-                   f"{out['deepspeed zero-1 + eval'].get('auc_mean')}, data wait {100 * wait:.1f}%", out
+    return (
+        "PASS",
+        f"preempt + resume ({out['single bf16 channels_last, preempted + resumed']['final_steps']} steps), "
+        f"fp16: {'GradScaler' if ctx.gpu else 'skipped'}, DeepSpeed eval AUC "
+        f"{out['deepspeed zero-1 + eval'].get('auc_mean')}, data wait {100 * wait:.1f}%",
+        out,
+    )
 
 
 THROUGHPUT_ARMS = [
     {"name": "fp32", "backend": "single", "precision": "fp32"},
     {"name": "bf16", "backend": "single", "precision": "bf16"},
     {"name": "bf16 channels_last", "backend": "single", "precision": "bf16", "channels_last": True},
-    {"name": "bf16 channels_last, no cudnn.benchmark", "backend": "single", "precision": "bf16",
-     "channels_last": True, "cudnn_benchmark": False},
+    {
+        "name": "bf16 channels_last, no cudnn.benchmark",
+        "backend": "single",
+        "precision": "bf16",
+        "channels_last": True,
+        "cudnn_benchmark": False,
+    },
     {"name": "fp16 channels_last", "backend": "single", "precision": "fp16", "channels_last": True},
-    {"name": "ddp world 1 bf16 channels_last", "backend": "ddp", "precision": "bf16", "channels_last": True,
-     "group_at_world1": True},
-    {"name": "deepspeed zero-0 bf16 channels_last", "backend": "deepspeed", "precision": "bf16",
-     "channels_last": True, "zero": 0},
-    {"name": "deepspeed zero-1 bf16 channels_last (activations)", "backend": "deepspeed", "precision": "bf16",
-     "channels_last": True, "zero": 1},
+    {
+        "name": "ddp world 1 bf16 channels_last",
+        "backend": "ddp",
+        "precision": "bf16",
+        "channels_last": True,
+        "group_at_world1": True,
+    },
+    {
+        "name": "deepspeed zero-0 bf16 channels_last",
+        "backend": "deepspeed",
+        "precision": "bf16",
+        "channels_last": True,
+        "zero": 0,
+    },
+    {
+        "name": "deepspeed zero-1 bf16 channels_last (activations)",
+        "backend": "deepspeed",
+        "precision": "bf16",
+        "channels_last": True,
+        "zero": 1,
+    },
     {"name": "fsdp bf16 channels_last (activations)", "backend": "fsdp", "precision": "bf16", "channels_last": True},
 ]
 
 
 def run_arm(ctx: Ctx, arm: dict, batch: int, steps: int) -> dict:
-    spec = {**arm, "model": MODEL, "image_size": ctx.size, "batch": batch, "steps": steps, "warmup": 3 if ctx.gpu else 1}
+    spec = {
+        **arm,
+        "model": MODEL,
+        "image_size": ctx.size,
+        "batch": batch,
+        "steps": steps,
+        "warmup": 3 if ctx.gpu else 1,
+    }
     env = child_env(CXRDIST_THREADS=str(min(8, dist.cpu_count())))
-    p = subprocess.run([sys.executable, "-m", "cxrdist.engine.benchstep", json.dumps(spec)], capture_output=True,
-                       text=True, env=env, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "cxrdist.engine.benchstep", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     need(p, f"throughput arm {arm['name']}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    return {"images_per_s": round(batch * steps / r["seconds"], 1), "tf32": r["tf32"],
-            "channels_last": r["channels_last"], **{k: round(v, 1) for k, v in r["memory"].items()
-                                                    if isinstance(v, (int, float))}}
+    return {
+        "images_per_s": round(batch * steps / r["seconds"], 1),
+        "tf32": r["tf32"],
+        "channels_last": r["channels_last"],
+        **{k: round(v, 1) for k, v in r["memory"].items() if isinstance(v, (int, float))},
+    }
 
 
 def loader_rate(ctx: Ctx, workers: int, batches: int) -> float:
     from cxrdist.data.stream import make_loader
 
-    loader = make_loader(ensure_shards(ctx), "train", batch_size=ctx.batch, workers=workers, train=True,
-                         pin_memory=ctx.gpu)
+    loader = make_loader(
+        ensure_shards(ctx), "train", batch_size=ctx.batch, workers=workers, train=True, pin_memory=ctx.gpu
+    )
     n, t0 = 0, None
     for i, b in enumerate(loader):
         if i == 1:
@@ -437,17 +570,34 @@ def check_throughput(ctx: Ctx):
     out["loader_ips"] = {str(w): round(loader_rate(ctx, w, 30 if ctx.gpu else 3), 1) for w in workers}
     if not ctx.gpu:
         return "PASS", "dry run: every arm ran one step (not timed)", out
-    best = max(v["images_per_s"] for k, v in out["arms"].items() if k.startswith("bf16 channels_last") and "no cudnn" not in k)
-    out["goal"] = {"want_ips": GOAL_IPS, "best_bf16_channels_last_ips": best, "met": best >= GOAL_IPS,
-                   "loader_12_workers_feeds_it": out["loader_ips"]["12"] >= best}
+    best = max(
+        v["images_per_s"] for k, v in out["arms"].items() if k.startswith("bf16 channels_last") and "no cudnn" not in k
+    )
+    out["goal"] = {
+        "want_ips": GOAL_IPS,
+        "best_bf16_channels_last_ips": best,
+        "met": best >= GOAL_IPS,
+        "loader_12_workers_feeds_it": out["loader_ips"]["12"] >= best,
+    }
     table = ", ".join(f"{k} {v['images_per_s']:.0f}" for k, v in out["arms"].items())
-    return "PASS", f"img/s: {table}; loader 2/12 workers {out['loader_ips']['2']:.0f}/{out['loader_ips']['12']:.0f}; " \
-                   f"goal {GOAL_IPS}: {'met' if best >= GOAL_IPS else 'MISSED'} ({best:.0f})", out
+    return (
+        "PASS",
+        f"img/s: {table}; loader 2/12 workers {out['loader_ips']['2']:.0f}/{out['loader_ips']['12']:.0f}; "
+        f"goal {GOAL_IPS}: {'met' if best >= GOAL_IPS else 'MISSED'} ({best:.0f})",
+        out,
+    )
 
 
-CHECKS = [("device", check_device), ("augmentation", check_augmentation), ("conv dtypes", check_conv_dtypes),
-          ("channels_last", check_channels_last), ("ddp", check_ddp), ("deepspeed", check_deepspeed),
-          ("end to end", check_end_to_end), ("throughput", check_throughput)]
+CHECKS = [
+    ("device", check_device),
+    ("augmentation", check_augmentation),
+    ("conv dtypes", check_conv_dtypes),
+    ("channels_last", check_channels_last),
+    ("ddp", check_ddp),
+    ("deepspeed", check_deepspeed),
+    ("end to end", check_end_to_end),
+    ("throughput", check_throughput),
+]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -466,44 +616,69 @@ def run(dry: bool, out_dir: Path, only: list[str] | None = None) -> dict:
             try:
                 status, summary, details = fn(ctx)
             except Exception as e:  # one check failing must not hide the others
-                status, summary = "FAIL", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                status, summary = (
+                    "FAIL",
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                )
                 details = {"traceback": traceback.format_exc().splitlines()[-12:]}
             secs = time.perf_counter() - t0
             print(f"{status} {name} ({secs:.1f} s): {summary}", flush=True)
-            report["checks"].append({"name": name, "status": status, "summary": summary, "seconds": round(secs, 1),
-                                     "details": details})
+            report["checks"].append(
+                {"name": name, "status": status, "summary": summary, "seconds": round(secs, 1), "details": details}
+            )
         dist.destroy()
     report["seconds"] = round(time.perf_counter() - t_all, 1)
     report["passed"] = all(c["status"] != "FAIL" for c in report["checks"])
     (out_dir / "gpucheck.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out_dir / "gpucheck.md").write_text(markdown(report))
-    print(f"{'PASS' if report['passed'] else 'FAIL'} gpu-check{' (dry)' if dry else ''} in {report['seconds']:.0f} s; "
-          f"{out_dir / 'gpucheck.json'}", flush=True)
+    print(
+        f"{'PASS' if report['passed'] else 'FAIL'} gpu-check{' (dry)' if dry else ''} in {report['seconds']:.0f} s; "
+        f"{out_dir / 'gpucheck.json'}",
+        flush=True,
+    )
     return report
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# cxrdist gpu-check{' (dry run on CPU)' if report['dry'] else ''}", "",
-             f"{report['started']}, {report['seconds']:.0f} s", "", "| check | status | s | result |", "|---|---|---|---|"]
+    lines = [
+        f"# cxrdist gpu-check{' (dry run on CPU)' if report['dry'] else ''}",
+        "",
+        f"{report['started']}, {report['seconds']:.0f} s",
+        "",
+        "| check | status | s | result |",
+        "|---|---|---|---|",
+    ]
     for c in report["checks"]:
         lines.append(f"| {c['name']} | {c['status']} | {c['seconds']} | {c['summary'].replace('|', '/')} |")
     thr = next((c["details"] for c in report["checks"] if c["name"] == "throughput" and "arms" in c["details"]), None)
     if thr:
-        lines += ["", f"## Throughput ({MODEL}, {thr['image_size']} px, batch {thr['batch']})", "",
-                  "| arm | images/s | allocator peak MB | reserved MB | device used MB |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Throughput ({MODEL}, {thr['image_size']} px, batch {thr['batch']})",
+            "",
+            "| arm | images/s | allocator peak MB | reserved MB | device used MB |",
+            "|---|---|---|---|---|",
+        ]
         for k, v in thr["arms"].items():
-            lines.append(f"| {k} | {v['images_per_s']} | {v.get('mem_peak_mb', '')} | {v.get('mem_reserved_mb', '')} | "
-                         f"{v.get('mem_device_used_mb', '')} |")
+            lines.append(
+                f"| {k} | {v['images_per_s']} | {v.get('mem_peak_mb', '')} | {v.get('mem_reserved_mb', '')} | "
+                f"{v.get('mem_device_used_mb', '')} |"
+            )
         lines += ["", "loader images/s by workers: " + ", ".join(f"{w}: {r}" for w, r in thr["loader_ips"].items())]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cxrdist.gpucheck", allow_abbrev=False,
-                                description="Run every GPU path of cxrdist on this node (or --dry on the CPU).")
+    p = argparse.ArgumentParser(
+        prog="python -m cxrdist.gpucheck",
+        allow_abbrev=False,
+        description="Run every GPU path of cxrdist on this node (or --dry on the CPU).",
+    )
     p.add_argument("--dry", action="store_true", help="CPU, gloo, tiny images, nothing timed")
     p.add_argument("--out", type=Path, default=Path("reports/gpu"), metavar="DIR")
-    p.add_argument("--only", default="", metavar="NAMES", help="comma list of checks: " + ", ".join(n for n, _ in CHECKS))
+    p.add_argument(
+        "--only", default="", metavar="NAMES", help="comma list of checks: " + ", ".join(n for n, _ in CHECKS)
+    )
     a = p.parse_args(argv)
     report = run(a.dry, a.out, [x.strip() for x in a.only.split(",") if x.strip()] or None)
     return 0 if report["passed"] else 1

@@ -8,6 +8,7 @@ Anything that cannot become one greyscale radiograph raises :class:`UnusableImag
 callers record it as a skipped sample. No patient tag is ever read from a DICOM: only the pixel module,
 the modality/VOI LUT attributes and the pixel data are parsed (``dcmread(specific_tags=...)``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -381,4 +382,3 @@ def load_for_model(path, size: int, encoding: str = "jpg") -> np.ndarray:
     (uint8 for ``jpg``, uint16 for ``png16``)."""
     ext, data = encode(fit_square(read_image(path), size), encoding)
     return decode(data, ext)
-

@@ -4,6 +4,7 @@ Labels are always addressed by *name*: CheXpert's CSVs list them in the order be
 ``chexpert.csv`` alphabetically. Raw cells are ``1.0`` (positive), ``0.0`` (negative), ``-1.0``
 (uncertain) or blank (not mentioned).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,6 @@ NUM_CLASSES = len(OBSERVATIONS)
 POLICIES: tuple[str, ...] = ("u-zeros", "u-ones", "u-ignore")
 DEFAULT_POLICY = "u-zeros"  # the poster's
 
-RAW_VALUES = (1.0, 0.0, -1.0)  # plus NaN for a blank cell
-
 
 def apply_policy(raw: np.ndarray, policy: str = DEFAULT_POLICY) -> tuple[np.ndarray, np.ndarray]:
     """Map raw label cells (N x 14 floats: 1, 0, -1, NaN) to (labels float32, mask int8).
@@ -49,10 +48,3 @@ def apply_policy(raw: np.ndarray, policy: str = DEFAULT_POLICY) -> tuple[np.ndar
     elif policy == "u-ignore":
         mask[uncertain] = 0
     return labels, mask
-
-
-def invalid_cells(raw: np.ndarray) -> np.ndarray:
-    """Boolean N-vector: rows holding a value that is none of 1, 0, -1 or blank."""
-    raw = np.asarray(raw, dtype=np.float64)
-    ok = np.isnan(raw) | np.isin(raw, RAW_VALUES)
-    return ~ok.all(axis=1)

@@ -11,6 +11,7 @@ requeues the job. No training logic lives here.
 ``--cluster auto`` picks SLURM only when a controller answers (``scontrol ping``), not merely because
 ``srun`` is installed (submitit's own rule); otherwise submitit's LocalExecutor runs the tasks here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,7 @@ DEMO_N, DEMO_RAW_SIZE, DEMO_PACK_SIZE = 2400, 128, 64
 DEFAULT_LOG_DIR = "runs/_submitit/%j"
 CLUSTERS = ("auto", "slurm", "local")
 # SLURM states after which the job will not run again
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE"}
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 class LaunchError(UserError):
@@ -51,16 +51,25 @@ class LaunchError(UserError):
 # --------------------------------------------------------------------------------------------------
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launchers/submit.py", add_help=add_help, allow_abbrev=False,
+        prog="launchers/submit.py",
+        add_help=add_help,
+        allow_abbrev=False,
         description="Submit `cxrdist train` to SLURM (or run it here) through submitit: one task per GPU.",
         epilog="Everything after `--` is a `cxrdist train` option (e.g. -- --shards shards/x --epochs 3). "
-               "Without --shards the embedded demo data is used (synthesised and packed on first use).")
+        "Without --shards the embedded demo data is used (synthesised and packed on first use).",
+    )
     g = p.add_argument_group("resources")
     g.add_argument("--nodes", type=int, default=1, help="nodes (default: 1)")
     g.add_argument("--gpus", type=int, default=1, help="GPUs per node; one task per GPU (0: CPU ranks)")
-    g.add_argument("--tasks-per-node", type=int, default=None,
-                   help="tasks per node (default: --gpus; with --gpus 0 the number of CPU ranks per node)")
-    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (default: a node's CPUs / tasks per node)")
+    g.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="tasks per node (default: --gpus; with --gpus 0 the number of CPU ranks per node)",
+    )
+    g.add_argument(
+        "--cpus-per-task", type=int, default=None, help="CPUs per task (default: a node's CPUs / tasks per node)"
+    )
     g.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB")
     g.add_argument("--time", type=int, default=60, help="time limit in minutes (default: 60)")
     g = p.add_argument_group("scheduler")
@@ -70,18 +79,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--constraint", default=None)
     g.add_argument("--exclude", default=None, help="nodes to exclude")
     g.add_argument("--name", default=None, help="job name and run-folder prefix (default: cxrdist-<backend>)")
-    g.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which SLURM sends USR2 (checkpoint + requeue)")
+    g.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which SLURM sends USR2 (checkpoint + requeue)",
+    )
     g = p.add_argument_group("launcher")
     from cxrdist.engine.backends import names  # the submitting process only: the job never builds a parser
 
-    g.add_argument("--backend", choices=names(), default="ddp", metavar="NAME",
-                   help=f"one of {', '.join(names())} (default: ddp)")
-    g.add_argument("--cluster", choices=CLUSTERS, default="auto",
-                   help="slurm, local (submitit's LocalExecutor), or auto: SLURM when a controller answers")
+    g.add_argument(
+        "--backend", choices=names(), default="ddp", metavar="NAME", help=f"one of {', '.join(names())} (default: ddp)"
+    )
+    g.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="auto",
+        help="slurm, local (submitit's LocalExecutor), or auto: SLURM when a controller answers",
+    )
     g.add_argument("--wait", action="store_true", help="block, stream the status, exit with the job's outcome")
-    g.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
-                   help="submitit logs, one folder per job: %%j is the job id (default: runs/_submitit/%%j)")
+    g.add_argument(
+        "--log-dir",
+        default=DEFAULT_LOG_DIR,
+        help="submitit logs, one folder per job: %%j is the job id (default: runs/_submitit/%%j)",
+    )
     return p
 
 
@@ -102,11 +123,18 @@ class TrainJob(submitit.helpers.Checkpointable):
         num_nodes = max(1, env.num_nodes)
         local_world = max(1, env.num_tasks // num_nodes)
         master = "127.0.0.1" if env.cluster == "local" else env.hostnames[0]
-        os.environ.update({
-            "RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
-            "LOCAL_WORLD_SIZE": str(local_world), "GROUP_RANK": str(env.node), "NUM_NODES": str(num_nodes),
-            "MASTER_ADDR": master, "MASTER_PORT": str(dist.port_for_job(env.job_id)),
-        })
+        dist.export_env(
+            dist.DistEnv(
+                rank=env.global_rank,
+                world_size=env.num_tasks,
+                local_rank=env.local_rank,
+                local_world_size=local_world,
+                node_rank=env.node,
+                num_nodes=num_nodes,
+                master_addr=master,
+                master_port=dist.port_for_job(env.job_id),
+            )
+        )
         threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK") or 0) or None
         if threads:
             os.environ["OMP_NUM_THREADS"] = os.environ["CXRDIST_THREADS"] = str(threads)
@@ -120,8 +148,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         status = summary.get("status")
         if status == "completed" or (status == "preempted" and env.global_rank != 0):
             return summary  # other ranks of a preempted run: rank 0 requeues the job
-        raise RuntimeError(f"rank {env.global_rank}: training ended with status {status!r}"
-                           + (f": {summary['error']}" if summary.get("error") else ""))
+        raise RuntimeError(
+            f"rank {env.global_rank}: training ended with status {status!r}"
+            + (f": {summary['error']}" if summary.get("error") else "")
+        )
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit on rank 0 when preempted / timed out: the same run, resumed from its checkpoint."""
@@ -166,8 +196,10 @@ def resolve_cluster(args: argparse.Namespace) -> str:
     if cluster == "auto":
         return "slurm" if controller_answers() else "local"
     if cluster == "slurm" and not controller_answers():
-        raise LaunchError("--cluster slurm: no SLURM controller answers `scontrol ping` "
-                          "(check SLURM_CONF; for this machine use --cluster local)")
+        raise LaunchError(
+            "--cluster slurm: no SLURM controller answers `scontrol ping` "
+            "(check SLURM_CONF; for this machine use --cluster local)"
+        )
     return cluster
 
 
@@ -175,8 +207,8 @@ def resolve_cluster(args: argparse.Namespace) -> str:
 class Partition:
     name: str
     nodes: int
-    cpus: int                 # per node (the smallest)
-    gpus: int                 # per node (the smallest; 0: none)
+    cpus: int  # per node (the smallest)
+    gpus: int  # per node (the smallest; 0: none)
     max_time_min: int | None  # None: no limit
     default: bool = False
 
@@ -214,8 +246,14 @@ def slurm_partitions() -> dict[str, Partition]:
         p = Partition(name, int(nodes), cpus_n, _gres_gpus(gres), _minutes(limit), default)
         if name in parts:  # one line per node configuration: sum nodes, keep the smallest
             q = parts[name]
-            p = Partition(name, q.nodes + p.nodes, min(q.cpus, p.cpus), min(q.gpus, p.gpus),
-                          q.max_time_min, q.default or p.default)
+            p = Partition(
+                name,
+                q.nodes + p.nodes,
+                min(q.cpus, p.cpus),
+                min(q.gpus, p.gpus),
+                q.max_time_min,
+                q.default or p.default,
+            )
         parts[name] = p
     return parts
 
@@ -236,6 +274,7 @@ def local_gpu_count() -> int:
 @dataclass
 class Plan:
     """What is asked of the scheduler for one run."""
+
     cluster: str
     backend: str
     nodes: int
@@ -243,7 +282,7 @@ class Plan:
     gpus_per_node: int
     cpus_per_task: int
     partition: str | None = None
-    target_gpus: int = 0      # GPUs per node the target has (partition gres / this machine)
+    target_gpus: int = 0  # GPUs per node the target has (partition gres / this machine)
     threads: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -268,11 +307,15 @@ def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None)
     if args.signal_delay < 0:
         raise LaunchError("--signal-delay must be >= 0")
     if args.time * 60 <= args.signal_delay:
-        raise LaunchError(f"--time {args.time} min ({args.time * 60} s) is not longer than --signal-delay "
-                          f"{args.signal_delay} s: the job would be told to checkpoint before it starts")
+        raise LaunchError(
+            f"--time {args.time} min ({args.time * 60} s) is not longer than --signal-delay "
+            f"{args.signal_delay} s: the job would be told to checkpoint before it starts"
+        )
     if cfg.dist.nproc != 1:
-        raise LaunchError("--nproc is `cxrdist train`'s own local launcher; under launchers/submit.py use "
-                          "--gpus (one task per GPU) or --gpus 0 --tasks-per-node K")
+        raise LaunchError(
+            "--nproc is `cxrdist train`'s own local launcher; under launchers/submit.py use "
+            "--gpus (one task per GPU) or --gpus 0 --tasks-per-node K"
+        )
 
     partition, notes = None, []
     if cluster == "slurm":
@@ -281,87 +324,119 @@ def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None)
             raise LaunchError("sinfo lists no partitions")
         if args.partition:
             if args.partition not in parts:
-                raise LaunchError(f"unknown partition {args.partition!r}; this cluster has: "
-                                  f"{', '.join(sorted(parts))}")
+                raise LaunchError(f"unknown partition {args.partition!r}; this cluster has: {', '.join(sorted(parts))}")
             partition = parts[args.partition]
         else:
             defaults = [p for p in parts.values() if p.default]
             partition = defaults[0] if defaults else None
             if partition is None:
-                raise LaunchError(f"this cluster has no default partition: pass --partition "
-                                  f"({', '.join(sorted(parts))})")
+                raise LaunchError(
+                    f"this cluster has no default partition: pass --partition ({', '.join(sorted(parts))})"
+                )
         target_gpus = partition.gpus
         if gpus > 0 and target_gpus == 0:
-            raise LaunchError(f"--gpus {gpus}: partition {partition.name!r} has no GPUs (sinfo Gres); "
-                              f"use --gpus 0 --tasks-per-node K for CPU ranks, or a GPU partition")
+            raise LaunchError(
+                f"--gpus {gpus}: partition {partition.name!r} has no GPUs (sinfo Gres); "
+                f"use --gpus 0 --tasks-per-node K for CPU ranks, or a GPU partition"
+            )
         if gpus > target_gpus > 0:
             raise LaunchError(f"--gpus {gpus}: the nodes of partition {partition.name!r} have {target_gpus} GPUs")
         if nodes > partition.nodes:
             raise LaunchError(f"--nodes {nodes}: partition {partition.name!r} has {partition.nodes} node(s)")
         if partition.max_time_min is not None and args.time > partition.max_time_min:
-            raise LaunchError(f"--time {args.time} min exceeds partition {partition.name!r}'s limit of "
-                              f"{partition.max_time_min} min")
+            raise LaunchError(
+                f"--time {args.time} min exceeds partition {partition.name!r}'s limit of {partition.max_time_min} min"
+            )
     else:
         if nodes > 1:
-            raise LaunchError(f"--nodes {nodes}: the local executor runs on this machine only (one node); "
-                              "multi-node runs need SLURM (--cluster slurm)")
+            raise LaunchError(
+                f"--nodes {nodes}: the local executor runs on this machine only (one node); "
+                "multi-node runs need SLURM (--cluster slurm)"
+            )
         target_gpus = local_gpu_count()
         if gpus > 0 and target_gpus == 0:
             from cxrdist.engine.backends import layout_of
 
             k = (args.tasks_per_node or gpus) if layout_of(backend).per_gpu else 1
-            notes.append(f"warning: no SLURM controller and no GPU here: running {k} CPU rank(s) locally "
-                         f"instead of {gpus} GPU(s)")
+            notes.append(
+                f"warning: no SLURM controller and no GPU here: running {k} CPU rank(s) locally "
+                f"instead of {gpus} GPU(s)"
+            )
         elif gpus > target_gpus:
             raise LaunchError(f"--gpus {gpus}: this machine has {target_gpus} GPU(s)")
 
     from cxrdist.engine.backends import backend_class  # lazily: the submitit job must not load torch early
 
     cls = backend_class(backend)
-    tasks, gpn, note = layout_tasks(backend, cls.layout, nodes, gpus, args.tasks_per_node,
-                                    cpu_only=gpus == 0 or target_gpus == 0)
+    tasks, gpn, note = layout_tasks(
+        backend, cls.layout, nodes, gpus, args.tasks_per_node, cpu_only=gpus == 0 or target_gpus == 0
+    )
     notes += [note] if note else []
     try:
         cls.check_launch(cfg, nodes * tasks)
     except UserError as e:
         raise LaunchError(str(e)) from None
 
-    cpus, threads = size_cpus(args.cpus_per_task, tasks, partition.cpus if partition else cpu_count(), cluster,
-                              gpus_used=gpn, node_gpus=target_gpus)
+    cpus, threads = size_cpus(
+        args.cpus_per_task,
+        tasks,
+        partition.cpus if partition else cpu_count(),
+        cluster,
+        gpus_used=gpn,
+        node_gpus=target_gpus,
+    )
     if cluster == "slurm" and partition and partition.cpus and tasks * cpus > partition.cpus:
-        raise LaunchError(f"{tasks} task(s) x {cpus} CPUs per task exceed the {partition.cpus} CPUs of a "
-                          f"node in partition {partition.name!r} (lower --cpus-per-task)")
-    return Plan(cluster=cluster, backend=backend, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpn,
-                cpus_per_task=cpus, partition=partition.name if partition else None,
-                target_gpus=target_gpus, threads=threads, notes=notes)
+        raise LaunchError(
+            f"{tasks} task(s) x {cpus} CPUs per task exceed the {partition.cpus} CPUs of a "
+            f"node in partition {partition.name!r} (lower --cpus-per-task)"
+        )
+    return Plan(
+        cluster=cluster,
+        backend=backend,
+        nodes=nodes,
+        tasks_per_node=tasks,
+        gpus_per_node=gpn,
+        cpus_per_task=cpus,
+        partition=partition.name if partition else None,
+        target_gpus=target_gpus,
+        threads=threads,
+        notes=notes,
+    )
 
 
-def layout_tasks(backend: str, layout, nodes: int, gpus: int, tasks_per_node: int | None,
-                 cpu_only: bool) -> tuple[int, int, str | None]:
+def layout_tasks(
+    backend: str, layout, nodes: int, gpus: int, tasks_per_node: int | None, cpu_only: bool
+) -> tuple[int, int, str | None]:
     """(tasks per node, GPUs per node, a note) for a backend's ``Layout``; LaunchError where it cannot run."""
     if nodes != 1 and not layout.multi_node:
-        raise LaunchError(f"{backend} is one process on one {'node' if layout.all_gpus else 'device'}: use "
-                          "--nodes 1 (or a backend with one process per GPU for several nodes)")
+        raise LaunchError(
+            f"{backend} is one process on one {'node' if layout.all_gpus else 'device'}: use "
+            "--nodes 1 (or a backend with one process per GPU for several nodes)"
+        )
     if layout.per_gpu:
         if cpu_only:
             return tasks_per_node or max(1, gpus), 0, None
         if tasks_per_node not in (None, gpus):
-            raise LaunchError(f"{backend} runs one task per GPU: --tasks-per-node {tasks_per_node} "
-                              f"does not match --gpus {gpus}")
+            raise LaunchError(
+                f"{backend} runs one task per GPU: --tasks-per-node {tasks_per_node} does not match --gpus {gpus}"
+            )
         return gpus, gpus, None
     if tasks_per_node not in (None, 1):
         raise LaunchError(f"{backend} runs one task: drop --tasks-per-node")
     if layout.all_gpus:
         if cpu_only or gpus < layout.min_gpus:
-            raise LaunchError(f"{backend} needs >= {layout.min_gpus} GPUs per node; "
-                              + ("the target has 0" if cpu_only else f"--gpus {gpus} asks for {gpus}"))
+            raise LaunchError(
+                f"{backend} needs >= {layout.min_gpus} GPUs per node; "
+                + ("the target has 0" if cpu_only else f"--gpus {gpus} asks for {gpus}")
+            )
         return 1, gpus, None
     note = f"note: --backend {backend} uses 1 of the {gpus} GPUs asked for" if gpus > 1 and not cpu_only else None
     return 1, (0 if cpu_only else 1), note
 
 
-def size_cpus(asked: int | None, tasks: int, node_cpus: int, cluster: str, gpus_used: int = 0,
-              node_gpus: int = 0) -> tuple[int, int | None]:
+def size_cpus(
+    asked: int | None, tasks: int, node_cpus: int, cluster: str, gpus_used: int = 0, node_gpus: int = 0
+) -> tuple[int, int | None]:
     """(CPUs per task, torch threads per local rank or None for SLURM's own) for ``tasks`` per node.
 
     Unless asked, a task gets its share of the node's CPUs (sinfo's, or this machine's for the local
@@ -405,16 +480,31 @@ def ensure_demo_shards(out: Path = DEMO_SHARDS, log: TextIO | None = None) -> Pa
         from cxrdist.synth import synthesize
 
         t0 = time.monotonic()
-        print(f"demo data: synthesising {DEMO_N} CheXpert-layout images and packing them into {out} "
-              "(first use only)", file=log)
+        print(
+            f"demo data: synthesising {DEMO_N} CheXpert-layout images and packing them into {out} (first use only)",
+            file=log,
+        )
         root = DEMO_RAW / "CheXpert-v1.0-small"
         if not (root / "train.csv").is_file():
             root = Path(synthesize(layout="chexpert", out=DEMO_RAW, n=DEMO_N, size=DEMO_RAW_SIZE, seed=0))
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        manifest = pack(source="chexpert", root=root, out=tmp, size=DEMO_PACK_SIZE, encoding="jpg",
-                        views="frontal", policy="u-zeros", split="patient", workers=2,
-                        samples_per_shard=250, dry_run=False, strict=False, seed=0, quiet=True)
+        manifest = pack(
+            source="chexpert",
+            root=root,
+            out=tmp,
+            size=DEMO_PACK_SIZE,
+            encoding="jpg",
+            views="frontal",
+            policy="u-zeros",
+            split="patient",
+            workers=2,
+            samples_per_shard=250,
+            dry_run=False,
+            strict=False,
+            seed=0,
+            quiet=True,
+        )
         if manifest is None:
             raise LaunchError(f"packing the demo data into {tmp} failed")
         shutil.rmtree(out, ignore_errors=True)
@@ -429,15 +519,15 @@ def ensure_demo_shards(out: Path = DEMO_SHARDS, log: TextIO | None = None) -> Pa
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Submission:
-    job: Any                  # submitit Job
+    job: Any  # submitit Job
     job_id: str
     run_dir: Path
-    log_dir: Path             # submitit folder with %j filled in
+    log_dir: Path  # submitit folder with %j filled in
     backend: str
-    executor: str             # "slurm" | "local"
+    executor: str  # "slurm" | "local"
     plan: Plan | None = None
-    log_pattern: str = ""     # the submitit folder as given, with %j
-    _error_seen: float | None = field(default=None, repr=False)   # local: when a rank's error first showed
+    log_pattern: str = ""  # the submitit folder as given, with %j
+    _error_seen: float | None = field(default=None, repr=False)  # local: when a rank's error first showed
 
     def task_paths(self):
         from submitit.core.utils import JobPaths
@@ -459,8 +549,11 @@ def prepare_config(args: argparse.Namespace, cfg: TrainConfig, log: TextIO | Non
     data = cfg.data
     if not data.shards:
         data = replace(data, shards=str(DEMO_SHARDS))
-    data = replace(data, shards=str(Path(data.shards).absolute()),
-                   **({"source_root": str(Path(data.source_root).absolute())} if data.source_root else {}))
+    data = replace(
+        data,
+        shards=str(Path(data.shards).absolute()),
+        **({"source_root": str(Path(data.source_root).absolute())} if data.source_root else {}),
+    )
     run = replace(cfg.run, out=str(Path(out).absolute()))
     model = cfg.model
     if model.pretrained:
@@ -472,8 +565,10 @@ def prepare_config(args: argparse.Namespace, cfg: TrainConfig, log: TextIO | Non
     validate_config(cfg)
     ckpts = Path(cfg.run.out) / "checkpoints"
     if not cfg.run.resume and ckpts.is_dir() and any(ckpts.iterdir()):
-        raise LaunchError(f"{cfg.run.out} already holds checkpoints: pass --resume (after `--`) to continue "
-                          "it, or choose another --out")
+        raise LaunchError(
+            f"{cfg.run.out} already holds checkpoints: pass --resume (after `--`) to continue "
+            "it, or choose another --out"
+        )
     return cfg
 
 
@@ -482,8 +577,12 @@ def make_executor(args: argparse.Namespace, p: Plan, log_dir: str):
     if p.cluster == "slurm":
         ex = submitit.SlurmExecutor(folder=log_dir, max_num_timeout=3)
         params: dict[str, Any] = dict(
-            job_name=name, time=args.time, nodes=p.nodes, ntasks_per_node=p.tasks_per_node,
-            cpus_per_task=p.cpus_per_task, signal_delay_s=args.signal_delay,
+            job_name=name,
+            time=args.time,
+            nodes=p.nodes,
+            ntasks_per_node=p.tasks_per_node,
+            cpus_per_task=p.cpus_per_task,
+            signal_delay_s=args.signal_delay,
             # one failing rank ends the job instead of hanging it; SLURM 22.05-23.02 binds a task to one core
             # unless srun itself is told --cpus-per-task
             srun_args=["--kill-on-bad-exit=1", f"--cpus-per-task={p.cpus_per_task}"],
@@ -491,8 +590,13 @@ def make_executor(args: argparse.Namespace, p: Plan, log_dir: str):
         )
         if p.gpus_per_node:
             params["gpus_per_node"] = p.gpus_per_node
-        for key, value in (("partition", args.partition), ("account", args.account), ("qos", args.qos),
-                           ("constraint", args.constraint), ("exclude", args.exclude)):
+        for key, value in (
+            ("partition", args.partition),
+            ("account", args.account),
+            ("qos", args.qos),
+            ("constraint", args.constraint),
+            ("exclude", args.exclude),
+        ):
             if value:
                 params[key] = value
         if args.mem_gb:
@@ -500,9 +604,14 @@ def make_executor(args: argparse.Namespace, p: Plan, log_dir: str):
         ex.update_parameters(**params)
     else:
         ex = submitit.LocalExecutor(folder=log_dir, max_num_timeout=3)
-        ex.update_parameters(timeout_min=args.time, tasks_per_node=p.tasks_per_node, nodes=1,
-                             gpus_per_node=p.gpus_per_node, signal_delay_s=args.signal_delay,
-                             **visible_gpu_parameters(os.environ.get("CUDA_VISIBLE_DEVICES"), p.gpus_per_node))
+        ex.update_parameters(
+            timeout_min=args.time,
+            tasks_per_node=p.tasks_per_node,
+            nodes=1,
+            gpus_per_node=p.gpus_per_node,
+            signal_delay_s=args.signal_delay,
+            **visible_gpu_parameters(os.environ.get("CUDA_VISIBLE_DEVICES"), p.gpus_per_node),
+        )
     return ex
 
 
@@ -544,8 +653,16 @@ def submit(launch_args: argparse.Namespace, cfg: TrainConfig, log: TextIO | None
         msg = str(e).strip().splitlines()
         raise LaunchError(f"submission failed: {msg[-1] if msg else e!r}") from None
     job_id = str(job.job_id)
-    return Submission(job=job, job_id=job_id, run_dir=Path(cfg.run.out), log_dir=Path(log_dir.replace("%j", job_id)),
-                      backend=args.backend, executor=p.cluster, plan=p, log_pattern=log_dir)
+    return Submission(
+        job=job,
+        job_id=job_id,
+        run_dir=Path(cfg.run.out),
+        log_dir=Path(log_dir.replace("%j", job_id)),
+        backend=args.backend,
+        executor=p.cluster,
+        plan=p,
+        log_pattern=log_dir,
+    )
 
 
 def job_state(sub: Submission) -> tuple[str, str]:
@@ -580,9 +697,11 @@ def _describe(rec: dict, epochs: int) -> str:
     ev, ep = rec.get("event"), rec.get("epoch", 0)
     if ev == "step":
         loss = rec.get("loss")
-        return (f"epoch {ep + 1}/{epochs} step {rec.get('step', 0) + 1}"
-                + (f" loss {loss:.4f}" if isinstance(loss, float) else "")
-                + (f" {rec['images_per_s']:.0f} img/s/rank" if rec.get("images_per_s") else ""))
+        return (
+            f"epoch {ep + 1}/{epochs} step {rec.get('step', 0) + 1}"
+            + (f" loss {loss:.4f}" if isinstance(loss, float) else "")
+            + (f" {rec['images_per_s']:.0f} img/s/rank" if rec.get("images_per_s") else "")
+        )
     if ev == "epoch":
         return f"epoch {ep + 1}/{epochs} done in {rec.get('epoch_time_s', 0):.1f} s"
     if ev == "resume":
@@ -609,7 +728,7 @@ def _tail(path: Path, n: int = 15) -> str:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    lines = [ln for ln in lines if "\r" not in ln]   # drop progress-bar redraws
+    lines = [ln for ln in lines if "\r" not in ln]  # drop progress-bar redraws
     return "\n".join(lines[-n:])
 
 
@@ -630,8 +749,9 @@ def failure_report(sub: Submission, state: str) -> str:
     return f"no error output; see {sub.log_dir}"
 
 
-def wait(sub: Submission, stream: bool = True, out: TextIO | None = None, poll_s: float = 2.0,
-         timeout_s: float | None = None) -> int:
+def wait(
+    sub: Submission, stream: bool = True, out: TextIO | None = None, poll_s: float = 2.0, timeout_s: float | None = None
+) -> int:
     """Block until the job ends; stream state changes and progress; 0 when every rank completed."""
     out = out or sys.stdout
     epochs = None
@@ -652,8 +772,11 @@ def wait(sub: Submission, stream: bool = True, out: TextIO | None = None, poll_s
         state, nodes = job_state(sub)
         if state != last_state:
             requeued = ran and state in ("PENDING", "REQUEUED", "REQUEUE_HOLD")
-            say(f"{state}" + (f" on {nodes}" if nodes and state == "RUNNING" else "")
-                + (" (requeued: waiting to restart)" if requeued else ""))
+            say(
+                f"{state}"
+                + (f" on {nodes}" if nodes and state == "RUNNING" else "")
+                + (" (requeued: waiting to restart)" if requeued else "")
+            )
             last_state = state
             ran = ran or state == "RUNNING"
         rec = _last_step(sub.run_dir)
@@ -693,8 +816,7 @@ def wait(sub: Submission, stream: bool = True, out: TextIO | None = None, poll_s
                 scores += f", val AUC {100 * epochs[-1]['val_auc_mean']:.2f}"
             if test.get("auc_mean") is not None:
                 scores += f", test AUC {100 * test['auc_mean']:.2f} / accuracy {100 * test['accuracy_mean']:.2f}"
-            extra = (f" ({summary.get('status')}, {len(epochs)} epoch(s), "
-                     f"restarts {summary.get('restarts', 0)}{scores})")
+            extra = f" ({summary.get('status')}, {len(epochs)} epoch(s), restarts {summary.get('restarts', 0)}{scores})"
         say(f"done{extra}; run folder {sub.run_dir}")
         return 0
     if stream:
@@ -722,8 +844,13 @@ def _finished(sub: Submission, state: str, grace_s: float = 10.0) -> bool:
     if any(o == "error" for _, o, _ in outcomes):
         return True  # a rank raised: report it now (the others are being killed: srun --kill-on-bad-exit)
     # every rank reported success but the accounting has no final state (yet, or ever: no sacct)
-    return all(o == "success" for _, o, _ in outcomes) and state not in ("PENDING", "REQUEUED", "RUNNING",
-                                                                            "COMPLETING", "REQUEUE_HOLD")
+    return all(o == "success" for _, o, _ in outcomes) and state not in (
+        "PENDING",
+        "REQUEUED",
+        "RUNNING",
+        "COMPLETING",
+        "REQUEUE_HOLD",
+    )
 
 
 def _read_summary(run_dir: Path) -> dict | None:
@@ -735,11 +862,19 @@ def _read_summary(run_dir: Path) -> dict | None:
 
 def describe(sub: Submission) -> str:
     p = sub.plan
-    shape = (f"{p.nodes} node(s) x {p.tasks_per_node} task(s), {p.gpus_per_node} GPU(s)/node"
-             + (f", partition {p.partition}" if p.partition else "")) if p else ""
-    return (f"submitted job {sub.job_id} ({sub.executor}, {sub.backend}{', ' + shape if shape else ''})\n"
-            f"  run folder: {sub.run_dir}\n"
-            f"  logs:       {sub.log_dir}")
+    shape = (
+        (
+            f"{p.nodes} node(s) x {p.tasks_per_node} task(s), {p.gpus_per_node} GPU(s)/node"
+            + (f", partition {p.partition}" if p.partition else "")
+        )
+        if p
+        else ""
+    )
+    return (
+        f"submitted job {sub.job_id} ({sub.executor}, {sub.backend}{', ' + shape if shape else ''})\n"
+        f"  run folder: {sub.run_dir}\n"
+        f"  logs:       {sub.log_dir}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -749,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
         i = argv.index("--")
-        launcher_argv, train_argv = argv[:i], argv[i + 1:]
+        launcher_argv, train_argv = argv[:i], argv[i + 1 :]
     else:
         launcher_argv, train_argv = argv, []
     args = get_args_parser().parse_args(launcher_argv)
@@ -769,4 +904,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped waiting; job {sub.job_id} keeps running (scancel {sub.job_id} to stop it)", file=sys.stderr)
         return 130
-

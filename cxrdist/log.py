@@ -3,6 +3,7 @@
 Job logs of a multi-rank run interleave every rank's stderr (submitit, sbatch --output); a line without its
 rank is a riddle. ``setup`` is called once per process, by the trainer, with this process's rank.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,3 +36,15 @@ def setup(rank: int = 0, world_size: int = 1, host: str = "", level: int = loggi
     logger.setLevel(level)
     logger.propagate = False
     return logger
+
+
+def console(stderr: bool = False, **kwargs):
+    """A rich Console for tables: in a terminal its width; in a SLURM or CI log (not a terminal) 200
+    columns, since rich would otherwise squeeze a wide table into 80 (``COLUMNS`` still wins)."""
+    import os
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 200
+    return Console(stderr=stderr, width=width, **kwargs)

@@ -4,6 +4,7 @@ Inputs are whole-split arrays gathered across ranks *by key* (each sample exactl
 masked-in targets hold one class only has an undefined AUC: reported as ``None`` and left out of the mean,
 never as 0.5.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,9 +30,14 @@ def label_metrics(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> di
         y, p = labels[keep, j], probs[keep, j]
         acc[name] = float(((p >= 0.5) == (y >= 0.5)).mean()) if len(y) else None
         auc[name] = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None
-    return {"auc": auc, "auc_mean": _mean(auc.values()), "accuracy": acc,
-            "accuracy_mean": _mean(acc.values()), "n": int(len(probs)),
-            "undefined_auc": [k for k, v in auc.items() if v is None]}
+    return {
+        "auc": auc,
+        "auc_mean": _mean(auc.values()),
+        "accuracy": acc,
+        "accuracy_mean": _mean(acc.values()),
+        "n": int(len(probs)),
+        "undefined_auc": [k for k, v in auc.items() if v is None],
+    }
 
 
 def subgroup_metrics(probs, labels, mask, sex, age) -> dict:

@@ -8,14 +8,15 @@
   ``aa_stem_only=False``.
 Weights are never fetched from a hub at run time: ``pretrained`` is a local file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 from timm.layers import BlurPool2d
+from torch import nn
 
 from cxrdist.errors import UserError
 from cxrdist.labels import NUM_CLASSES
@@ -50,14 +51,26 @@ class DemographicsFusion(nn.Module):
         return self.classifier(torch.cat([feats, demo.to(feats.dtype)], 1))
 
 
-def build_model(name: str = "densenetblur121d", num_classes: int = NUM_CLASSES, in_chans: int = 1, *,
-                pretrained: str | Path | None = None, fuse_demographics: bool = False,
-                drop_rate: float = 0.0) -> nn.Module:
+def build_model(
+    name: str = "densenetblur121d",
+    num_classes: int = NUM_CLASSES,
+    in_chans: int = 1,
+    *,
+    pretrained: str | Path | None = None,
+    fuse_demographics: bool = False,
+    drop_rate: float = 0.0,
+) -> nn.Module:
     """The ``nn.Module`` training uses: ``model(images)`` or, fused, ``model(images, age, sex)`` -> logits."""
     if name not in VARIANTS:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
-    model = timm.create_model("densenet121", pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                              drop_rate=drop_rate, **VARIANTS[name])
+    model = timm.create_model(
+        "densenet121",
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=drop_rate,
+        **VARIANTS[name],
+    )
     if pretrained:
         load_pretrained(model, pretrained, in_chans=in_chans)
     if fuse_demographics:
@@ -89,8 +102,10 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int = 1) -> No
             del state[k]  # e.g. an ImageNet 1000-way classifier
     missing, _ = model.load_state_dict(state, strict=False)
     if any(not m.startswith("classifier") for m in missing):
-        raise UserError(f"--pretrained {path}: not a {type(model).__name__} checkpoint "
-                        f"(missing {len(missing)} tensors, e.g. {missing[0]})")
+        raise UserError(
+            f"--pretrained {path}: not a {type(model).__name__} checkpoint "
+            f"(missing {len(missing)} tensors, e.g. {missing[0]})"
+        )
 
 
 def count_blur_filters(model: nn.Module) -> int:

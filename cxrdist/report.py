@@ -17,33 +17,62 @@ median, so with two ranks the faster one is the reference); a run is loader-boun
 than 20% of their step time waiting for data. Missing summaries, missing/empty telemetry, ranks that never
 wrote and unreadable lines are flagged as well, never fatal.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 import yaml
 
-STRAGGLER_THRESHOLD = 0.10      # a rank >= 10% slower than the median rank
-LOADER_BOUND_THRESHOLD = 0.20   # data wait > 20% of the step time
+from cxrdist import log
+
+STRAGGLER_THRESHOLD = 0.10  # a rank >= 10% slower than the median rank
+LOADER_BOUND_THRESHOLD = 0.20  # data wait > 20% of the step time
 
 # what a run's backend is (order, reference, layout) comes from its summary.json ("backend_info", written
 # by the backend itself): this floor never imports the engine and never names a backend
 FORMAT_ORDER = ("shards", "jpeg", "dicom")
 
 COLUMNS = [
-    "run", "backend", "format", "layout", "world_size", "nodes", "device", "precision", "batch_per_rank",
-    "epochs", "epoch_time_s", "epoch_time_min", "images_per_s", "images_per_s_per_rank",
-    "speedup", "efficiency_pct", "speedup_ref", "mem_peak_mb_max", "mem_peak_mb_spread", "data_wait_pct",
-    "val_auc_pct", "val_acc_pct", "test_auc_pct", "test_acc_pct", "status", "restarts", "reason", "path",
+    "run",
+    "backend",
+    "format",
+    "layout",
+    "world_size",
+    "nodes",
+    "device",
+    "precision",
+    "batch_per_rank",
+    "epochs",
+    "epoch_time_s",
+    "epoch_time_min",
+    "images_per_s",
+    "images_per_s_per_rank",
+    "speedup",
+    "efficiency_pct",
+    "speedup_ref",
+    "mem_peak_mb_max",
+    "mem_peak_mb_spread",
+    "data_wait_pct",
+    "val_auc_pct",
+    "val_acc_pct",
+    "test_auc_pct",
+    "test_acc_pct",
+    "status",
+    "restarts",
+    "reason",
+    "path",
 ]
 
 
 # --- loading --------------------------------------------------------------------------------------------
+
 
 def _read_json(path: Path, problems: list[str]) -> dict:
     try:
@@ -138,8 +167,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     if world is None:
         world = max(ranks) + 1 if ranks else None
     if world is not None and run_dir.is_dir():
-        silent = [r for r in range(world) if r not in ranks or (ranks[r]["steps"].empty
-                                                                  and ranks[r]["epochs"].empty)]
+        silent = [r for r in range(world) if r not in ranks or (ranks[r]["steps"].empty and ranks[r]["epochs"].empty)]
         if silent and files:
             problems.append(f"rank(s) {', '.join(map(str, silent))} wrote no telemetry")
 
@@ -149,8 +177,15 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 
     status = summary.get("status") or "incomplete"
     return {
-        "name": run_dir.name, "path": run_dir, "summary": summary, "config": config, "status": status,
-        "world_size": world, "steps": cat("steps"), "epochs": cat("epochs"), "ranks": ranks,
+        "name": run_dir.name,
+        "path": run_dir,
+        "summary": summary,
+        "config": config,
+        "status": status,
+        "world_size": world,
+        "steps": cat("steps"),
+        "epochs": cat("epochs"),
+        "ranks": ranks,
         "problems": problems,
     }
 
@@ -182,6 +217,7 @@ def _col(df: pd.DataFrame, name: str) -> pd.Series:
 
 
 # --- one row per run ---------------------------------------------------------------------------------------
+
 
 def expand_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[dict]]:
     """Run folders as given, with sweep folders (``sweep.json``) replaced by their runs and skipped entries."""
@@ -225,8 +261,10 @@ def run_row(run: dict) -> dict[str, Any]:
     nodes = _int(s.get("nodes"))
     if nodes is None and not steps.empty and "host" in steps:
         nodes = int(steps["host"].nunique())
-    device = str(s.get("device") or (steps["device"].iloc[0] if "device" in steps and not steps.empty
-                                     else runc.get("device", "")))
+    device = str(
+        s.get("device")
+        or (steps["device"].iloc[0] if "device" in steps and not steps.empty else runc.get("device", ""))
+    )
     gpus = _int(s.get("gpus"))
 
     # avg time per epoch: the summary's epochs, else the slowest rank's epoch record per epoch
@@ -255,21 +293,33 @@ def run_row(run: dict) -> dict[str, Any]:
     test = s.get("test") or {}
     pct = lambda v: 100.0 * _num(v)  # noqa: E731
     return {
-        "run": run["name"], "backend": s.get("backend") or dist.get("backend", ""),
+        "run": run["name"],
+        "backend": s.get("backend") or dist.get("backend", ""),
         "format": s.get("format") or data.get("format", ""),
         "layout": _layout(world, nodes, device, gpus, s.get("backend_info") or {}),
         "_info": s.get("backend_info") or {},
-        "world_size": world, "nodes": nodes, "device": device,
+        "world_size": world,
+        "nodes": nodes,
+        "device": device,
         "precision": s.get("precision") or runc.get("precision", ""),
         "batch_per_rank": _int(optim.get("batch_size")),
         "epochs": len(sum_epochs) or (int(epochs["epoch"].nunique()) if "epoch" in epochs else 0),
-        "epoch_time_s": epoch_time, "epoch_time_min": epoch_time / 60.0,
-        "images_per_s": total, "images_per_s_per_rank": per_rank,
-        "speedup": math.nan, "efficiency_pct": math.nan, "speedup_ref": "",
-        "mem_peak_mb_max": mem_max, "mem_peak_mb_spread": mem_spread, "data_wait_pct": data_wait,
-        "val_auc_pct": pct(last.get("val_auc_mean")), "val_acc_pct": pct(last.get("val_accuracy_mean")),
-        "test_auc_pct": pct(test.get("auc_mean")), "test_acc_pct": pct(test.get("accuracy_mean")),
-        "status": run["status"], "restarts": _int(s.get("restarts")) or 0,
+        "epoch_time_s": epoch_time,
+        "epoch_time_min": epoch_time / 60.0,
+        "images_per_s": total,
+        "images_per_s_per_rank": per_rank,
+        "speedup": math.nan,
+        "efficiency_pct": math.nan,
+        "speedup_ref": "",
+        "mem_peak_mb_max": mem_max,
+        "mem_peak_mb_spread": mem_spread,
+        "data_wait_pct": data_wait,
+        "val_auc_pct": pct(last.get("val_auc_mean")),
+        "val_acc_pct": pct(last.get("val_accuracy_mean")),
+        "test_auc_pct": pct(test.get("auc_mean")),
+        "test_acc_pct": pct(test.get("accuracy_mean")),
+        "status": run["status"],
+        "restarts": _int(s.get("restarts")) or 0,
         "reason": "; ".join(([f"error: {s['error']}"] if s.get("error") else []) + run["problems"]),
         "path": str(run["path"]),
         "_gpus": gpus,
@@ -290,25 +340,35 @@ def run_flags(run: dict) -> list[str]:
     per_rank = st.groupby("rank")["st"].mean().dropna()
     if len(per_rank) >= 2:
         median = statistics.median_low(per_rank.tolist())
-        hosts = st.groupby("rank")["host"].agg(lambda h: h.dropna().iloc[0] if h.notna().any() else "") \
-            if "host" in st else {}
+        hosts = (
+            st.groupby("rank")["host"].agg(lambda h: h.dropna().iloc[0] if h.notna().any() else "")
+            if "host" in st
+            else {}
+        )
         for rank, t in per_rank.items():
             if median > 0 and (t - median) / median >= STRAGGLER_THRESHOLD - 1e-9:
                 host = hosts.get(rank, "") if hasattr(hosts, "get") else ""
                 where = f" on {host}" if host else ""
-                flags.append(f"{name}: straggler: rank {rank}{where} is {100 * (t - median) / median:.0f}% "
-                             f"slower than the median ({t:.3f} s vs {median:.3f} s per step)")
+                flags.append(
+                    f"{name}: straggler: rank {rank}{where} is {100 * (t - median) / median:.0f}% "
+                    f"slower than the median ({t:.3f} s vs {median:.3f} s per step)"
+                )
     dt, total = _col(steps, "data_time_s").sum(), _col(steps, "step_time_s").sum()
     if total > 0 and dt / total > LOADER_BOUND_THRESHOLD:
-        flags.append(f"{name}: loader-bound: {100 * dt / total:.0f}% of the step time is spent waiting for "
-                     f"data (more --workers, shards instead of loose files, or device augmentation)")
+        flags.append(
+            f"{name}: loader-bound: {100 * dt / total:.0f}% of the step time is spent waiting for "
+            f"data (more --workers, shards instead of loose files, or device augmentation)"
+        )
     return flags
 
 
 def _order_key(row: dict) -> tuple:
     f = row.get("format") or ""
-    return (FORMAT_ORDER.index(f) if f in FORMAT_ORDER else len(FORMAT_ORDER),
-            (row.get("_info") or {}).get("order", 99), row.get("backend") or "")
+    return (
+        FORMAT_ORDER.index(f) if f in FORMAT_ORDER else len(FORMAT_ORDER),
+        (row.get("_info") or {}).get("order", 99),
+        row.get("backend") or "",
+    )
 
 
 def _is_reference(row: dict) -> bool:
@@ -321,8 +381,15 @@ def _is_reference(row: dict) -> bool:
 
 def _add_speedup(rows: list[dict]) -> None:
     """Speed-up by epoch time over the single-device run of the same format (else any single-device run)."""
-    refs = [r for r in rows if r["status"] != "skipped" and _is_reference(r) and (r["world_size"] or 1) == 1
-            and not math.isnan(r["epoch_time_s"]) and r["epoch_time_s"] > 0]
+    refs = [
+        r
+        for r in rows
+        if r["status"] != "skipped"
+        and _is_reference(r)
+        and (r["world_size"] or 1) == 1
+        and not math.isnan(r["epoch_time_s"])
+        and r["epoch_time_s"] > 0
+    ]
     for r in rows:
         if r["status"] == "skipped" or math.isnan(r["epoch_time_s"]) or r["epoch_time_s"] <= 0 or not refs:
             continue
@@ -337,6 +404,7 @@ def _add_speedup(rows: list[dict]) -> None:
 
 # --- output ---------------------------------------------------------------------------------------------
 
+
 def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
         return "–"
@@ -347,16 +415,27 @@ def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
 
 # (header, column, format spec, suffix)
 DISPLAY = [
-    ("Run", "run", "", ""), ("Backend", "backend", "", ""), ("Format", "format", "", ""),
-    ("Layout", "layout", "", ""), ("Precision", "precision", "", ""), ("Batch/rank", "batch_per_rank", "d", ""),
-    ("Epoch (min)", "epoch_time_min", ".2f", ""), ("Epoch (s)", "epoch_time_s", ".1f", ""),
-    ("img/s", "images_per_s", ".1f", ""), ("img/s/rank", "images_per_s_per_rank", ".1f", ""),
-    ("Speed-up", "speedup", ".2f", "×"), ("Efficiency", "efficiency_pct", ".0f", "%"),
-    ("Peak MB/rank", "mem_peak_mb_max", ".0f", ""), ("MB spread", "mem_peak_mb_spread", ".0f", ""),
+    ("Run", "run", "", ""),
+    ("Backend", "backend", "", ""),
+    ("Format", "format", "", ""),
+    ("Layout", "layout", "", ""),
+    ("Precision", "precision", "", ""),
+    ("Batch/rank", "batch_per_rank", "d", ""),
+    ("Epoch (min)", "epoch_time_min", ".2f", ""),
+    ("Epoch (s)", "epoch_time_s", ".1f", ""),
+    ("img/s", "images_per_s", ".1f", ""),
+    ("img/s/rank", "images_per_s_per_rank", ".1f", ""),
+    ("Speed-up", "speedup", ".2f", "×"),
+    ("Efficiency", "efficiency_pct", ".0f", "%"),
+    ("Peak MB/rank", "mem_peak_mb_max", ".0f", ""),
+    ("MB spread", "mem_peak_mb_spread", ".0f", ""),
     ("Data wait", "data_wait_pct", ".1f", "%"),
-    ("Val AUC", "val_auc_pct", ".2f", ""), ("Val acc", "val_acc_pct", ".2f", ""),
-    ("Test AUC", "test_auc_pct", ".2f", ""), ("Test acc", "test_acc_pct", ".2f", ""),
-    ("Status", "status", "", ""), ("Restarts", "restarts", "d", ""),
+    ("Val AUC", "val_auc_pct", ".2f", ""),
+    ("Val acc", "val_acc_pct", ".2f", ""),
+    ("Test AUC", "test_auc_pct", ".2f", ""),
+    ("Test acc", "test_acc_pct", ".2f", ""),
+    ("Status", "status", "", ""),
+    ("Restarts", "restarts", "d", ""),
 ]
 
 
@@ -375,14 +454,20 @@ def _display_rows(df: pd.DataFrame) -> list[list[str]]:
 
 def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
     head = [h for h, *_ in DISPLAY]
-    lines = ["# cxrdist backend comparison", "",
-             "Epoch times are averages over the run's epochs; AUC and accuracy are means over the 14 labels in "
-             "percent (val: last epoch). Speed-up is by epoch time over the single-device run of the same "
-             "format; efficiency = speed-up / devices.", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [
+        "# cxrdist backend comparison",
+        "",
+        "Epoch times are averages over the run's epochs; AUC and accuracy are means over the 14 labels in "
+        "percent (val: last epoch). Speed-up is by epoch time over the single-device run of the same "
+        "format; efficiency = speed-up / devices.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _display_rows(df)]
-    reasons = [(r["run"], r["status"], r["reason"]) for _, r in df.iterrows()
-               if r["status"] == "skipped" and r["reason"]]
+    reasons = [
+        (r["run"], r["status"], r["reason"]) for _, r in df.iterrows() if r["status"] == "skipped" and r["reason"]
+    ]
     if reasons:
         lines += ["", "## Skipped", ""] + [f"- {run}: {why}" for run, _, why in reasons]
     lines += ["", "## Flags", ""]
@@ -392,21 +477,30 @@ def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
 
 
 def _print_terminal(df: pd.DataFrame, flags: list[str], out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = log.console()
     table = Table(title="cxrdist: backends × input formats (AUC / accuracy in %)", header_style="bold")
-    cols = [("Run", "run"), ("Backend", "backend"), ("Format", "format"), ("Layout", "layout"),
-            ("Epoch min", "epoch_time_min"), ("img/s", "images_per_s"), ("Speed-up", "speedup"),
-            ("Eff.", "efficiency_pct"), ("Peak MB", "mem_peak_mb_max"), ("Wait", "data_wait_pct"),
-            ("Val AUC", "val_auc_pct"), ("Test AUC", "test_auc_pct"), ("Test acc", "test_acc_pct"),
-            ("Status", "status")]
+    cols = [
+        ("Run", "run"),
+        ("Backend", "backend"),
+        ("Format", "format"),
+        ("Layout", "layout"),
+        ("Epoch min", "epoch_time_min"),
+        ("img/s", "images_per_s"),
+        ("Speed-up", "speedup"),
+        ("Eff.", "efficiency_pct"),
+        ("Peak MB", "mem_peak_mb_max"),
+        ("Wait", "data_wait_pct"),
+        ("Val AUC", "val_auc_pct"),
+        ("Test AUC", "test_auc_pct"),
+        ("Test acc", "test_acc_pct"),
+        ("Status", "status"),
+    ]
     index = {col: i for i, (_, col, *_) in enumerate(DISPLAY)}
     for header, col in cols:
         left = col in ("run", "backend", "format", "layout", "status")
-        table.add_column(header, justify="left" if left else "right", no_wrap=col != "run",
-                         overflow="fold")
+        table.add_column(header, justify="left" if left else "right", no_wrap=col != "run", overflow="fold")
     for cells, (_, r) in zip(_display_rows(df), df.iterrows()):
         style = {"completed": None, "skipped": "dim"}.get(r["status"], "red")
         row = [cells[index[col]] for _, col in cols]
@@ -449,8 +543,14 @@ def _plot_throughput(runs: list[dict], path: Path) -> None:
             g = g.sort_values("t")
             if g.empty:
                 continue
-            ax.plot(g["t"], g["ips"], styles[j % len(styles)], color=color, marker="." if len(g) < 30 else None,
-                    label=f"{run['name']} rank {rank}")
+            ax.plot(
+                g["t"],
+                g["ips"],
+                styles[j % len(styles)],
+                color=color,
+                marker="." if len(g) < 30 else None,
+                label=f"{run['name']} rank {rank}",
+            )
             drew = True
     ax.set_title("Training throughput per rank")
     ax.set_xlabel("time since the run's first step record (s)")
@@ -515,7 +615,9 @@ def _plot_memory(runs: list[dict], path: Path) -> None:
                 seen.add(r)
             ticks.append(i)
             s = run["summary"]
-            labels.append(f"{run['name']}\n({s.get('backend') or (run['config'].get('dist') or {}).get('backend', '?')})")
+            labels.append(
+                f"{run['name']}\n({s.get('backend') or (run['config'].get('dist') or {}).get('backend', '?')})"
+            )
         ax.set_xticks(ticks, labels, fontsize="small")
         ax.set_ylabel("peak memory per rank (MB)")
         ax.legend(title="rank", fontsize="small")
@@ -525,8 +627,9 @@ def _plot_memory(runs: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def build_report(runs: list[Path], out: Path, skipped: list[dict] | None = None,
-                 print_table: bool = True) -> pd.DataFrame:
+def build_report(
+    runs: list[Path], out: Path, skipped: list[dict] | None = None, print_table: bool = True
+) -> pd.DataFrame:
     """Compare run folders (and sweep folders) -> rich table, ``out/report.{md,csv}`` and the plots.
 
     ``skipped``: ``[{"backend", "format", "reason"}]`` of runs that could not start; each becomes a row with
@@ -540,9 +643,21 @@ def build_report(runs: list[Path], out: Path, skipped: list[dict] | None = None,
     for s in list(skipped or []) + sweep_skipped:
         b, f = s.get("backend", ""), s.get("format", "")
         row = {c: math.nan for c in COLUMNS}
-        row.update(run=s.get("run") or f"{b}-{f}".strip("-"), backend=b, format=f, layout="", device="",
-                   precision="", speedup_ref="", status="skipped", reason=s.get("reason", ""), path="",
-                   restarts=0, epochs=0, _info=s.get("backend_info") or {})
+        row.update(
+            run=s.get("run") or f"{b}-{f}".strip("-"),
+            backend=b,
+            format=f,
+            layout="",
+            device="",
+            precision="",
+            speedup_ref="",
+            status="skipped",
+            reason=s.get("reason", ""),
+            path="",
+            restarts=0,
+            epochs=0,
+            _info=s.get("backend_info") or {},
+        )
         rows.append(row)
     _add_speedup(rows)
     for r in rows:
@@ -559,9 +674,21 @@ def build_report(runs: list[Path], out: Path, skipped: list[dict] | None = None,
     _plot_epoch_time(df, out / plots[1], colours)
     _plot_memory(loaded, out / plots[2])
 
-    rounding = {"epoch_time_s": 3, "epoch_time_min": 3, "images_per_s": 2, "images_per_s_per_rank": 2,
-                "speedup": 3, "efficiency_pct": 1, "mem_peak_mb_max": 1, "mem_peak_mb_spread": 1,
-                "data_wait_pct": 2, "val_auc_pct": 2, "val_acc_pct": 2, "test_auc_pct": 2, "test_acc_pct": 2}
+    rounding = {
+        "epoch_time_s": 3,
+        "epoch_time_min": 3,
+        "images_per_s": 2,
+        "images_per_s_per_rank": 2,
+        "speedup": 3,
+        "efficiency_pct": 1,
+        "mem_peak_mb_max": 1,
+        "mem_peak_mb_spread": 1,
+        "data_wait_pct": 2,
+        "val_auc_pct": 2,
+        "val_acc_pct": 2,
+        "test_auc_pct": 2,
+        "test_acc_pct": 2,
+    }
     csv = df.copy()
     for col, nd in rounding.items():
         csv[col] = pd.to_numeric(csv[col], errors="coerce").round(nd)

@@ -19,6 +19,7 @@ side view without findings (the default view filter drops them).
 
 Everything is a deterministic function of ``seed``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -506,8 +507,13 @@ def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def draw_frontal(rng: np.random.Generator, h: int, w: int, findings: dict[str, float] | None = None,
-                 finding_rng: np.random.Generator | None = None) -> np.ndarray:
+def draw_frontal(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    findings: dict[str, float] | None = None,
+    finding_rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """A frontal (PA/AP) phantom, float32 ``h`` x ``w`` in [0, 1] (bone bright).
 
     ``findings`` maps observation names to a drawing strength (1 positive, 0.5 a faint uncertain one);
@@ -573,10 +579,23 @@ def _encodable_syntaxes() -> list[str]:
     return names
 
 
-def write_dicom(path, img01: np.ndarray, *, photometric: str = "MONOCHROME2", bits: int = 16,
-                syntax: str = "explicit", rescale: tuple[float, float] | None = None, window: bool = True,
-                uid_seed: str = "0", modality: str = "DX", view: str = "PA", subject_id: int = 10000000,
-                study_id: int = 50000000, study_date: str = "21800101", study_time: str = "120000") -> None:
+def write_dicom(
+    path,
+    img01: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits: int = 16,
+    syntax: str = "explicit",
+    rescale: tuple[float, float] | None = None,
+    window: bool = True,
+    uid_seed: str = "0",
+    modality: str = "DX",
+    view: str = "PA",
+    subject_id: int = 10000000,
+    study_id: int = 50000000,
+    study_date: str = "21800101",
+    study_time: str = "120000",
+) -> None:
     """Write ``img01`` (float [0, 1], bone bright) as a single-frame DICOM Part 10 file.
 
     ``bits`` is BitsStored (BitsAllocated 16); MONOCHROME1 stores inverted values; ``rescale`` =
@@ -751,8 +770,14 @@ def _synth_chexpert(out: Path, n: int, size: int, seed: int) -> Path:
     return root
 
 
-_VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "AP AXIAL": "antero-posterior",
-                 "LATERAL": "lateral", "LL": "left lateral", "": ""}
+_VIEW_MEANING = {
+    "PA": "postero-anterior",
+    "AP": "antero-posterior",
+    "AP AXIAL": "antero-posterior",
+    "LATERAL": "lateral",
+    "LL": "left lateral",
+    "": "",
+}
 
 
 def _dicom_id(rng: np.random.Generator) -> str:
@@ -803,8 +828,10 @@ def _synth_mimic(out: Path, n: int, size: int, seed: int, ext: str) -> Path:
         strengths = _strengths(states[si], study_rng)
         year = 2110 + int(study_rng.integers(0, 90))
         date = f"{year}{int(study_rng.integers(1, 13)):02d}{int(study_rng.integers(1, 29)):02d}"
-        time_ = f"{int(study_rng.integers(0, 24)):02d}{int(study_rng.integers(0, 60)):02d}" \
-                f"{int(study_rng.integers(0, 60)):02d}.{int(study_rng.integers(0, 1000)):03d}"
+        time_ = (
+            f"{int(study_rng.integers(0, 24)):02d}{int(study_rng.integers(0, 60)):02d}"
+            f"{int(study_rng.integers(0, 60)):02d}.{int(study_rng.integers(0, 1000)):03d}"
+        )
         portable = study_rng.random() < 0.55
         for j in range(k):
             img_rng = _rng(seed, 14, img_i)
@@ -831,14 +858,17 @@ def _synth_mimic(out: Path, n: int, size: int, seed: int, ext: str) -> Path:
             if ext == "jpg":
                 _save_jpg(folder / f"{did}.jpg", img)
             else:
-                _write_mimic_dicom(folder / f"{did}.dcm", img, img_rng, encodable, did, view, subj, study,
-                                   date, time_.split(".")[0])
+                _write_mimic_dicom(
+                    folder / f"{did}.dcm", img, img_rng, encodable, did, view, subj, study, date, time_.split(".")[0]
+                )
             meta_rows.append([did, subj, study, proc, view, h, w, date, time_, proc, _VIEW_MEANING[view], orient])
             split_rows.append([did, study, subj, split_of[subj]])
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / f"{MIMIC_PREFIX}metadata.csv.gz", MIMIC_METADATA_COLUMNS, meta_rows, gz=True)
     _write_csv(out / f"{MIMIC_PREFIX}chexpert.csv.gz", ["subject_id", "study_id", *MIMIC_LABELS], label_rows, gz=True)
-    _write_csv(out / f"{MIMIC_PREFIX}split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split_rows, gz=True)
+    _write_csv(
+        out / f"{MIMIC_PREFIX}split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split_rows, gz=True
+    )
     return out
 
 
@@ -850,9 +880,22 @@ def _write_mimic_dicom(path, img, rng, encodable, did, view, subj, study, date, 
     rescale = None if u < 0.6 else ((1.0, -1024.0) if u < 0.8 else (0.5, 0.0))
     window = rng.random() < 0.8
     syntax = str(rng.choice(encodable))
-    write_dicom(path, img, photometric=photometric, bits=bits, syntax=syntax, rescale=rescale, window=window,
-                uid_seed=did, modality="DX" if rng.random() < 0.7 else "CR", view=view, subject_id=subj,
-                study_id=study, study_date=date, study_time=time_)
+    write_dicom(
+        path,
+        img,
+        photometric=photometric,
+        bits=bits,
+        syntax=syntax,
+        rescale=rescale,
+        window=window,
+        uid_seed=did,
+        modality="DX" if rng.random() < 0.7 else "CR",
+        view=view,
+        subject_id=subj,
+        study_id=study,
+        study_date=date,
+        study_time=time_,
+    )
 
 
 def synthesize(layout: str, out, n: int, size: int = 256, seed: int = 0) -> Path:

@@ -5,6 +5,7 @@ window since the last record, step and data-wait time, loss, lr, peak memory) an
 epoch. Files are appended to, so a resumed run continues them. Records are flushed as written, so a killed
 rank leaves everything up to its last record.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -43,14 +45,28 @@ def cuda_memory_mb(device) -> dict:
     import torch
 
     free, total = torch.cuda.mem_get_info(device)
-    return {"mem_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "mem_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
-            "mem_device_used_mb": (total - free) / 2**20}
+    return {
+        "mem_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+        "mem_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+        "mem_device_used_mb": (total - free) / 2**20,
+    }
 
 
 class Telemetry:
-    def __init__(self, run_dir: Path, *, rank: int, local_rank: int, host: str, device: str,
-                 world_size: int, log_every: int, memory_fn, show_progress: bool = True, sync_fn=None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        rank: int,
+        local_rank: int,
+        host: str,
+        device: str,
+        world_size: int,
+        log_every: int,
+        memory_fn,
+        show_progress: bool = True,
+        sync_fn=None,
+    ):
         self.rank, self.local_rank, self.host, self.device = rank, local_rank, host, device
         self.world_size, self.log_every, self.memory_fn = world_size, max(1, log_every), memory_fn
         self.sync_fn = sync_fn or (lambda: None)  # waits for queued GPU work before a window is timed
@@ -60,10 +76,17 @@ class Telemetry:
         self.progress = None
         if show_progress and rank == 0:
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[ips]:>7.1f} img/s (all ranks)"), TextColumn("loss {task.fields[loss]:.4f}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(file=sys.stderr), transient=False)
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[ips]:>7.1f} img/s (all ranks)"),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(file=sys.stderr),
+                transient=False,
+            )
             self.progress.start()
         self._task = None
         self._reset_window()
@@ -76,13 +99,20 @@ class Telemetry:
         self._win_start = time.perf_counter()
 
     def write(self, record: dict) -> dict:
-        record = {"time": time.time(), "rank": self.rank, "local_rank": self.local_rank, "host": self.host,
-                  "device": self.device, **record}
+        record = {
+            "time": time.time(),
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "host": self.host,
+            "device": self.device,
+            **record,
+        }
         self.file.write(json.dumps(record) + "\n")
         return record
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0,
-                    carried: tuple[float, int] = (0.0, 0)) -> None:
+    def start_epoch(
+        self, epoch: int, epochs: int, steps: int, done: int = 0, carried: tuple[float, int] = (0.0, 0)
+    ) -> None:
         """``carried``: (seconds, images) this epoch already took before a preemption, so a resumed epoch's
         record covers the whole epoch's training time (not the time spent requeued)."""
         self._epoch_start = time.perf_counter() - carried[0]
@@ -91,11 +121,22 @@ class Telemetry:
         if self.progress is not None:
             if self._task is not None:
                 self.progress.remove_task(self._task)
-            self._task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, completed=done,
-                                                ips=0.0, loss=float("nan"))
+            self._task = self.progress.add_task(
+                f"epoch {epoch + 1}/{epochs}", total=steps, completed=done, ips=0.0, loss=float("nan")
+            )
 
-    def step(self, *, epoch: int, step: int, images: int, step_time: float, data_time: float,
-             loss_fn, lr: float, force: bool = False) -> dict | None:
+    def step(
+        self,
+        *,
+        epoch: int,
+        step: int,
+        images: int,
+        step_time: float,
+        data_time: float,
+        loss_fn,
+        lr: float,
+        force: bool = False,
+    ) -> dict | None:
         """Account one step; every ``log_every`` steps write a record. ``loss_fn`` is only called then
         (it synchronises the device)."""
         self._win_images += images
@@ -111,11 +152,19 @@ class Telemetry:
         elapsed = time.perf_counter() - self._win_start
         loss = float(loss_fn())
         ips = self._win_images / max(elapsed, 1e-9)
-        record = self.write({"event": "step", "epoch": epoch, "step": step, "images_per_s": ips,
-                             "step_time_s": self._win_step_time / max(1, self._win_steps),
-                             "data_time_s": self._win_data_time / max(1, self._win_steps),
-                             "loss": loss if math.isfinite(loss) else str(loss), "lr": lr,
-                             **self.memory_fn()})
+        record = self.write(
+            {
+                "event": "step",
+                "epoch": epoch,
+                "step": step,
+                "images_per_s": ips,
+                "step_time_s": self._win_step_time / max(1, self._win_steps),
+                "data_time_s": self._win_data_time / max(1, self._win_steps),
+                "loss": loss if math.isfinite(loss) else str(loss),
+                "lr": lr,
+                **self.memory_fn(),
+            }
+        )
         if self.progress is not None:
             self.progress.update(self._task, ips=ips * self.world_size, loss=loss)
         self._reset_window()
@@ -126,10 +175,17 @@ class Telemetry:
 
     def end_epoch(self, epoch: int, extra: dict | None = None) -> dict:
         epoch_time = time.perf_counter() - self._epoch_start
-        return self.write({"event": "epoch", "epoch": epoch, "epoch_time_s": epoch_time,
-                           "images": self._epoch_images,
-                           "images_per_s": self._epoch_images / max(epoch_time, 1e-9),
-                           **self.memory_fn(), **(extra or {})})
+        return self.write(
+            {
+                "event": "epoch",
+                "epoch": epoch,
+                "epoch_time_s": epoch_time,
+                "images": self._epoch_images,
+                "images_per_s": self._epoch_images / max(epoch_time, 1e-9),
+                **self.memory_fn(),
+                **(extra or {}),
+            }
+        )
 
     def close(self) -> None:
         if self.progress is not None:

@@ -1,5 +1,6 @@
 """Let `python launchers/<script>.py` work with any interpreter: re-run under the repo's .venv when the
 running one lacks the project's dependencies, and put the repo on sys.path."""
+
 from __future__ import annotations
 
 import os

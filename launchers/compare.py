@@ -15,6 +15,7 @@ another, each waited for before the next starts, so they do not share the CPU an
 With ``--wait`` (always, on the local executor) the report is written to ``--report-dir`` (default
 ``<sweep dir>/report``). All the work is in cxrdist.launch and cxrdist.report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def _csv(choices: tuple[str, ...], what: str):
         if bad or not items:
             raise argparse.ArgumentTypeError(f"{what} must be a comma list of {', '.join(choices)}; got {text!r}")
         return list(dict.fromkeys(items))
+
     return parse
 
 
@@ -41,11 +43,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     from cxrdist.launch import get_args_parser as launch_parser
 
     p = argparse.ArgumentParser(
-        prog="launchers/compare.py", parents=[launch_parser(add_help=False)], allow_abbrev=False,
+        prog="launchers/compare.py",
+        parents=[launch_parser(add_help=False)],
+        allow_abbrev=False,
         description="Run one training per backend x input format with identical settings, then compare "
-                    "accuracy, AUC and time per epoch (cxrdist report).",
+        "accuracy, AUC and time per epoch (cxrdist report).",
         epilog="Everything after `--` is a `cxrdist train` option shared by every run (not --backend/--format: "
-               "use --backends/--formats). --out after `--` names the sweep folder.")
+        "use --backends/--formats). --out after `--` names the sweep folder.",
+    )
     for action in p._actions:  # one backend per run comes from --backends
         if action.dest == "backend":
             action.help = argparse.SUPPRESS
@@ -53,10 +58,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     from cxrdist.engine.backends import names
 
     g = p.add_argument_group("sweep")
-    g.add_argument("--backends", type=_csv(names(), "--backends"), default=list(names()), metavar="NAMES",
-                   help=f"comma list of {','.join(names())} (default: all)")
-    g.add_argument("--formats", type=_csv(FORMATS, "--formats"), default=["shards"],
-                   help="comma list of shards,jpeg,dicom (default: shards)")
+    g.add_argument(
+        "--backends",
+        type=_csv(names(), "--backends"),
+        default=list(names()),
+        metavar="NAMES",
+        help=f"comma list of {','.join(names())} (default: all)",
+    )
+    g.add_argument(
+        "--formats",
+        type=_csv(FORMATS, "--formats"),
+        default=["shards"],
+        help="comma list of shards,jpeg,dicom (default: shards)",
+    )
     g.add_argument("--epochs", type=int, default=None, help="epochs per run (same as the train option --epochs)")
     g.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: <sweep dir>/report)")
     return p
@@ -91,15 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     i = argv.index("--") if "--" in argv else len(argv)
-    launcher_argv, train_argv = argv[:i], argv[i + 1:]
+    launcher_argv, train_argv = argv[:i], argv[i + 1 :]
     args = get_args_parser().parse_args(launcher_argv)
     try:
         if "--backend" in launcher_argv:
             raise UserError("compare.py takes --backends (a comma list), not --backend")
         for flag in ("--backend", "--format", "--nproc"):
             if flag in train_argv:
-                raise UserError(f"{flag} after `--` is set per run by the sweep: use --backends / --formats "
-                                "before `--` (and --gpus / --tasks-per-node for the ranks)")
+                raise UserError(
+                    f"{flag} after `--` is set per run by the sweep: use --backends / --formats "
+                    "before `--` (and --gpus / --tasks-per-node for the ranks)"
+                )
         if args.epochs is not None:
             if "--epochs" in train_argv:
                 raise UserError("--epochs given twice (before and after `--`)")
@@ -114,13 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     report_dir = (args.report_dir or sweep_dir / "report").absolute()
     sequential = cluster == "local"
-    sweep = {"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": cluster,
-             "nodes": args.nodes, "gpus": args.gpus, "tasks_per_node": args.tasks_per_node,
-             "backends": args.backends, "formats": args.formats, "train_argv": train_argv,
-             "command": ["launchers/compare.py", *argv], "report_dir": str(report_dir), "runs": [], "skipped": []}
+    sweep = {
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cluster": cluster,
+        "nodes": args.nodes,
+        "gpus": args.gpus,
+        "tasks_per_node": args.tasks_per_node,
+        "backends": args.backends,
+        "formats": args.formats,
+        "train_argv": train_argv,
+        "command": ["launchers/compare.py", *argv],
+        "report_dir": str(report_dir),
+        "runs": [],
+        "skipped": [],
+    }
     _write_sweep(sweep_dir, sweep)
-    print(f"sweep: {len(args.backends)} backend(s) x {len(args.formats)} format(s) on {cluster} "
-          f"-> {sweep_dir}" + (" (one run at a time)" if sequential else ""), flush=True)
+    print(
+        f"sweep: {len(args.backends)} backend(s) x {len(args.formats)} format(s) on {cluster} "
+        f"-> {sweep_dir}" + (" (one run at a time)" if sequential else ""),
+        flush=True,
+    )
 
     subs: list[tuple[dict, object]] = []
     failed = 0
@@ -129,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             for backend in args.backends:
                 la = launch_args_for(args, backend, fmt)
                 run_dir = sweep_dir / f"{backend}-{fmt}"
-                cfg = replace(base, dist=replace(base.dist, backend=backend),
-                              data=replace(base.data, format=fmt), run=replace(base.run, out=str(run_dir)))
+                cfg = replace(
+                    base,
+                    dist=replace(base.dist, backend=backend),
+                    data=replace(base.data, format=fmt),
+                    run=replace(base.run, out=str(run_dir)),
+                )
                 reason = launch.preflight(la, cfg)
                 sub = None
                 if reason is None:
@@ -140,14 +174,27 @@ def main(argv: list[str] | None = None) -> int:
                         reason = f"not submitted: {e}"
                 if sub is None:
                     print(f"skip {backend}-{fmt}: {reason}", flush=True)
-                    sweep["skipped"].append({"backend": backend, "format": fmt, "reason": reason,
-                                             "backend_info": backend_class(backend).info()})
+                    sweep["skipped"].append(
+                        {
+                            "backend": backend,
+                            "format": fmt,
+                            "reason": reason,
+                            "backend_info": backend_class(backend).info(),
+                        }
+                    )
                     _write_sweep(sweep_dir, sweep)
                     continue
-                entry = {"backend": backend, "format": fmt, "run_dir": run_dir.name, "job_id": sub.job_id,
-                         "log_dir": str(sub.log_dir), "executor": sub.executor,
-                         "world_size": sub.plan.world_size if sub.plan else None,
-                         "gpus_per_node": sub.plan.gpus_per_node if sub.plan else None, "rc": None}
+                entry = {
+                    "backend": backend,
+                    "format": fmt,
+                    "run_dir": run_dir.name,
+                    "job_id": sub.job_id,
+                    "log_dir": str(sub.log_dir),
+                    "executor": sub.executor,
+                    "world_size": sub.plan.world_size if sub.plan else None,
+                    "gpus_per_node": sub.plan.gpus_per_node if sub.plan else None,
+                    "rc": None,
+                }
                 sweep["runs"].append(entry)
                 _write_sweep(sweep_dir, sweep)
                 print(launch.describe(sub), flush=True)
@@ -163,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                 failed += entry["rc"] != 0
                 _write_sweep(sweep_dir, sweep)
     except KeyboardInterrupt:
-        print(f"\nstopped; submitted jobs keep running. Their list: {sweep_dir / 'sweep.json'}; "
-              f"report later with: cxrdist report {sweep_dir} --out {report_dir}", file=sys.stderr)
+        print(
+            f"\nstopped; submitted jobs keep running. Their list: {sweep_dir / 'sweep.json'}; "
+            f"report later with: cxrdist report {sweep_dir} --out {report_dir}",
+            file=sys.stderr,
+        )
         return 130
 
     if not (args.wait or sequential):

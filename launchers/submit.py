@@ -5,6 +5,7 @@
 
 Launcher flags first (`--help`), then `--` and any `cxrdist train` option. All the work is in cxrdist.launch.
 """
+
 from __future__ import annotations
 
 import sys

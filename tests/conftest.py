@@ -9,6 +9,7 @@ two slurmd, node1/node2, loopback only). Installs Debian's slurm-wlm + munge whe
 tests; elsewhere it skips them with the reason. A cluster already running in the same state dir is reused
 and left running.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,21 +23,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytest_plugins = ["fixtures_data"]   # tiny_shards, learnable_shards
+pytest_plugins = ["fixtures_data"]  # tiny_shards, learnable_shards
 
 
 # --- SLURM ---------------------------------------------------------------------------------------------
 @dataclass
 class SlurmCluster:
-    dir: Path                      # state dir: slurm.conf, logs, spool, jobcomp.txt
-    conf: Path                     # SLURM_CONF
-    bin: Path                      # first on PATH: the sacct shim
-    env: dict = field(default_factory=dict)   # SLURM_CONF and PATH, as set in os.environ
+    dir: Path  # state dir: slurm.conf, logs, spool, jobcomp.txt
+    conf: Path  # SLURM_CONF
+    bin: Path  # first on PATH: the sacct shim
+    env: dict = field(default_factory=dict)  # SLURM_CONF and PATH, as set in os.environ
     started_here: bool = True
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env})
+        return subprocess.run(
+            cmd, check=check, capture_output=True, text=True, timeout=timeout, env={**os.environ, **self.env}
+        )
 
     def job_state(self, job_id: str | int) -> str:
         """Current state of a job (``squeue -t all``; '' once the controller has forgotten it)."""
@@ -75,8 +77,9 @@ def _ensure_slurm_installed() -> None:
     if shutil.which("slurmctld") and shutil.which("munged"):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        _fail_or_skip("SLURM is not installed and cannot be installed here (needs root + apt): "
-                      "run `make slurm-deps` as root")
+        _fail_or_skip(
+            "SLURM is not installed and cannot be installed here (needs root + apt): run `make slurm-deps` as root"
+        )
     proc = subprocess.run(["make", "-s", "-C", str(REPO), "slurm-deps"], capture_output=True, text=True)
     if proc.returncode or not shutil.which("slurmctld"):
         _fail_or_skip(f"`make slurm-deps` failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -92,8 +95,7 @@ def slurm_cluster():
     if proc.returncode:
         _fail_or_skip(f"slurm/cluster.sh start failed: {proc.stderr.strip()[-1500:]}")
     cluster = SlurmCluster(dir=state, conf=state / "slurm.conf", bin=state / "bin", started_here=not already)
-    cluster.env = {"SLURM_CONF": str(cluster.conf),
-                   "PATH": f"{cluster.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cluster.env = {"SLURM_CONF": str(cluster.conf), "PATH": f"{cluster.bin}{os.pathsep}{os.environ.get('PATH', '')}"}
     saved = {k: os.environ.get(k) for k in cluster.env}
     os.environ.update(cluster.env)
     try:

@@ -3,6 +3,7 @@
 Registered in conftest.py (``pytest_plugins``). Built once per test session under a temp folder; tests
 that change shards copy them first.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,28 +11,69 @@ from pathlib import Path
 import pytest
 
 
-def _pack(tmp: Path, name: str, *, layout: str, n: int, size: int, pack_size: int, samples_per_shard: int,
-          min_shards: int, source: str) -> dict:
+def _pack(
+    tmp: Path,
+    name: str,
+    *,
+    layout: str,
+    n: int,
+    size: int,
+    pack_size: int,
+    samples_per_shard: int,
+    min_shards: int,
+    source: str,
+) -> dict:
     from cxrdist.shards.pack import pack
     from cxrdist.synth import synthesize
 
     root = synthesize(layout=layout, out=tmp / f"{name}-src", n=n, size=size, seed=0)
     out = tmp / f"{name}-shards"
-    pack(source=source, root=root, out=out, size=pack_size, encoding="jpg", views="frontal", policy="u-zeros",
-         split="patient", workers=1, samples_per_shard=samples_per_shard, dry_run=False, strict=False, seed=0,
-         min_shards=min_shards)
+    pack(
+        source=source,
+        root=root,
+        out=out,
+        size=pack_size,
+        encoding="jpg",
+        views="frontal",
+        policy="u-zeros",
+        split="patient",
+        workers=1,
+        samples_per_shard=samples_per_shard,
+        dry_run=False,
+        strict=False,
+        seed=0,
+        min_shards=min_shards,
+    )
     return {"root": Path(root), "shards": out}
 
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> dict:
     """~300 CheXpert-layout images packed at 32 px: for trainer/launcher plumbing tests."""
-    return _pack(tmp_path_factory.mktemp("tiny"), "tiny", layout="chexpert", n=300, size=64, pack_size=32,
-                 samples_per_shard=40, min_shards=4, source="chexpert")
+    return _pack(
+        tmp_path_factory.mktemp("tiny"),
+        "tiny",
+        layout="chexpert",
+        n=300,
+        size=64,
+        pack_size=32,
+        samples_per_shard=40,
+        min_shards=4,
+        source="chexpert",
+    )
 
 
 @pytest.fixture(scope="session")
 def learnable_shards(tmp_path_factory) -> dict:
     """The demo-sized dataset packed at 64 px: for the accuracy test."""
-    return _pack(tmp_path_factory.mktemp("learn"), "learn", layout="chexpert", n=2400, size=128, pack_size=64,
-                 samples_per_shard=200, min_shards=8, source="chexpert")
+    return _pack(
+        tmp_path_factory.mktemp("learn"),
+        "learn",
+        layout="chexpert",
+        n=2400,
+        size=128,
+        pack_size=64,
+        samples_per_shard=200,
+        min_shards=8,
+        source="chexpert",
+    )

@@ -1,4 +1,5 @@
 """The backends behind one interface: same data + same global batch => the same loss curve."""
+
 import os
 import subprocess
 import sys
@@ -20,19 +21,29 @@ def run_ranks(backend: str, world: int, zero: int, tmp_path) -> list[float]:
     port = free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        if world == 1:
-            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-                env.pop(k)
-        procs.append(subprocess.Popen([sys.executable, str(HELPER), backend, str(zero), str(STEPS), str(GLOBAL_BATCH),
-                                       str(tmp_path / backend)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = dict(os.environ, OMP_NUM_THREADS="1", **(dist.local_rank_env(rank, world, port) if world > 1 else {}))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HELPER),
+                    backend,
+                    str(zero),
+                    str(STEPS),
+                    str(GLOBAL_BATCH),
+                    str(tmp_path / backend),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
-    line = next(l for l in outs[0][0].splitlines() if l.startswith("LOSSES "))
-    return [float(v) for v in line[len("LOSSES "):].strip("[]").split(",")]
+    line = next(ln for ln in outs[0][0].splitlines() if ln.startswith("LOSSES "))
+    return [float(v) for v in line[len("LOSSES ") :].strip("[]").split(",")]
 
 
 @pytest.mark.slow

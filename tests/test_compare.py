@@ -1,4 +1,5 @@
 """launchers/compare.py end to end on CPU ranks with the local executor, and its skipped-only path."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,23 @@ COMPARE = REPO / "launchers" / "compare.py"
 
 
 def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MPLBACKEND": "Agg", "COLUMNS": "200", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "MPLBACKEND": "Agg",
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     # its own session: on a timeout the local executor's jobs (same process group) go down with it
-    proc = subprocess.Popen([sys.executable, str(COMPARE), *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(COMPARE), *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -33,9 +46,28 @@ def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProc
 def test_only_skipped_backends_still_report(tmp_path):
     """dp on CPU ranks cannot run: recorded as skipped with the reason, the report says so, rc 1."""
     sweep = tmp_path / "sweep"
-    proc = _run(["--nodes", "1", "--gpus", "0", "--backends", "dp", "--cluster", "local", "--wait",
-                 "--log-dir", str(tmp_path / "logs"), "--", "--out", str(sweep), "--epochs", "1"],
-                cwd=tmp_path, timeout=120)
+    proc = _run(
+        [
+            "--nodes",
+            "1",
+            "--gpus",
+            "0",
+            "--backends",
+            "dp",
+            "--cluster",
+            "local",
+            "--wait",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--",
+            "--out",
+            str(sweep),
+            "--epochs",
+            "1",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     data = json.loads((sweep / "sweep.json").read_text())
     assert data["runs"] == [] and len(data["skipped"]) == 1
@@ -56,13 +88,50 @@ def test_bad_sweep_options(tmp_path):
 def test_compare_cpu_ranks_end_to_end(tiny_shards, tmp_path):
     """single, dp, ddp, deepspeed on 2 CPU ranks (tests/fixtures_data.py's tiny shards): dp is skipped."""
     sweep = tmp_path / "sweep"
-    proc = _run(["--nodes", "1", "--gpus", "0", "--tasks-per-node", "2",
-                 "--backends", "single,dp,ddp,deepspeed", "--cluster", "local", "--wait", "--time", "10",
-                 "--cpus-per-task", "1", "--log-dir", str(tmp_path / "logs"), "--",
-                 "--shards", str(tiny_shards["shards"]), "--model", "densenet121", "--image-size", "32",
-                 "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu",
-                 "--max-steps", "3", "--log-every", "1",  # a shared 2-core box: a few steps per run
-                 "--out", str(sweep)], cwd=tmp_path, timeout=540)
+    proc = _run(
+        [
+            "--nodes",
+            "1",
+            "--gpus",
+            "0",
+            "--tasks-per-node",
+            "2",
+            "--backends",
+            "single,dp,ddp,deepspeed",
+            "--cluster",
+            "local",
+            "--wait",
+            "--time",
+            "10",
+            "--cpus-per-task",
+            "1",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--",
+            "--shards",
+            str(tiny_shards["shards"]),
+            "--model",
+            "densenet121",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "3",
+            "--log-every",
+            "1",  # a shared 2-core box: a few steps per run
+            "--out",
+            str(sweep),
+        ],
+        cwd=tmp_path,
+        timeout=540,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
 
@@ -83,7 +152,8 @@ def test_compare_cpu_ranks_end_to_end(tiny_shards, tmp_path):
     assert csv.loc["single", "layout"] == "1 CPU rank" and csv.loc["ddp", "layout"] == "2 CPU ranks"
     assert csv.loc["single", "speedup"] == pytest.approx(1.0)
     assert csv.loc["ddp", "speedup"] > 0 and csv.loc["ddp", "efficiency_pct"] == pytest.approx(
-        100 * csv.loc["ddp", "speedup"] / 2, abs=0.2)
+        100 * csv.loc["ddp", "speedup"] / 2, abs=0.2
+    )
     for name in ("report.md", "throughput.png", "epoch_time.png", "memory.png"):
         assert (report / name).stat().st_size > 0, name
     # the sweep folder can be reported again later

@@ -5,6 +5,7 @@ precision and channels_last, the sharded checkpoint, a preemption mid-epoch and 
 weights as an uninterrupted run, `cxrdist eval` reading the sharded checkpoint without a process group, and
 the backend's own description reaching the summary that `cxrdist report` reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--
 
 
 def train(*args, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -36,34 +38,69 @@ def summary(run: Path) -> dict:
 @pytest.mark.slow
 def test_fsdp_trains_in_bf16_and_eval_reads_its_sharded_checkpoint(tiny_shards, tmp_path):
     run = tmp_path / "fsdp"
-    train("--shards", tiny_shards["shards"], "--out", run, "--backend", "fsdp", "--nproc", "2", "--epochs", "1",
-          "--precision", "bf16", "--channels-last", *TINY)
+    train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        run,
+        "--backend",
+        "fsdp",
+        "--nproc",
+        "2",
+        "--epochs",
+        "1",
+        "--precision",
+        "bf16",
+        "--channels-last",
+        *TINY,
+    )
     s = summary(run)
     assert s["status"] == "completed" and s["world_size"] == 2 and s["channels_last"] == "activations"
     assert s["backend_info"]["name"] == "fsdp" and s["backend_info"]["per_gpu"]
     folder = run / "checkpoints" / (run / "checkpoints" / "best").read_text().strip()
-    assert (folder / ".metadata").is_file() and (folder / "client.pt").is_file()   # a DCP folder
-    weights, client = read_weights(run, "best", backend="fsdp")   # one process, no group
+    assert (folder / ".metadata").is_file() and (folder / "client.pt").is_file()  # a DCP folder
+    weights, client = read_weights(run, "best", backend="fsdp")  # one process, no group
     assert client["config"]["dist"]["backend"] == "fsdp" and all(not hasattr(v, "to_local") for v in weights.values())
-    ev = subprocess.run([sys.executable, "-m", "cxrdist.cli", "eval", "--run", str(run), "--split", "test"],
-                        capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", "eval", "--run", str(run), "--split", "test"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert json.loads(ev.stdout[ev.stdout.index("{"):])["n"] == s["test"]["n"]
+    assert json.loads(ev.stdout[ev.stdout.index("{") :])["n"] == s["test"]["n"]
 
 
 @pytest.mark.slow
 def test_fsdp_preempted_mid_epoch_resumes_to_the_uninterrupted_weights(tiny_shards, tmp_path):
-    args = ["--shards", tiny_shards["shards"], "--backend", "fsdp", "--nproc", "2", "--epochs", "2", "--seed", "3",
-            "--log-every", "1", *TINY]
+    args = [
+        "--shards",
+        tiny_shards["shards"],
+        "--backend",
+        "fsdp",
+        "--nproc",
+        "2",
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--log-every",
+        "1",
+        *TINY,
+    ]
     train(*args, "--out", tmp_path / "straight")
     run = tmp_path / "preempted"
-    proc = subprocess.Popen([sys.executable, "-m", "cxrdist.cli", "train", *map(str, args), "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args), "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     tel = run / "telemetry" / "rank0.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (tel.exists() and len(tel.read_text().splitlines()) >= 4):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR2)   # the launcher forwards it to both ranks
+    proc.send_signal(signal.SIGUSR2)  # the launcher forwards it to both ranks
     _, err = proc.communicate(timeout=300)
     first = summary(run)
     assert first["status"] == "preempted", err[-2000:]

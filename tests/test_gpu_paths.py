@@ -3,6 +3,7 @@
 What needs a real GPU (NCCL, fp16, cuDNN, the memory counters) runs in `make gpu-check`; its CPU dry run
 is tests/test_gpucheck.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def clean_env(**extra) -> dict:
 
 
 def train(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env or clean_env())
+    return subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or clean_env(),
+    )
 
 
 def summary(run: Path) -> dict:
@@ -47,7 +53,7 @@ def test_wait_policy_spins_only_where_a_ranks_threads_own_their_cores():
     assert cpus.wait_policy(1, 2, 2, gpu=False)[0] == "ACTIVE"
     assert cpus.wait_policy(2, 1, 2, gpu=False)[0] == "ACTIVE"
     assert cpus.wait_policy(4, 1, 2, gpu=False) == ("PASSIVE", "4 rank(s) x 1 thread(s) oversubscribe 2 core(s)")
-    assert cpus.wait_policy(1, 8, 16, gpu=True)[0] == "PASSIVE"   # idle GPU-rank threads must not spin
+    assert cpus.wait_policy(1, 8, 16, gpu=True)[0] == "PASSIVE"  # idle GPU-rank threads must not spin
 
 
 def test_ranks_and_threads_come_from_torchrun_submitit_or_slurm():
@@ -68,18 +74,24 @@ def test_auto_workers_feed_gpus_and_leave_cpu_ranks_their_cores():
     assert cpus.auto_workers(8, gpu=False) == 1
 
 
-@pytest.mark.parametrize("env,policy,why", [   # CUDA_VISIBLE_DEVICES="": a CPU node even where GPUs exist
-    ({"LOCAL_WORLD_SIZE": "1", "CXRDIST_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, "ACTIVE", "fit"),
-    ({"LOCAL_WORLD_SIZE": "4", "CXRDIST_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, "PASSIVE", "oversubscribe"),
-    ({"LOCAL_WORLD_SIZE": "4", "CXRDIST_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE", "set by the user"),
-])
+@pytest.mark.parametrize(
+    "env,policy,why",
+    [  # CUDA_VISIBLE_DEVICES="": a CPU node even where GPUs exist
+        ({"LOCAL_WORLD_SIZE": "1", "CXRDIST_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, "ACTIVE", "fit"),
+        ({"LOCAL_WORLD_SIZE": "4", "CXRDIST_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, "PASSIVE", "oversubscribe"),
+        ({"LOCAL_WORLD_SIZE": "4", "CXRDIST_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE", "set by the user"),
+    ],
+)
 def test_the_wait_policy_is_chosen_before_torch_loads_openmp(env, policy, why):
     """A fresh process (torch not yet loaded): what `import cxrdist` decides, and records for telemetry."""
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "CXRDIST_OMP_WAIT", *RANK_VARS)}
-    code = ("import sys, cxrdist, os; assert 'torch' not in sys.modules; "
-            "print(os.environ['OMP_WAIT_POLICY'], '|', os.environ['CXRDIST_OMP_WAIT'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env},
-                         check=True).stdout
+    code = (
+        "import sys, cxrdist, os; assert 'torch' not in sys.modules; "
+        "print(os.environ['OMP_WAIT_POLICY'], '|', os.environ['CXRDIST_OMP_WAIT'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env}, check=True
+    ).stdout
     got, record = (x.strip() for x in out.split("|"))
     assert got == policy and record.startswith(policy) and why in record, out
 
@@ -90,13 +102,15 @@ def test_the_wait_policy_is_chosen_before_torch_loads_openmp(env, policy, why):
 def test_reading_the_rank_layout_does_not_load_torch():
     """The submitit job imports these before it chooses OpenMP's wait policy: torch must not load yet."""
     code = "import sys, cxrdist.launch, cxrdist.dist, cxrdist.cpus; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_two_ranks_on_one_gpu_are_refused():
-    dist.check_gpu_sharing(4, 4)                      # one GPU per rank
-    dist.check_gpu_sharing(4, 1)                      # srun --gpus-per-task=1: each task sees its own
+    dist.check_gpu_sharing(4, 4)  # one GPU per rank
+    dist.check_gpu_sharing(4, 1)  # srun --gpus-per-task=1: each task sees its own
     with pytest.raises(ConfigError, match="4 ranks on this node but 2 visible GPU"):
         dist.check_gpu_sharing(4, 2)
     with pytest.raises(ConfigError, match="SLURM gave it 2 GPU"):
@@ -114,7 +128,7 @@ def test_gpus_asked_for_but_cuda_unavailable_fails_loudly_with_the_reason(monkey
     with pytest.raises(ConfigError, match="this node has NVIDIA devices but CUDA is unavailable"):
         dist.select_device(dist.DistEnv(), "auto")
     monkeypatch.setattr(cpus, "gpu_node", lambda env=None: False)
-    assert dist.select_device(dist.DistEnv(), "auto").type == "cpu"   # no GPU at all: the CPU, as asked
+    assert dist.select_device(dist.DistEnv(), "auto").type == "cpu"  # no GPU at all: the CPU, as asked
 
 
 def test_cuda_unavailable_reason_names_the_wheel_and_the_driver(monkeypatch):
@@ -162,13 +176,36 @@ def test_dp_replicas_autocast_in_their_own_threads():
 # DeepSpeed with one rank, channels_last everywhere it is asked for
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,zero,mode", [("single", 0, "model"), ("deepspeed", 0, "model"),
-                                               ("deepspeed", 1, "activations")])
+@pytest.mark.parametrize(
+    "backend,zero,mode", [("single", 0, "model"), ("deepspeed", 0, "model"), ("deepspeed", 1, "activations")]
+)
 def test_one_rank_trains_with_channels_last(tiny_shards, tmp_path, backend, zero, mode):
     run = tmp_path / f"{backend}{zero}"
-    proc = train("--shards", tiny_shards["shards"], "--out", run, "--backend", backend, "--zero-stage", zero,
-                 "--channels-last", "--precision", "bf16", "--epochs", "1", "--max-steps", "3", "--no-test",
-                 *TINY[:6], "--log-every", "100", "--workers", "0", "--device", "cpu")
+    proc = train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        run,
+        "--backend",
+        backend,
+        "--zero-stage",
+        zero,
+        "--channels-last",
+        "--precision",
+        "bf16",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--no-test",
+        *TINY[:6],
+        "--log-every",
+        "100",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary(run)
     assert s["status"] == "completed" and s["world_size"] == 1 and s["channels_last"] == mode
@@ -176,31 +213,65 @@ def test_one_rank_trains_with_channels_last(tiny_shards, tmp_path, backend, zero
     start = next(r for r in records if r["event"] == "start")
     assert start["channels_last"] == mode and start["omp_wait_policy"] in ("ACTIVE", "PASSIVE")
     steps = [r for r in records if r["event"] == "step"]
-    assert steps and isinstance(steps[-1]["loss"], float)   # --log-every 100 > steps: still one record
-    assert "device cpu" in proc.stderr and "[cxrdist rank 0/1" in proc.stderr   # the first log line
+    assert steps and isinstance(steps[-1]["loss"], float)  # --log-every 100 > steps: still one record
+    assert "device cpu" in proc.stderr and "[cxrdist rank 0/1" in proc.stderr  # the first log line
 
 
 # --------------------------------------------------------------------------------------------------------
 # --nproc inside an srun step
 # --------------------------------------------------------------------------------------------------------
 def srun_step_env(tasks: int) -> dict:
-    return clean_env(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS=str(tasks), SLURM_NTASKS=str(tasks),
-                     SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost",
-                     SLURM_JOB_NODELIST="localhost")
+    return clean_env(
+        SLURM_PROCID="0",
+        SLURM_STEP_NUM_TASKS=str(tasks),
+        SLURM_NTASKS=str(tasks),
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_JOB_ID="4242",
+        SLURM_STEP_NODELIST="localhost",
+        SLURM_JOB_NODELIST="localhost",
+    )
 
 
 @pytest.mark.slow
 def test_nproc_inside_a_one_task_srun_step_starts_the_ranks(tiny_shards, tmp_path):
     run = tmp_path / "pty"
-    proc = train("--shards", tiny_shards["shards"], "--out", run, "--backend", "ddp", "--nproc", "2",
-                 "--epochs", "1", "--max-steps", "2", "--no-test", "--workers", "0", *TINY, env=srun_step_env(1))
+    proc = train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        run,
+        "--backend",
+        "ddp",
+        "--nproc",
+        "2",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--no-test",
+        "--workers",
+        "0",
+        *TINY,
+        env=srun_step_env(1),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary(run)["world_size"] == 2
 
 
 def test_nproc_inside_a_multi_task_srun_step_is_refused(tiny_shards, tmp_path):
-    proc = train("--shards", tiny_shards["shards"], "--out", tmp_path / "x", "--backend", "ddp", "--nproc", "2",
-                 *TINY, env=srun_step_env(4))
+    proc = train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        tmp_path / "x",
+        "--backend",
+        "ddp",
+        "--nproc",
+        "2",
+        *TINY,
+        env=srun_step_env(4),
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--nproc 2 inside a launch of 4 ranks (slurm)" in proc.stderr
 
@@ -231,8 +302,16 @@ print("NO TIMEOUT", flush=True)
 @pytest.mark.timeout(120)
 def test_the_control_group_times_out_after_the_runs_timeout_not_gloos_30_minutes():
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", CTRL, str(r), port], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=clean_env()) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CTRL, str(r), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
+        for r in (0, 1)
+    ]
     out, err = procs[0].communicate(timeout=90)
     procs[1].kill()
     assert out.startswith("TIMEOUT"), (out, err[-2000:])
@@ -245,8 +324,18 @@ def test_the_control_group_times_out_after_the_runs_timeout_not_gloos_30_minutes
 def test_a_window_is_timed_after_the_device_has_finished_it(tmp_path):
     """With asynchronous CUDA, the last step of a window is still running when the clock is read: the
     sync must come before the clock (here a sync that takes 0.3 s stands for the queued work)."""
-    tel = telemetry.Telemetry(tmp_path, rank=0, local_rank=0, host="h", device="cpu", world_size=1, log_every=1,
-                              memory_fn=lambda: {}, show_progress=False, sync_fn=lambda: time.sleep(0.3))
+    tel = telemetry.Telemetry(
+        tmp_path,
+        rank=0,
+        local_rank=0,
+        host="h",
+        device="cpu",
+        world_size=1,
+        log_every=1,
+        memory_fn=lambda: {},
+        show_progress=False,
+        sync_fn=lambda: time.sleep(0.3),
+    )
     tel.start_epoch(0, 1, 1)
     rec = tel.step(epoch=0, step=0, images=30, step_time=0.0, data_time=0.0, loss_fn=lambda: 0.5, lr=1e-3)
     tel.close()
@@ -255,7 +344,7 @@ def test_a_window_is_timed_after_the_device_has_finished_it(tmp_path):
 
 def test_peak_memory_starts_again_every_epoch():
     telemetry.reset_peak_rss()
-    block = torch.ones(300 * 2**20 // 4)   # 300 MB
+    block = torch.ones(300 * 2**20 // 4)  # 300 MB
     high = telemetry.peak_rss_mb()
     del block
     telemetry.reset_peak_rss()
@@ -286,10 +375,10 @@ def test_persistent_training_workers_replay_each_epoch_exactly(tiny_shards):
 # the launcher: CPUs per task from the node, CUDA_VISIBLE_DEVICES kept
 # --------------------------------------------------------------------------------------------------------
 def test_cpus_per_task_default_is_the_nodes_share():
-    assert launch.size_cpus(None, 1, 2, "slurm") == (2, None)      # 2-CPU node, 1 task: both CPUs
-    assert launch.size_cpus(None, 8, 64, "slurm", 8, 8) == (8, None)   # 64 cores, 8 GPUs: 8 each, none idle
-    assert launch.size_cpus(None, 1, 64, "slurm", 1, 8) == (8, None)   # 1 of 8 GPUs: 1/8 of the node
-    assert launch.size_cpus(3, 8, 64, "slurm") == (3, None)        # asked for
+    assert launch.size_cpus(None, 1, 2, "slurm") == (2, None)  # 2-CPU node, 1 task: both CPUs
+    assert launch.size_cpus(None, 8, 64, "slurm", 8, 8) == (8, None)  # 64 cores, 8 GPUs: 8 each, none idle
+    assert launch.size_cpus(None, 1, 64, "slurm", 1, 8) == (8, None)  # 1 of 8 GPUs: 1/8 of the node
+    assert launch.size_cpus(3, 8, 64, "slurm") == (3, None)  # asked for
     cpus_, threads = launch.size_cpus(None, 2, dist.cpu_count(), "local")
     assert cpus_ == max(1, dist.cpu_count() // 2) and threads == cpus_
 
@@ -314,7 +403,8 @@ def test_defaults_fit_a_two_cpu_node_partition(slurm_cluster, tmp_path):
 
     cfg = parse_train_argv(["--shards", str(tmp_path), "--out", str(tmp_path / "r")])
     for tasks, want in ((1, 2), (2, 1)):
-        args = launch.get_args_parser().parse_args(["--nodes", "2", "--gpus", "0", "--tasks-per-node", str(tasks),
-                                                     "--backend", "ddp", "--cluster", "slurm"])
+        args = launch.get_args_parser().parse_args(
+            ["--nodes", "2", "--gpus", "0", "--tasks-per-node", str(tasks), "--backend", "ddp", "--cluster", "slurm"]
+        )
         p = launch.plan(args, cfg)
         assert (p.cpus_per_task, p.nodes, p.tasks_per_node) == (want, 2, tasks), p

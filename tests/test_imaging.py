@@ -1,4 +1,5 @@
 """cxrdist.imaging on real radiographs (pydicom-data / pydicom test files) and real JPEG/PNG bytes."""
+
 from __future__ import annotations
 
 import io

@@ -2,12 +2,13 @@
 
 Tiny runs: DenseNet-121 at 32 px on CPU ranks, 2 epochs of ~15 steps. Timings are printed (pytest -s).
 """
+
 from __future__ import annotations
 
 import io
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,10 +21,38 @@ from cxrdist import launch
 from cxrdist.config import parse_train_argv
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--workers", "0",
-        "--log-every", "2", "--device", "cpu"]
-DDP_2x1 = ["--nodes", "2", "--gpus", "0", "--tasks-per-node", "1", "--backend", "ddp", "--cluster", "slurm",
-           "--time", "20", "--signal-delay", "30"]
+TINY = [
+    "--model",
+    "densenet121",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--workers",
+    "0",
+    "--log-every",
+    "2",
+    "--device",
+    "cpu",
+]
+DDP_2x1 = [
+    "--nodes",
+    "2",
+    "--gpus",
+    "0",
+    "--tasks-per-node",
+    "1",
+    "--backend",
+    "ddp",
+    "--cluster",
+    "slurm",
+    "--time",
+    "20",
+    "--signal-delay",
+    "30",
+]
 
 
 def launch_args(*argv: str, log_dir: Path):
@@ -71,25 +100,39 @@ def test_auto_without_a_controller_is_local_and_checks_are_one_line(no_controlle
     args = launch_args("--gpus", "0", "--backend", "ddp", log_dir=tmp_path)
     assert launch.resolve_cluster(args) == "local"
     cfg = train_cfg(tmp_path, tmp_path / "run")
-    assert launch.preflight(launch_args("--gpus", "0", "--backend", "dp", log_dir=tmp_path), cfg) \
+    assert (
+        launch.preflight(launch_args("--gpus", "0", "--backend", "dp", log_dir=tmp_path), cfg)
         == "dp needs >= 2 GPUs per node; the target has 0"
-    assert launch.preflight(launch_args("--gpus", "0", "--backend", "ddp", "--tasks-per-node", "2",
-                                        log_dir=tmp_path), cfg) is None
+    )
+    assert (
+        launch.preflight(launch_args("--gpus", "0", "--backend", "ddp", "--tasks-per-node", "2", log_dir=tmp_path), cfg)
+        is None
+    )
     assert "local executor runs on this machine only" in launch.preflight(
-        launch_args("--nodes", "2", "--gpus", "0", log_dir=tmp_path), cfg)
-    assert "--signal-delay" in launch.preflight(launch_args("--time", "2", "--signal-delay", "120",
-                                                            log_dir=tmp_path), cfg)
+        launch_args("--nodes", "2", "--gpus", "0", log_dir=tmp_path), cfg
+    )
+    assert "--signal-delay" in launch.preflight(
+        launch_args("--time", "2", "--signal-delay", "120", log_dir=tmp_path), cfg
+    )
     with pytest.raises(launch.LaunchError, match="no SLURM controller answers"):
         launch.resolve_cluster(launch_args("--cluster", "slurm", log_dir=tmp_path))
 
 
 def test_submit_py_bad_input_is_one_line_exit_2(no_controller, tmp_path):
     env = {**os.environ, "SLURM_CONF": str(tmp_path / "none.conf")}
-    for argv, message in ((["--gpus", "0", "--backend", "dp"], "dp needs >= 2 GPUs per node"),
-                          (["--gpus", "0", "--", "--backend", "ddp"], "--backend goes before `--`"),
-                          (["--gpus", "0", "--", "--nproc", "2"], "--nproc is `cxrdist train`'s own")):
-        proc = subprocess.run([sys.executable, str(REPO / "launchers" / "submit.py"), *argv], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=60)
+    for argv, message in (
+        (["--gpus", "0", "--backend", "dp"], "dp needs >= 2 GPUs per node"),
+        (["--gpus", "0", "--", "--backend", "ddp"], "--backend goes before `--`"),
+        (["--gpus", "0", "--", "--nproc", "2"], "--nproc is `cxrdist train`'s own"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "launchers" / "submit.py"), *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("submit: error: ") and message in proc.stderr
 
@@ -104,15 +147,34 @@ def test_checkpoint_resubmits_the_same_run_with_resume(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_local_executor_runs_cpu_ranks_for_gpus_with_one_warning(no_controller, tiny_shards, tmp_path,
-                                                                  capsys, monkeypatch):
+def test_local_executor_runs_cpu_ranks_for_gpus_with_one_warning(
+    no_controller, tiny_shards, tmp_path, capsys, monkeypatch
+):
     """`--gpus 2` on a host with neither SLURM nor GPUs: 2 local CPU ranks, a one-line warning, --wait -> 0."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
-    rc = launch.main(["--nodes", "1", "--gpus", "2", "--backend", "ddp", "--wait", "--log-dir",
-                      str(tmp_path / "logs" / "%j"), "--", "--shards", str(tiny_shards["shards"]), "--out",
-                      str(run), *TINY, "--epochs", "1"])
+    rc = launch.main(
+        [
+            "--nodes",
+            "1",
+            "--gpus",
+            "2",
+            "--backend",
+            "ddp",
+            "--wait",
+            "--log-dir",
+            str(tmp_path / "logs" / "%j"),
+            "--",
+            "--shards",
+            str(tiny_shards["shards"]),
+            "--out",
+            str(run),
+            *TINY,
+            "--epochs",
+            "1",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.out + captured.err
     warnings = [ln for ln in captured.err.splitlines() if ln.startswith("warning:")]
@@ -121,14 +183,15 @@ def test_local_executor_runs_cpu_ranks_for_gpus_with_one_warning(no_controller, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["device"] == "cpu"
     assert {r["rank"] for r in records(run, 0, "step") + records(run, 1, "step")} == {0, 1}
-    assert not (tmp_path / "logs" / "%j").exists()   # submitit's local controller leaves it; wait() tidies
+    assert not (tmp_path / "logs" / "%j").exists()  # submitit's local controller leaves it; wait() tidies
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_failing_job_surfaces_the_ranks_error(no_controller, tiny_shards, tmp_path):
-    args = launch_args("--gpus", "0", "--tasks-per-node", "2", "--backend", "ddp", "--cluster", "local",
-                       log_dir=tmp_path / "logs")
+    args = launch_args(
+        "--gpus", "0", "--tasks-per-node", "2", "--backend", "ddp", "--cluster", "local", log_dir=tmp_path / "logs"
+    )
     sub = launch.submit(args, train_cfg(tiny_shards["shards"], tmp_path / "run", "--precision", "fp16"))
     rc, log = run_to_end(sub, timeout=100)
     assert rc == 1 and "FAILED" in log and "rank 0 raised: " in log and "--precision fp16 needs a GPU" in log, log
@@ -146,8 +209,10 @@ def ddp_reference(slurm_cluster, tiny_shards, tmp_path_factory):
     rc, log = run_to_end(sub)
     steps = records(sub.run_dir, 0, "step")
     first = steps[0]["time"] - t0 if steps else float("nan")
-    print(f"\n[timing] DDP 2x1 job {sub.job_id}: submission -> first step {first:.1f} s, "
-          f"whole run {time.time() - t0:.1f} s")
+    print(
+        f"\n[timing] DDP 2x1 job {sub.job_id}: submission -> first step {first:.1f} s, "
+        f"whole run {time.time() - t0:.1f} s"
+    )
     return {"sub": sub, "rc": rc, "log": log}
 
 
@@ -171,10 +236,25 @@ def test_ddp_across_two_nodes(ddp_reference):
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_deepspeed_two_tasks_on_one_node(slurm_cluster, tiny_shards, tmp_path):
-    args = launch_args("--nodes", "1", "--gpus", "0", "--tasks-per-node", "2", "--backend", "deepspeed",
-                       "--cluster", "slurm", "--time", "20", "--signal-delay", "30", log_dir=tmp_path / "logs")
+    args = launch_args(
+        "--nodes",
+        "1",
+        "--gpus",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--backend",
+        "deepspeed",
+        "--cluster",
+        "slurm",
+        "--time",
+        "20",
+        "--signal-delay",
+        "30",
+        log_dir=tmp_path / "logs",
+    )
     sub = launch.submit(args, train_cfg(tiny_shards["shards"], tmp_path / "run", "--epochs", "1"))
-    rc, log = run_to_end(sub, timeout=420)   # DeepSpeed JIT-builds its CPU comm op on first use (minutes)
+    rc, log = run_to_end(sub, timeout=420)  # DeepSpeed JIT-builds its CPU comm op on first use (minutes)
     assert rc == 0, log
     summary = json.loads((sub.run_dir / "summary.json").read_text())
     assert summary["backend"] == "deepspeed" and summary["status"] == "completed" and summary["world_size"] == 2
@@ -203,8 +283,10 @@ def test_slurm_checks_before_submission(slurm_cluster, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_cancelled_job_ends_wait_promptly(slurm_cluster, tiny_shards, tmp_path):
-    sub = launch.submit(launch_args(*DDP_2x1, log_dir=tmp_path / "logs"),
-                        train_cfg(tiny_shards["shards"], tmp_path / "run", "--epochs", "50"))
+    sub = launch.submit(
+        launch_args(*DDP_2x1, log_dir=tmp_path / "logs"),
+        train_cfg(tiny_shards["shards"], tmp_path / "run", "--epochs", "50"),
+    )
     slurm_cluster.wait_state(sub.job_id, "RUNNING", timeout=30)
     t0 = time.monotonic()
     slurm_cluster.run("scancel", sub.job_id)
@@ -218,8 +300,10 @@ def test_cancelled_job_ends_wait_promptly(slurm_cluster, tiny_shards, tmp_path):
 @pytest.mark.timeout(120)
 def test_failing_job_surfaces_the_ranks_error(slurm_cluster, tiny_shards, tmp_path):
     # fp16 needs a GPU: the launcher cannot know the nodes' devices, the job's backend check refuses
-    sub = launch.submit(launch_args(*DDP_2x1, log_dir=tmp_path / "logs"),
-                        train_cfg(tiny_shards["shards"], tmp_path / "run", "--precision", "fp16"))
+    sub = launch.submit(
+        launch_args(*DDP_2x1, log_dir=tmp_path / "logs"),
+        train_cfg(tiny_shards["shards"], tmp_path / "run", "--precision", "fp16"),
+    )
     rc, log = run_to_end(sub, timeout=90)
     assert rc == 1, log
     # every rank refuses; whichever the launcher reads first is named
@@ -234,15 +318,19 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tiny_shards, tmp_path, d
     the final weights match the uninterrupted run's (module fixture ddp_reference, same config)."""
     import torch
 
-    sub = launch.submit(launch_args(*DDP_2x1, log_dir=tmp_path / "logs"),
-                        train_cfg(tiny_shards["shards"], tmp_path / "run"))
+    sub = launch.submit(
+        launch_args(*DDP_2x1, log_dir=tmp_path / "logs"), train_cfg(tiny_shards["shards"], tmp_path / "run")
+    )
     waited: dict = {}
     waiter = threading.Thread(target=lambda: waited.update(zip(("rc", "log"), run_to_end(sub, timeout=200))))
     waiter.start()
-    wait_for(lambda: [r for r in records(sub.run_dir, 0, "step") if r["epoch"] == 0 and r["step"] >= 3],
-             90, "a few steps of epoch 1")
+    wait_for(
+        lambda: [r for r in records(sub.run_dir, 0, "step") if r["epoch"] == 0 and r["step"] >= 3],
+        90,
+        "a few steps of epoch 1",
+    )
     t0 = time.time()
-    slurm_cluster.run("scancel", "--signal=USR2", sub.job_id)   # every step's tasks: both ranks
+    slurm_cluster.run("scancel", "--signal=USR2", sub.job_id)  # every step's tasks: both ranks
     slurm_cluster.release(sub.job_id, timeout=60)
     waiter.join()
     rc, log = waited["rc"], waited["log"]
@@ -251,8 +339,10 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tiny_shards, tmp_path, d
     resumed = records(sub.run_dir, 0, "resume")
     preempted = records(sub.run_dir, 0, "preempted")
     assert len(resumed) == 1 and len(preempted) == 1, log
-    print(f"\n[timing] preemption round trip (USR2 -> checkpoint -> requeue -> released -> resumed): "
-          f"{resumed[0]['time'] - t0:.1f} s (includes the 2 s release delay)")
+    print(
+        f"\n[timing] preemption round trip (USR2 -> checkpoint -> requeue -> released -> resumed): "
+        f"{resumed[0]['time'] - t0:.1f} s (includes the 2 s release delay)"
+    )
     assert "requeued: waiting to restart" in log
     summary = json.loads((sub.run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["restarts"] >= 1
@@ -282,12 +372,27 @@ def test_preemption_requeues_and_resumes(slurm_cluster, tiny_shards, tmp_path, d
 def test_the_sbatch_template_runs_ddp_on_two_nodes_and_requeues_itself(slurm_cluster, tiny_shards, tmp_path):
     run = tmp_path / "run"
     job = slurm_cluster.run(
-        "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-        "--time=20", f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm" / "train.sbatch"),
-        "--backend", "ddp", "--shards", str(tiny_shards["shards"]), "--out", str(run), *TINY).stdout.strip()
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=20",
+        f"--output={tmp_path}/%x-%j.out",
+        str(REPO / "slurm" / "train.sbatch"),
+        "--backend",
+        "ddp",
+        "--shards",
+        str(tiny_shards["shards"]),
+        "--out",
+        str(run),
+        *TINY,
+    ).stdout.strip()
     log = tmp_path / f"cxrdist-{job}.out"
-    wait_for(lambda: [r for r in records(run, 0, "step") if r["epoch"] == 0 and r["step"] >= 3], 90,
-             "a few steps of epoch 1")
+    wait_for(
+        lambda: [r for r in records(run, 0, "step") if r["epoch"] == 0 and r["step"] >= 3], 90, "a few steps of epoch 1"
+    )
     slurm_cluster.run("scancel", "--signal=USR2", job)
     slurm_cluster.release(job, timeout=60)
     state = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=150)

@@ -4,6 +4,7 @@ The shard folder is written here in the contract format (webdataset.TarWriter, P
 with the same images also stored as loose files under a source root, so the file loaders can be compared
 against the shard loader sample by sample.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,9 +76,16 @@ def write_dataset(out: Path, root: Path, seed: int = 0, plant: dict | None = Non
                     (root / rel).parent.mkdir(parents=True, exist_ok=True)
                     (root / rel).write_bytes(jpg)
                     lab = rng.integers(0, 2, len(OBSERVATIONS)).astype(float).tolist()
-                    meta = {"labels": lab, "mask": [1] * len(OBSERVATIONS), "patient_id": f"patient{pid:05d}",
-                            "study_id": "study1", "view": "PA", "sex": "MFU"[pid % 3],
-                            "age": None if pid % 5 == 0 else float(20 + pid % 60), "source": rel}
+                    meta = {
+                        "labels": lab,
+                        "mask": [1] * len(OBSERVATIONS),
+                        "patient_id": f"patient{pid:05d}",
+                        "study_id": "study1",
+                        "view": "PA",
+                        "sex": "MFU"[pid % 3],
+                        "age": None if pid % 5 == 0 else float(20 + pid % 60),
+                        "source": rel,
+                    }
                     sample = {"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()}
                     if plant and split == "train" and s == 0 and _ == 0:
                         sample.update(plant)
@@ -85,11 +93,21 @@ def write_dataset(out: Path, root: Path, seed: int = 0, plant: dict | None = Non
                     keys[split].append(key)
                     labels[key] = lab
             shards.append(_shard_entry(path, count))
-        splits[split] = {"samples": n, "patients": n, "prevalence": {o: 0.5 for o in OBSERVATIONS},
-                         "shards": shards}
-    manifest = {"version": 1, "source": "chexpert", "root": str(root), "labels": list(OBSERVATIONS),
-                "policy": "u-zeros", "split": "patient", "views": "frontal", "size": SIZE, "encoding": "jpg",
-                "counts": [["rows in csv", sum(SPLITS.values())]], "splits": splits, "skipped": []}
+        splits[split] = {"samples": n, "patients": n, "prevalence": {o: 0.5 for o in OBSERVATIONS}, "shards": shards}
+    manifest = {
+        "version": 1,
+        "source": "chexpert",
+        "root": str(root),
+        "labels": list(OBSERVATIONS),
+        "policy": "u-zeros",
+        "split": "patient",
+        "views": "frontal",
+        "size": SIZE,
+        "encoding": "jpg",
+        "counts": [["rows in csv", sum(SPLITS.values())]],
+        "splits": splits,
+        "skipped": [],
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return {"keys": keys, "labels": labels}
 
@@ -113,8 +131,17 @@ def test_train_every_rank_same_full_batches(data, world, workers, bs):
     per_rank = SPLITS["train"] // (world * bs)
     seen = []
     for rank in range(world):
-        loader = make_loader(shard_dir, "train", batch_size=bs, rank=rank, world_size=world, workers=workers,
-                             epoch=1, seed=3, shuffle_buffer=50)
+        loader = make_loader(
+            shard_dir,
+            "train",
+            batch_size=bs,
+            rank=rank,
+            world_size=world,
+            workers=workers,
+            epoch=1,
+            seed=3,
+            shuffle_buffer=50,
+        )
         assert len(loader) == per_rank
         batches = list(loader)
         assert len(batches) == per_rank
@@ -145,8 +172,7 @@ def test_eval_every_sample_exactly_once(data, split, world, workers):
     shard_dir, info = data
     counts: Counter = Counter()
     for rank in range(world):
-        loader = make_loader(shard_dir, split, batch_size=BS, rank=rank, world_size=world, workers=workers,
-                             train=False)
+        loader = make_loader(shard_dir, split, batch_size=BS, rank=rank, world_size=world, workers=workers, train=False)
         batches = list(loader)
         assert len(batches) == len(loader)
         assert loader.samples == sum(len(b["key"]) for b in batches)
@@ -164,8 +190,9 @@ def test_same_seed_same_order_new_epoch_new_order(data):
     shard_dir, _ = data
 
     def order(epoch, seed=0):
-        return keys_of(make_loader(shard_dir, "train", batch_size=BS, workers=2, epoch=epoch, seed=seed,
-                                   shuffle_buffer=30))
+        return keys_of(
+            make_loader(shard_dir, "train", batch_size=BS, workers=2, epoch=epoch, seed=seed, shuffle_buffer=30)
+        )
 
     first = order(0)
     assert order(0) == first
@@ -194,12 +221,12 @@ def _broken_copy(src: Path, dst: Path, how: str) -> str:
     victim = dst / "val-000001.tar"
     raw = victim.read_bytes()
     if how == "truncated":
-        victim.write_bytes(raw[:len(raw) // 2])
+        victim.write_bytes(raw[: len(raw) // 2])
     else:  # a damaged member header in the middle, same size: only the tar reader can tell
         with tarfile.open(victim) as tf:
             members = tf.getmembers()
         pos = members[len(members) // 2].offset
-        victim.write_bytes(raw[:pos] + b"\x7f" * 512 + raw[pos + 512:])
+        victim.write_bytes(raw[:pos] + b"\x7f" * 512 + raw[pos + 512 :])
         manifest = json.loads((dst / "manifest.json").read_text())
         manifest["splits"]["val"]["shards"][1]["sha256"] = hashlib.sha256(victim.read_bytes()).hexdigest()
         (dst / "manifest.json").write_text(json.dumps(manifest))
@@ -212,8 +239,7 @@ def _broken_copy(src: Path, dst: Path, how: str) -> str:
 def test_broken_shard_is_named(data, tmp_path, how, workers, train):
     shard_dir, _ = data
     broken = _broken_copy(shard_dir, tmp_path / "broken", how)
-    loader = make_loader(tmp_path / "broken", "val", batch_size=4, workers=workers, train=train,
-                         shuffle_buffer=1000)
+    loader = make_loader(tmp_path / "broken", "val", batch_size=4, workers=workers, train=train, shuffle_buffer=1000)
     with pytest.raises(ShardError, match=broken) as err:
         list(loader)
     assert "Traceback" not in str(err.value)  # one clear line, not the worker's traceback
@@ -247,8 +273,9 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     pickle.loads(payload).close()  # the payload does work when unpickled
     assert marker.exists()
     marker.unlink()
-    info = write_dataset(tmp_path / "shards", tmp_path / "root", plant={"pickle": payload, "pyd": payload,
-                                                                        "pkl": payload})
+    info = write_dataset(
+        tmp_path / "shards", tmp_path / "root", plant={"pickle": payload, "pyd": payload, "pkl": payload}
+    )
     planted = info["keys"]["train"][0]
     for workers in (0, 2):
         batches = list(make_loader(tmp_path / "shards", "train", batch_size=BS, workers=workers, train=False))
@@ -267,8 +294,9 @@ def test_file_loader_matches_shard_loader(data):
             shard[k] = (b["image"][i], b["labels"][i], b["mask"][i], b["age"][i], b["sex"][i])
     files = {}
     for rank in range(2):
-        loader = make_file_loader(shard_dir, "val", "jpeg", batch_size=BS, rank=rank, world_size=2, workers=2,
-                                  train=False, epoch=0, seed=0)
+        loader = make_file_loader(
+            shard_dir, "val", "jpeg", batch_size=BS, rank=rank, world_size=2, workers=2, train=False, epoch=0, seed=0
+        )
         batches = list(loader)
         assert len(batches) == len(loader)
         for b in batches:
@@ -316,15 +344,26 @@ def test_real_pack_round_trip(tmp_path, encoding):
     from cxrdist.synth import synthesize
 
     root = synthesize(layout="chexpert", out=tmp_path / "src", n=50, size=48, seed=1)
-    manifest = pack(source="chexpert", root=root, out=tmp_path / "shards", size=48, encoding=encoding,
-                    views="all", workers=1, samples_per_shard=8, min_shards=1, quiet=True)
+    manifest = pack(
+        source="chexpert",
+        root=root,
+        out=tmp_path / "shards",
+        size=48,
+        encoding=encoding,
+        views="all",
+        workers=1,
+        samples_per_shard=8,
+        min_shards=1,
+        quiet=True,
+    )
     dtype = torch.uint8 if encoding == "jpg" else torch.int32
     for split in ("train", "val"):
         n = manifest["splits"][split]["samples"]
         seen, by_key = Counter(), {}
         for rank in range(2):
-            for b in make_loader(tmp_path / "shards", split, batch_size=4, rank=rank, world_size=2, workers=2,
-                                 train=False):
+            for b in make_loader(
+                tmp_path / "shards", split, batch_size=4, rank=rank, world_size=2, workers=2, train=False
+            ):
                 assert b["image"].dtype == dtype and b["image"].shape[1:] == (1, 48, 48)
                 seen.update(b["key"])
                 by_key.update({k: (img, lab) for k, img, lab in zip(b["key"], b["image"], b["labels"])})
@@ -339,6 +378,7 @@ def test_real_pack_round_trip(tmp_path, encoding):
                 else:
                     assert (img.float() - simg.float()).abs().mean() < 2.0
         assert not by_key
-    lens = {len(make_loader(tmp_path / "shards", "train", batch_size=4, rank=r, world_size=2, workers=2))
-            for r in range(2)}
+    lens = {
+        len(make_loader(tmp_path / "shards", "train", batch_size=4, rank=r, world_size=2, workers=2)) for r in range(2)
+    }
     assert lens == {manifest["splits"]["train"]["samples"] // 8}

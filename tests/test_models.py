@@ -1,4 +1,5 @@
 """The poster's Table 2 variants, local pretrained weights, demographics fusion, and predict on files."""
+
 import json
 import subprocess
 import sys
@@ -32,8 +33,9 @@ def test_pretrained_loads_a_local_file_and_sums_rgb_stems(tmp_path):
     torch.save(src.state_dict(), path)
     model = build_model("densenet121", in_chans=1, pretrained=path)
     assert torch.allclose(model.features.conv0.weight, src.features.conv0.weight.sum(1, keepdim=True))
-    assert torch.equal(model.features.denseblock4.denselayer16.conv2.weight,
-                       src.features.denseblock4.denselayer16.conv2.weight)
+    assert torch.equal(
+        model.features.denseblock4.denselayer16.conv2.weight, src.features.denseblock4.denselayer16.conv2.weight
+    )
     with pytest.raises(UserError, match="no such file"):
         build_model("densenet121", pretrained=tmp_path / "missing.pth")
 
@@ -51,10 +53,36 @@ def test_predict_reads_dicom_jpeg_and_png_like_packing(tiny_shards, tmp_path):
     from pydicom.data import get_testdata_file
 
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "cxrdist.cli", "train", "--shards", str(tiny_shards["shards"]),
-                           "--out", str(run), "--backend", "single", "--epochs", "1", "--model", "densenet121",
-                           "--image-size", "32", "--batch-size", "16", "--workers", "0", "--max-steps", "2",
-                           "--no-test"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxrdist.cli",
+            "train",
+            "--shards",
+            str(tiny_shards["shards"]),
+            "--out",
+            str(run),
+            "--backend",
+            "single",
+            "--epochs",
+            "1",
+            "--model",
+            "densenet121",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+            "--workers",
+            "0",
+            "--max-steps",
+            "2",
+            "--no-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jpg = next(tiny_shards["root"].rglob("*frontal.jpg"))
     png = tmp_path / "x.png"
@@ -62,11 +90,26 @@ def test_predict_reads_dicom_jpeg_and_png_like_packing(tiny_shards, tmp_path):
     dcm = get_testdata_file("RG1_UNCR.dcm")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(jpg.read_bytes()[:200])
-    out = subprocess.run([sys.executable, "-m", "cxrdist.cli", "predict", "--json", "--checkpoint",
-                          str(run / "checkpoints" / "last.pt"), str(dcm), str(jpg), str(png), str(bad)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxrdist.cli",
+            "predict",
+            "--json",
+            "--checkpoint",
+            str(run / "checkpoints" / "last.pt"),
+            str(dcm),
+            str(jpg),
+            str(png),
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout[out.stdout.index("["):])
+    results = json.loads(out.stdout[out.stdout.index("[") :])
     assert [len(r.get("probabilities", {})) for r in results] == [14, 14, 14, 0]
     assert all(0 <= p <= 1 for r in results[:3] for p in r["probabilities"].values())
     assert "error" in results[3]  # a truncated file is named with its reason, not a crash

@@ -1,5 +1,6 @@
 """Packing real images into WebDataset shards: names, sample contents, the manifest, verify, skipped images,
 --strict, resume after a crash, tampering, --dry-run, and no PHI from DICOM headers in any shard."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,14 @@ from PIL import Image
 
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
-from cxrdist.shards.manifest import (ManifestError, load_manifest, read_manifest, shard_paths, split_samples,
-                                     write_manifest)
+from cxrdist.shards.manifest import (
+    ManifestError,
+    load_manifest,
+    read_manifest,
+    shard_paths,
+    split_samples,
+    write_manifest,
+)
 from cxrdist.shards.pack import n_shards, pack, plan_shards
 from cxrdist.shards.verify import verify
 from cxrdist.sources import build_table
@@ -24,8 +31,16 @@ from cxrdist.sources import build_table
 SHARD_RE = r"^(train|val|test)-\d{6}\.tar$"
 SAMPLE_FIELDS = {"labels", "mask", "patient_id", "study_id", "view", "sex", "age", "source"}
 HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *OBSERVATIONS]
-PACK = dict(size=32, encoding="jpg", views="frontal", policy="u-ignore", split="patient", samples_per_shard=6,
-            min_shards=2, seed=0)
+PACK = dict(
+    size=32,
+    encoding="jpg",
+    views="frontal",
+    policy="u-ignore",
+    split="patient",
+    samples_per_shard=6,
+    min_shards=2,
+    seed=0,
+)
 
 
 def _jpeg(rng, h: int, w: int) -> bytes:
@@ -45,17 +60,22 @@ def make_chexpert(root: Path, patients: int = 16, seed: int = 0) -> dict:
     for p in range(1, patients + 1):
         split = "valid" if p > patients - 2 else "train"
         pid = f"patient{p + (64540 if split == 'valid' else 0):05d}"
-        for s, (fname, fl, appa) in enumerate([("view1_frontal", "Frontal", "AP"), ("view1_frontal", "Frontal", "PA"),
-                                               ("view2_lateral", "Lateral", ""), ("view1_frontal", "Frontal", "AP")]):
+        for s, (fname, fl, appa) in enumerate(
+            [
+                ("view1_frontal", "Frontal", "AP"),
+                ("view1_frontal", "Frontal", "PA"),
+                ("view2_lateral", "Lateral", ""),
+                ("view1_frontal", "Frontal", "AP"),
+            ]
+        ):
             rel = f"{split}/{pid}/study{s + 1}/{fname}.jpg"
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(_jpeg(rng, int(rng.integers(40, 72)), int(rng.integers(40, 72))))
-            cells = rng.choice(["1.0", "0.0", "-1.0", ""], size=14, p=[.3, .3, .1, .3])
+            cells = rng.choice(["1.0", "0.0", "-1.0", ""], size=14, p=[0.3, 0.3, 0.1, 0.3])
             cells[0] = "1.0" if cells[0] == "1.0" else ""
             if split == "valid":
                 cells = np.where(cells == "-1.0", "0.0", np.where(cells == "", "0.0", cells))
-            rows[split].append([f"CheXpert-v1.0-small/{rel}", "Female" if p % 2 else "Male", 20 + p, fl, appa,
-                                *cells])
+            rows[split].append([f"CheXpert-v1.0-small/{rel}", "Female" if p % 2 else "Male", 20 + p, fl, appa, *cells])
     for split, data in rows.items():
         pd.DataFrame(data, columns=HEADER).to_csv(root / f"{split}.csv", index=False)
     truncated = "train/patient00003/study1/view1_frontal.jpg"
@@ -72,7 +92,7 @@ def dataset(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def packed(dataset, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("packed") / "shards"
-    m = pack("chexpert", dataset["root"], out, workers=2, **PACK)   # the multi-process path
+    m = pack("chexpert", dataset["root"], out, workers=2, **PACK)  # the multi-process path
     return {"out": out, "manifest": m}
 
 
@@ -98,8 +118,8 @@ def copy_dir(src: Path, dst: Path) -> Path:
 # --- the plan -------------------------------------------------------------------------------------------
 def test_shard_count_formula():
     assert n_shards(0, 1000, 128) == 0
-    assert n_shards(5, 1000, 128) == 5            # one sample per shard rather than empty shards
-    assert n_shards(500, 1000, 128) == 128        # enough shards for 64 GPUs x 2 loader workers
+    assert n_shards(5, 1000, 128) == 5  # one sample per shard rather than empty shards
+    assert n_shards(500, 1000, 128) == 128  # enough shards for 64 GPUs x 2 loader workers
     assert n_shards(200_000, 1000, 128) == 200
     assert n_shards(1001, 1000, 1) == 2
 
@@ -107,8 +127,9 @@ def test_shard_count_formula():
 def test_plan_is_deterministic_and_partitions_each_split(dataset):
     t = build_table("chexpert", dataset["root"], views="frontal", seed=0)
     a = plan_shards(t.df, seed=0, samples_per_shard=6, min_shards=2)
-    b = plan_shards(t.df.sample(frac=1, random_state=1).reset_index(drop=True), seed=0, samples_per_shard=6,
-                    min_shards=2)
+    b = plan_shards(
+        t.df.sample(frac=1, random_state=1).reset_index(drop=True), seed=0, samples_per_shard=6, min_shards=2
+    )
     keys = t.df["key"].to_numpy()
     # the same shards with the same keys in the same order, whatever the row order of the table
     kb = t.df.sample(frac=1, random_state=1).reset_index(drop=True)["key"].to_numpy()
@@ -136,17 +157,35 @@ def test_shard_names_manifest_fields_and_verify(dataset, packed):
     for split in ("train", "val", "test"):
         names = [s["name"] for s in m["splits"][split]["shards"]]
         assert names == [f"{split}-{i:06d}.tar" for i in range(len(names))]
-    for field in ("version", "source", "root", "labels", "policy", "split", "views", "size", "encoding", "counts",
-                  "splits", "skipped"):
+    for field in (
+        "version",
+        "source",
+        "root",
+        "labels",
+        "policy",
+        "split",
+        "views",
+        "size",
+        "encoding",
+        "counts",
+        "splits",
+        "skipped",
+    ):
         assert field in m, field
-    assert (m["source"], m["policy"], m["split"], m["views"], m["size"], m["encoding"]) == \
-        ("chexpert", "u-ignore", "patient", "frontal", 32, "jpg")
+    assert (m["source"], m["policy"], m["split"], m["views"], m["size"], m["encoding"]) == (
+        "chexpert",
+        "u-ignore",
+        "patient",
+        "frontal",
+        32,
+        "jpg",
+    )
     assert Path(m["root"]).is_absolute() and Path(m["root"]) == dataset["root"].resolve()
     assert m["labels"] == list(OBSERVATIONS) and m["dry_run"] is False
     steps = [s for s, _ in m["counts"]]
     assert steps[0] == "rows in train.csv + valid.csv" and steps[-1] == "packed"
     assert dict(m["counts"])["frontal views (PA, AP)"] == dataset["frontal"]
-    assert dict(m["counts"])["packed"] == dataset["frontal"] - 1              # the truncated JPEG
+    assert dict(m["counts"])["packed"] == dataset["frontal"] - 1  # the truncated JPEG
     total = 0
     for split in ("train", "val", "test"):
         s = m["splits"][split]
@@ -182,8 +221,13 @@ def test_samples_hold_an_image_and_the_json_fields_only(dataset, packed):
             r = by_key.loc[key]
             assert meta["labels"] == [float(r[o]) for o in OBSERVATIONS]
             assert meta["mask"] == [int(r[f"mask:{o}"]) for o in OBSERVATIONS]
-            assert (meta["patient_id"], meta["study_id"], meta["view"], meta["sex"], meta["source"]) == \
-                (r["patient_id"], r["study_id"], r["view"], r["sex"], r["path"])
+            assert (meta["patient_id"], meta["study_id"], meta["view"], meta["sex"], meta["source"]) == (
+                r["patient_id"],
+                r["study_id"],
+                r["view"],
+                r["sex"],
+                r["path"],
+            )
             assert meta["age"] == r["age"]
             assert tar.name.split("-")[0] == r["split"]
             img = Image.open(io.BytesIO(files["jpg"]))
@@ -199,7 +243,7 @@ def test_unusable_image_is_skipped_and_strict_fails(dataset, packed, tmp_path):
     out = tmp_path / "strict"
     with pytest.raises(UserError, match=r"--strict: 1 input row\(s\) skipped .*patient00003/study1/view1_frontal"):
         pack("chexpert", dataset["root"], out, workers=1, strict=True, **PACK)
-    again = read_manifest(out)            # written before failing: nothing is lost
+    again = read_manifest(out)  # written before failing: nothing is lost
     assert [s["source"] for s in again["skipped"]] == [dataset["truncated"]]
 
 
@@ -217,7 +261,7 @@ def test_resume_repacks_only_the_missing_shard(packed, dataset, tmp_path):
     unchanged = {n for n in before if n != victim}
     assert all(after[n] == before[n] for n in unchanged), "an intact shard was re-written"
     assert not list(out.glob("*.partial"))
-    assert m["splits"] == packed["manifest"]["splits"]     # the same bytes: deterministic shards
+    assert m["splits"] == packed["manifest"]["splits"]  # the same bytes: deterministic shards
     assert verify(out) == []
 
 
@@ -247,22 +291,22 @@ def test_verify_names_each_problem_shard(packed, tmp_path):
     out = copy_dir(packed["out"], tmp_path / "tamper")
     train = sorted(out.glob("train-*.tar"))
     data = bytearray(train[0].read_bytes())
-    data[600] ^= 0x01                                    # inside the first member's data
+    data[600] ^= 0x01  # inside the first member's data
     train[0].write_bytes(bytes(data))
     train[1].unlink()
     val = sorted(out.glob("val-*.tar"))[0]
-    val.write_bytes(val.read_bytes()[:700])             # truncated
+    val.write_bytes(val.read_bytes()[:700])  # truncated
     shutil.copy(sorted(out.glob("test-*.tar"))[0], out / "test-000999.tar")
     problems = verify(out)
     text = "\n".join(problems)
     assert f"{train[0].name}: sha256 mismatch" in problems
     assert f"{train[1].name}: missing" in problems
-    assert any(p.startswith(f"{val.name}: ") and ("unreadable tar" in p or "samples, manifest says" in p)
-               for p in problems), text
+    assert any(
+        p.startswith(f"{val.name}: ") and ("unreadable tar" in p or "samples, manifest says" in p) for p in problems
+    ), text
     assert f"{val.name}: sha256 mismatch" in problems
     assert "test-000999.tar: on disk but not in the manifest" in problems
-    assert all(p.split(":")[0] in {train[0].name, train[1].name, val.name, "test-000999.tar"}
-               for p in problems), text
+    assert all(p.split(":")[0] in {train[0].name, train[1].name, val.name, "test-000999.tar"} for p in problems), text
     with pytest.raises(ManifestError, match=f"shard {train[1].name} is listed in manifest.json but missing"):
         load_manifest(out)
 
@@ -282,12 +326,12 @@ def test_dry_run_reads_no_image(dataset, packed, tmp_path):
     csv_only = tmp_path / "CheXpert-v1.0-small"
     csv_only.mkdir()
     for name in ("train.csv", "valid.csv"):
-        shutil.copy(dataset["root"] / name, csv_only / name)       # no image files at all
+        shutil.copy(dataset["root"] / name, csv_only / name)  # no image files at all
     out = tmp_path / "dry"
     m = pack("chexpert", csv_only, out, workers=2, dry_run=True, **PACK)
     assert m["dry_run"] is True and not list(out.glob("*.tar")) and not list(out.glob("*.partial"))
     assert json.loads((out / "manifest.json").read_text()) == m
-    assert dict(m["counts"])["planned"] == dataset["frontal"]            # nothing failed: nothing was read
+    assert dict(m["counts"])["planned"] == dataset["frontal"]  # nothing failed: nothing was read
     real = packed["manifest"]
     for split in ("train", "val", "test"):
         assert [s["name"] for s in m["splits"][split]["shards"]] == [s["name"] for s in real["splits"][split]["shards"]]
@@ -321,9 +365,15 @@ def test_load_manifest_errors(packed, tmp_path):
 
 
 # --- DICOM input: nothing but pixels and the JSON fields reaches a shard ------------------------------
-PHI = {"PatientName": "Doe^Jane^PHINAMEQX", "PatientID": "PHIMRN99887766", "PatientBirthDate": "19230405",
-       "InstitutionName": "PHI General Hospital QX", "ReferringPhysicianName": "House^Greg^PHIDOCQX",
-       "AccessionNumber": "PHIACC5566", "PatientAddress": "12 PHI Street QX"}
+PHI = {
+    "PatientName": "Doe^Jane^PHINAMEQX",
+    "PatientID": "PHIMRN99887766",
+    "PatientBirthDate": "19230405",
+    "InstitutionName": "PHI General Hospital QX",
+    "ReferringPhysicianName": "House^Greg^PHIDOCQX",
+    "AccessionNumber": "PHIACC5566",
+    "PatientAddress": "12 PHI Street QX",
+}
 
 
 def write_dicom(path: Path, pixels: np.ndarray, phi: dict) -> None:
@@ -358,10 +408,17 @@ def make_mimic_dicom(root: Path, n_subjects: int = 12) -> Path:
             h, w = int(rng.integers(40, 70)), int(rng.integers(40, 70))
             px = (rng.random((h, w)) * 4095).astype(np.uint16)
             write_dicom(root / f"files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.dcm", px, PHI)
-            meta.append({"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": "PA" if j else "AP"})
+            meta.append(
+                {"dicom_id": dicom_id, "subject_id": subject, "study_id": study, "ViewPosition": "PA" if j else "AP"}
+            )
             split.append({"dicom_id": dicom_id, "study_id": study, "subject_id": subject, "split": "train"})
-        labels.append({"subject_id": subject, "study_id": study,
-                       **{o: rng.choice(["1.0", "0.0", "-1.0", ""]) for o in sorted(OBSERVATIONS)}})
+        labels.append(
+            {
+                "subject_id": subject,
+                "study_id": study,
+                **{o: rng.choice(["1.0", "0.0", "-1.0", ""]) for o in sorted(OBSERVATIONS)},
+            }
+        )
     pd.DataFrame(meta).to_csv(root / "mimic-cxr-2.0.0-metadata.csv", index=False)
     pd.DataFrame(labels).to_csv(root / "mimic-cxr-2.0.0-chexpert.csv", index=False)
     pd.DataFrame(split).to_csv(root / "mimic-cxr-2.0.0-split.csv", index=False)
@@ -371,23 +428,23 @@ def make_mimic_dicom(root: Path, n_subjects: int = 12) -> Path:
 def test_no_phi_from_dicom_headers_reaches_a_shard(tmp_path):
     root = make_mimic_dicom(tmp_path / "mimic")
     sample = next(root.rglob("*.dcm")).read_bytes()
-    assert all(v.encode() in sample for v in PHI.values())          # the PHI really is in the input
+    assert all(v.encode() in sample for v in PHI.values())  # the PHI really is in the input
     out = tmp_path / "shards"
-    m = pack("mimic", root, out, size=32, encoding="png16", workers=1, samples_per_shard=50, min_shards=1,
-             strict=True)
+    m = pack("mimic", root, out, size=32, encoding="png16", workers=1, samples_per_shard=50, min_shards=1, strict=True)
     assert dict(m["counts"])["packed"] == 24 and m["skipped"] == []
     assert verify(out) == []
     blob = b"".join(p.read_bytes() for p in sorted(out.glob("*.tar")))
     blob += (out / "manifest.json").read_bytes()
     # every planted value and its distinctive parts (>= 6 bytes: shorter ones occur by chance in pixel data)
-    needles = {v.encode() for v in PHI.values()} | {p.encode() for v in PHI.values() for p in v.split("^")
-                                                    if len(p) >= 6}
-    needles |= {b"Patient", b"Institution", b"DICM", b"1.2.840.10008"}   # DICOM tags / preamble / UIDs
+    needles = {v.encode() for v in PHI.values()} | {
+        p.encode() for v in PHI.values() for p in v.split("^") if len(p) >= 6
+    }
+    needles |= {b"Patient", b"Institution", b"DICM", b"1.2.840.10008"}  # DICOM tags / preamble / UIDs
     leaked = [n for n in needles if n in blob]
     assert not leaked, f"PHI bytes in shards: {leaked}"
     for tar in out.glob("*.tar"):
-        for key, files in read_samples(tar).items():
+        for files in read_samples(tar).values():
             assert set(files) == {"png", "json"}
             assert set(json.loads(files["json"])) == SAMPLE_FIELDS
             img = Image.open(io.BytesIO(files["png"]))
-            assert img.size == (32, 32) and img.mode.startswith("I")   # 16-bit grey
+            assert img.size == (32, 32) and img.mode.startswith("I")  # 16-bit grey

@@ -1,4 +1,5 @@
 """cxrdist.report on hand-written run folders (the run-folder contract in docs/ARCHITECTURE.md)."""
+
 from __future__ import annotations
 
 import json
@@ -25,29 +26,76 @@ def _config(backend: str, fmt: str = "shards", nproc: int = 1) -> dict:
     }
 
 
-def _steps(rank: int, host: str, step_times: list[float], data_times: list[float], epochs: int = 2,
-           batch: int = 64, mem: float = 1000.0) -> list[dict]:
+def _steps(
+    rank: int,
+    host: str,
+    step_times: list[float],
+    data_times: list[float],
+    epochs: int = 2,
+    batch: int = 64,
+    mem: float = 1000.0,
+) -> list[dict]:
     recs, t = [], T0
     for epoch in range(epochs):
         for i, (st, dt) in enumerate(zip(step_times, data_times)):
             t += st
-            recs.append({"event": "step", "time": t, "rank": rank, "local_rank": rank, "host": host,
-                         "device": f"cuda:{rank}", "epoch": epoch, "step": i, "images_per_s": batch / st,
-                         "step_time_s": st, "data_time_s": dt, "loss": 0.5, "lr": 1e-3,
-                         "mem_peak_mb": mem, "mem_reserved_mb": mem * 1.2})
+            recs.append(
+                {
+                    "event": "step",
+                    "time": t,
+                    "rank": rank,
+                    "local_rank": rank,
+                    "host": host,
+                    "device": f"cuda:{rank}",
+                    "epoch": epoch,
+                    "step": i,
+                    "images_per_s": batch / st,
+                    "step_time_s": st,
+                    "data_time_s": dt,
+                    "loss": 0.5,
+                    "lr": 1e-3,
+                    "mem_peak_mb": mem,
+                    "mem_reserved_mb": mem * 1.2,
+                }
+            )
     return recs
 
 
 def _epochs(rank: int, host: str, epoch_time: float, ips: float, mem: float, epochs: int = 2) -> list[dict]:
-    return [{"event": "epoch", "time": T0 + (e + 1) * epoch_time, "rank": rank, "host": host, "epoch": e,
-             "epoch_time_s": epoch_time, "images_per_s": ips, "mem_peak_mb": mem} for e in range(epochs)]
+    return [
+        {
+            "event": "epoch",
+            "time": T0 + (e + 1) * epoch_time,
+            "rank": rank,
+            "host": host,
+            "epoch": e,
+            "epoch_time_s": epoch_time,
+            "images_per_s": ips,
+            "mem_peak_mb": mem,
+        }
+        for e in range(epochs)
+    ]
 
 
-def _write_run(root: Path, name: str, backend: str, *, world: int, nodes: int = 1, status: str = "completed",
-               epoch_time: float | None = None, ranks: dict[int, list[dict]] | None = None,
-               mem: dict[int, float] | None = None, ips: float | None = None, val_auc: float = 0.80,
-               test_auc: float | None = 0.8196, test_acc: float | None = 0.8512, restarts: int = 0,
-               device: str = "cuda", fmt: str = "shards") -> Path:
+def _write_run(
+    root: Path,
+    name: str,
+    backend: str,
+    *,
+    world: int,
+    nodes: int = 1,
+    status: str = "completed",
+    epoch_time: float | None = None,
+    ranks: dict[int, list[dict]] | None = None,
+    mem: dict[int, float] | None = None,
+    ips: float | None = None,
+    val_auc: float = 0.80,
+    test_auc: float | None = 0.8196,
+    test_acc: float | None = 0.8512,
+    restarts: int = 0,
+    device: str = "cuda",
+    fmt: str = "shards",
+) -> Path:
     run = root / name
     (run / "telemetry").mkdir(parents=True)
     cfg = _config(backend, fmt, world if backend in ("ddp", "deepspeed") else 1)
@@ -56,14 +104,37 @@ def _write_run(root: Path, name: str, backend: str, *, world: int, nodes: int = 
         (run / "telemetry" / f"rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     epochs = []
     if epoch_time is not None:
-        epochs = [{"epoch": e, "time_s": epoch_time, "images_per_s": ips, "train_loss": 0.4,
-                   "val_auc_mean": val_auc - 0.01 * (1 - e), "val_accuracy_mean": 0.84,
-                   "mem_peak_mb": {str(r): m for r, m in (mem or {}).items()}} for e in range(2)]
-    test = {} if test_auc is None else {"auc": {}, "auc_mean": test_auc, "accuracy": {},
-                                        "accuracy_mean": test_acc, "n": 100, "subgroups": {}}
-    summary = {"backend": backend, "backend_info": backend_class(backend).info(), "world_size": world, "nodes": nodes,
-               "hosts": [f"node{i + 1}" for i in range(nodes)], "device": device, "format": fmt, "config": cfg,
-               "restarts": restarts, "status": status, "epochs": epochs, "test": test}
+        epochs = [
+            {
+                "epoch": e,
+                "time_s": epoch_time,
+                "images_per_s": ips,
+                "train_loss": 0.4,
+                "val_auc_mean": val_auc - 0.01 * (1 - e),
+                "val_accuracy_mean": 0.84,
+                "mem_peak_mb": {str(r): m for r, m in (mem or {}).items()},
+            }
+            for e in range(2)
+        ]
+    test = (
+        {}
+        if test_auc is None
+        else {"auc": {}, "auc_mean": test_auc, "accuracy": {}, "accuracy_mean": test_acc, "n": 100, "subgroups": {}}
+    )
+    summary = {
+        "backend": backend,
+        "backend_info": backend_class(backend).info(),
+        "world_size": world,
+        "nodes": nodes,
+        "hosts": [f"node{i + 1}" for i in range(nodes)],
+        "device": device,
+        "format": fmt,
+        "config": cfg,
+        "restarts": restarts,
+        "status": status,
+        "epochs": epochs,
+        "test": test,
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -71,30 +142,64 @@ def _write_run(root: Path, name: str, backend: str, *, world: int, nodes: int = 
 # data-wait: ratio of the sums, which differs from the mean of the per-step ratios with these numbers
 SINGLE_ST, SINGLE_DT = [0.5, 0.7, 0.6], [0.05, 0.02, 0.08]
 DDP_ST0, DDP_DT = [0.5, 0.5, 0.5], [0.04, 0.06, 0.05]
-DDP_ST1 = [0.65, 0.65, 0.65]          # rank 1: 30% slower than rank 0
+DDP_ST1 = [0.65, 0.65, 0.65]  # rank 1: 30% slower than rank 0
 DS_ST, DS_DT0, DS_DT1 = [0.5, 0.5, 0.5], [0.2, 0.25, 0.15], [0.22, 0.18, 0.2]
 
 
 @pytest.fixture
 def runs(tmp_path) -> list[Path]:
     root = tmp_path / "runs"
-    single = _write_run(root, "single-shards", "single", world=1, epoch_time=100.0, ips=64.0, mem={0: 5000.0},
-                        ranks={0: _steps(0, "node1", SINGLE_ST, SINGLE_DT, mem=4900.0)
-                               + _epochs(0, "node1", 100.0, 64.0, 5000.0)})
-    ddp = _write_run(root, "ddp-shards", "ddp", world=2, nodes=2, epoch_time=55.0, ips=170.0,
-                     mem={0: 5100.0, 1: 5400.0}, test_auc=0.8150, restarts=1,
-                     ranks={0: _steps(0, "node1", DDP_ST0, DDP_DT, mem=5100.0) + _epochs(0, "node1", 55.0, 90.0, 5100.0),
-                            1: _steps(1, "node2", DDP_ST1, DDP_DT, mem=5400.0) + _epochs(1, "node2", 55.0, 80.0, 5400.0)})
-    ds = _write_run(root, "deepspeed-shards", "deepspeed", world=2, epoch_time=62.5, ips=150.0,
-                    mem={0: 4000.0, 1: 4100.0},
-                    ranks={0: _steps(0, "node1", DS_ST, DS_DT0, mem=4000.0) + _epochs(0, "node1", 62.5, 76.0, 4000.0),
-                           1: _steps(1, "node1", DS_ST, DS_DT1, mem=4100.0) + _epochs(1, "node1", 62.5, 74.0, 4100.0)})
+    single = _write_run(
+        root,
+        "single-shards",
+        "single",
+        world=1,
+        epoch_time=100.0,
+        ips=64.0,
+        mem={0: 5000.0},
+        ranks={0: _steps(0, "node1", SINGLE_ST, SINGLE_DT, mem=4900.0) + _epochs(0, "node1", 100.0, 64.0, 5000.0)},
+    )
+    ddp = _write_run(
+        root,
+        "ddp-shards",
+        "ddp",
+        world=2,
+        nodes=2,
+        epoch_time=55.0,
+        ips=170.0,
+        mem={0: 5100.0, 1: 5400.0},
+        test_auc=0.8150,
+        restarts=1,
+        ranks={
+            0: _steps(0, "node1", DDP_ST0, DDP_DT, mem=5100.0) + _epochs(0, "node1", 55.0, 90.0, 5100.0),
+            1: _steps(1, "node2", DDP_ST1, DDP_DT, mem=5400.0) + _epochs(1, "node2", 55.0, 80.0, 5400.0),
+        },
+    )
+    ds = _write_run(
+        root,
+        "deepspeed-shards",
+        "deepspeed",
+        world=2,
+        epoch_time=62.5,
+        ips=150.0,
+        mem={0: 4000.0, 1: 4100.0},
+        ranks={
+            0: _steps(0, "node1", DS_ST, DS_DT0, mem=4000.0) + _epochs(0, "node1", 62.5, 76.0, 4000.0),
+            1: _steps(1, "node1", DS_ST, DS_DT1, mem=4100.0) + _epochs(1, "node1", 62.5, 74.0, 4100.0),
+        },
+    )
     failed = _write_run(root, "ddp-jpeg", "ddp", world=2, status="failed", test_auc=None, fmt="jpeg")
     return [single, ddp, ds, failed]
 
 
-SKIPPED = [{"backend": "dp", "format": "shards", "reason": "dp needs >= 2 GPUs on one node; the target has 0",
-            "backend_info": backend_class("dp").info()}]   # as launchers/compare.py records a skipped backend
+SKIPPED = [
+    {
+        "backend": "dp",
+        "format": "shards",
+        "reason": "dp needs >= 2 GPUs on one node; the target has 0",
+        "backend_info": backend_class("dp").info(),
+    }
+]  # as launchers/compare.py records a skipped backend
 
 
 def _row(df: pd.DataFrame, run: str) -> pd.Series:
@@ -108,10 +213,30 @@ def test_csv_columns_and_values(runs, tmp_path):
     df = build_report(runs, out=out, skipped=SKIPPED)
     csv = pd.read_csv(out / "report.csv")
     assert list(csv.columns) == list(df.columns)
-    for col in ("run", "backend", "format", "layout", "precision", "batch_per_rank", "epoch_time_s",
-                "epoch_time_min", "images_per_s", "images_per_s_per_rank", "speedup", "efficiency_pct",
-                "mem_peak_mb_max", "mem_peak_mb_spread", "data_wait_pct", "val_auc_pct", "val_acc_pct",
-                "test_auc_pct", "test_acc_pct", "status", "restarts", "reason"):
+    for col in (
+        "run",
+        "backend",
+        "format",
+        "layout",
+        "precision",
+        "batch_per_rank",
+        "epoch_time_s",
+        "epoch_time_min",
+        "images_per_s",
+        "images_per_s_per_rank",
+        "speedup",
+        "efficiency_pct",
+        "mem_peak_mb_max",
+        "mem_peak_mb_spread",
+        "data_wait_pct",
+        "val_auc_pct",
+        "val_acc_pct",
+        "test_auc_pct",
+        "test_acc_pct",
+        "status",
+        "restarts",
+        "reason",
+    ):
         assert col in csv.columns, col
     assert len(csv) == 5
 
@@ -184,7 +309,8 @@ def test_load_run_marks_incomplete_and_missing(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(_config("ddp", nproc=3)))
     recs = _steps(0, "node1", [0.5, 0.5], [0.1, 0.1], epochs=1)
     (run / "telemetry" / "rank0.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in recs) + '{"event": "step", "ti')  # killed mid-write
+        "".join(json.dumps(r) + "\n" for r in recs) + '{"event": "step", "ti'
+    )  # killed mid-write
     (run / "telemetry" / "rank1.jsonl").write_text("")
     loaded = load_run(run)
     assert loaded["status"] == "incomplete" and loaded["summary"] == {}
@@ -211,10 +337,17 @@ def test_report_survives_empty_and_missing_runs(tmp_path):
 
 def test_sweep_folder_expands(runs, tmp_path):
     sweep = runs[0].parent
-    (sweep / "sweep.json").write_text(json.dumps({
-        "runs": [{"backend": "single", "format": "shards", "run_dir": "single-shards"},
-                 {"backend": "ddp", "format": "shards", "run_dir": str(runs[1])}],
-        "skipped": SKIPPED}))
+    (sweep / "sweep.json").write_text(
+        json.dumps(
+            {
+                "runs": [
+                    {"backend": "single", "format": "shards", "run_dir": "single-shards"},
+                    {"backend": "ddp", "format": "shards", "run_dir": str(runs[1])},
+                ],
+                "skipped": SKIPPED,
+            }
+        )
+    )
     df = build_report([sweep], out=tmp_path / "r", print_table=False)
     assert df["run"].tolist() == ["single-shards", "dp-shards", "ddp-shards"]
     assert df.loc[df["run"] == "dp-shards", "status"].item() == "skipped"

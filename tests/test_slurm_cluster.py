@@ -1,4 +1,5 @@
 """The throw-away SLURM cluster itself: batch jobs across both nodes, submitit on it, cancel, requeue."""
+
 from __future__ import annotations
 
 import sys
@@ -52,8 +53,14 @@ def _executor(folder: Path, **params) -> submitit.AutoExecutor:
 def test_sbatch_two_nodes(slurm_cluster, tmp_path):
     out = tmp_path / "out.txt"
     job = slurm_cluster.run(
-        "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={out}",
-        "--wrap", "srun bash -c 'echo $SLURMD_NODENAME $SLURM_PROCID'").stdout.strip()
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        f"--output={out}",
+        "--wrap",
+        "srun bash -c 'echo $SLURMD_NODENAME $SLURM_PROCID'",
+    ).stdout.strip()
     assert slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED")) == "COMPLETED"
     lines = sorted(out.read_text().split("\n"))
     assert [ln for ln in lines if ln] == ["node1 0", "node2 1"]
@@ -63,7 +70,7 @@ def test_sbatch_two_nodes(slurm_cluster, tmp_path):
 def test_sinfo_shows_two_idle_debug_nodes(slurm_cluster):
     out = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %P %G").stdout.split("\n")
     assert sorted(ln.split()[0] for ln in out if ln) == ["node1", "node2"]
-    assert all("debug*" in ln and "(null)" in ln for ln in out if ln)   # default partition, no GPUs
+    assert all("debug*" in ln and "(null)" in ln for ln in out if ln)  # default partition, no GPUs
 
 
 @pytest.mark.timeout(90)
@@ -93,9 +100,9 @@ def test_requeue_released_with_starttime_now_restarts_quickly(slurm_cluster, tmp
     slurm_cluster.wait_state(job.job_id, "RUNNING", timeout=30)
     while not marker.exists():
         time.sleep(0.1)
-    time.sleep(1.0)                       # let the job install submitit's signal handlers
+    time.sleep(1.0)  # let the job install submitit's signal handlers
     t0 = time.monotonic()
-    job._interrupt()                      # SIGTERM then USR2 to the steps: checkpoint() + scontrol requeue
+    job._interrupt()  # SIGTERM then USR2 to the steps: checkpoint() + scontrol requeue
     slurm_cluster.release(job.job_id)
     assert job.result() == "resumed"
     assert time.monotonic() - t0 < 30, "the released requeue should not wait for the ~120 s requeue delay"

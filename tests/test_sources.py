@@ -1,5 +1,6 @@
 """The sample table from CheXpert / MIMIC-CXR CSVs in their real formats (tiny fixtures written here), the
 uncertainty policies, the patient split's invariants, and the 223k-row speed budget."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,9 +17,20 @@ from cxrdist.sources import COLUMNS, MASK_COLUMNS, SourceTable, build_table
 from cxrdist.sources.split import patient_split
 
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *OBSERVATIONS]
-MIMIC_META_HEADER = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-                     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                     "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+MIMIC_META_HEADER = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
 
 
 def write_csv(path: Path, header: list[str], rows: list[dict], gz: bool = False) -> Path:
@@ -44,18 +56,25 @@ def chexpert_root(tmp_path) -> Path:
     root = tmp_path / "CheXpert-v1.0-small"
     root.mkdir()
     train = [
-        cx_row("train/patient00001/study1/view1_frontal.jpg", "Female", 68, Cardiomegaly="1.0", Edema="-1.0",
-               Support_Devices="1.0"),                                                       # line 2
-        cx_row("train/patient00001/study1/view2_lateral.jpg", "Female", 68, "Lateral", "",
-               Cardiomegaly="1.0"),                                                          # line 3
+        cx_row(
+            "train/patient00001/study1/view1_frontal.jpg",
+            "Female",
+            68,
+            Cardiomegaly="1.0",
+            Edema="-1.0",
+            Support_Devices="1.0",
+        ),  # line 2
+        cx_row(
+            "train/patient00001/study1/view2_lateral.jpg", "Female", 68, "Lateral", "", Cardiomegaly="1.0"
+        ),  # line 3
         # named frontal, but the Frontal/Lateral column says Lateral: the column is trusted
-        cx_row("train/patient00002/study1/view1_frontal.jpg", "Male", 40, "Lateral", "",
-               Pneumonia="1.0"),                                                             # line 4
-        cx_row("train/patient00003/study2/view1_frontal.jpg", "Unknown", "", "Frontal", "PA",
-               No_Finding="1.0", Edema="0.0"),                                               # line 5
-        cx_row("train/patient00004/study1/view1_frontal.jpg", "Male", 50, Edema="2.0"),     # line 6: bad
+        cx_row("train/patient00002/study1/view1_frontal.jpg", "Male", 40, "Lateral", "", Pneumonia="1.0"),  # line 4
+        cx_row(
+            "train/patient00003/study2/view1_frontal.jpg", "Unknown", "", "Frontal", "PA", No_Finding="1.0", Edema="0.0"
+        ),  # line 5
+        cx_row("train/patient00004/study1/view1_frontal.jpg", "Male", 50, Edema="2.0"),  # line 6: bad
         cx_row("train/patient00005/study1/view1_frontal.jpg", "Female", 30, Cardiomegaly="abc"),  # line 7: bad
-        cx_row("train/patient00006/study1/view1_frontal.jpg", "Female", 71, "Frontal", "LL"),    # line 8
+        cx_row("train/patient00006/study1/view1_frontal.jpg", "Female", 71, "Frontal", "LL"),  # line 8
     ]
     valid = [
         cx_row("valid/patient64541/study1/view1_frontal.jpg", "Male", 73, Lung_Opacity="1.0"),
@@ -82,11 +101,15 @@ def test_chexpert_columns_keys_paths_and_values(chexpert_root):
     assert t.df["age"].dtype == np.float64
     r = row(t, "patient00001_study1_view1_frontal")
     assert r["path"] == "train/patient00001/study1/view1_frontal.jpg"
-    assert (r["patient_id"], r["study_id"], r["view"], r["sex"], r["age"]) == \
-        ("patient00001", "patient00001/study1", "AP", "F", 68.0)
+    assert (r["patient_id"], r["study_id"], r["view"], r["sex"], r["age"]) == (
+        "patient00001",
+        "patient00001/study1",
+        "AP",
+        "F",
+        68.0,
+    )
     assert r["Cardiomegaly"] == 1.0 and r["Support Devices"] == 1.0 and r["Pneumonia"] == 0.0
-    assert row(t, "patient64541_study1_view1_frontal")["path"] == \
-        "valid/patient64541/study1/view1_frontal.jpg"
+    assert row(t, "patient64541_study1_view1_frontal")["path"] == "valid/patient64541/study1/view1_frontal.jpg"
     r = row(t, "patient00003_study2_view1_frontal")
     assert r["sex"] == "U" and np.isnan(r["age"]) and r["view"] == "PA" and r["No Finding"] == 1.0
     assert row(t, "patient00006_study1_view1_frontal")["view"] == "LL"
@@ -100,14 +123,17 @@ def test_chexpert_trusts_frontal_lateral_column_not_file_name(chexpert_root):
     assert row(all_views, "patient00002_study1_view1_frontal")["view"] == "LATERAL"
     frontal = build_table("chexpert", chexpert_root)
     keys = set(frontal.df["key"])
-    assert "patient00002_study1_view1_frontal" not in keys          # marked Lateral
+    assert "patient00002_study1_view1_frontal" not in keys  # marked Lateral
     assert "patient00001_study1_view2_lateral" not in keys
-    assert "patient00006_study1_view1_frontal" not in keys          # frontal but LL: PA/AP only
+    assert "patient00006_study1_view1_frontal" not in keys  # frontal but LL: PA/AP only
     assert set(frontal.df["view"]) <= {"PA", "AP"}
-    assert keys == {"patient00001_study1_view1_frontal", "patient00003_study2_view1_frontal",
-                    "patient64541_study1_view1_frontal", "patient64542_study1_view1_frontal"}
-    assert frontal.counts == [("rows in train.csv + valid.csv", 9), ("valid rows", 7),
-                              ("frontal views (PA, AP)", 4)]
+    assert keys == {
+        "patient00001_study1_view1_frontal",
+        "patient00003_study2_view1_frontal",
+        "patient64541_study1_view1_frontal",
+        "patient64542_study1_view1_frontal",
+    }
+    assert frontal.counts == [("rows in train.csv + valid.csv", 9), ("valid rows", 7), ("frontal views (PA, AP)", 4)]
 
 
 def test_chexpert_bad_label_rows_are_skipped_with_line_and_reason(chexpert_root):
@@ -121,14 +147,16 @@ def test_chexpert_bad_label_rows_are_skipped_with_line_and_reason(chexpert_root)
 
 def test_chexpert_unreadable_and_duplicate_rows(chexpert_root):
     lines = (chexpert_root / "train.csv").read_text().splitlines()
-    lines.insert(2, lines[1] + ",extra,fields")          # line 3: too many fields
-    lines.append(lines[1])                               # a duplicate of line 2 (now line 10)
+    lines.insert(2, lines[1] + ",extra,fields")  # line 3: too many fields
+    lines.append(lines[1])  # a duplicate of line 2 (now line 10)
     (chexpert_root / "train.csv").write_text("\n".join(lines) + "\n")
     t = build_table("chexpert", chexpert_root, views="all")
     by_source = {s["source"]: s["reason"] for s in t.skipped}
     assert by_source["train.csv:3"].startswith("unreadable row")
-    assert by_source["train.csv:7"] == "unknown label value '2.0' in Edema"   # numbering survives the bad line
-    assert by_source["train.csv:10"].startswith("duplicate key patient00001_study1_view1_frontal (first at train.csv:2)")
+    assert by_source["train.csv:7"] == "unknown label value '2.0' in Edema"  # numbering survives the bad line
+    assert by_source["train.csv:10"].startswith(
+        "duplicate key patient00001_study1_view1_frontal (first at train.csv:2)"
+    )
     assert len(t.df) == 7
 
 
@@ -147,10 +175,10 @@ def test_chexpert_wrong_root_hint(chexpert_root):
 @pytest.mark.parametrize("policy, label, mask", [("u-zeros", 0.0, 1), ("u-ones", 1.0, 1), ("u-ignore", 0.0, 0)])
 def test_uncertainty_policies(chexpert_root, policy, label, mask):
     t = build_table("chexpert", chexpert_root, policy=policy)
-    r = row(t, "patient00001_study1_view1_frontal")     # Edema -1.0 (uncertain)
+    r = row(t, "patient00001_study1_view1_frontal")  # Edema -1.0 (uncertain)
     assert (r["Edema"], r["mask:Edema"]) == (label, mask)
-    assert (r["Cardiomegaly"], r["mask:Cardiomegaly"]) == (1.0, 1)    # positive stays positive
-    assert (r["Pneumonia"], r["mask:Pneumonia"]) == (0.0, 1)          # blank -> 0, counted
+    assert (r["Cardiomegaly"], r["mask:Cardiomegaly"]) == (1.0, 1)  # positive stays positive
+    assert (r["Pneumonia"], r["mask:Pneumonia"]) == (0.0, 1)  # blank -> 0, counted
     assert t.policy == policy
 
 
@@ -169,16 +197,27 @@ MIMIC_IMAGES = [  # dicom_id, subject, study, view
     ("2a1b2c3d-aaaa1111-bbbb2222-cccc3333-dddd4444", "10000033", "50414268", "AP"),
     ("3a1b2c3d-aaaa1111-bbbb2222-cccc3333-dddd4444", "10000034", "50414269", "AP AXIAL"),
     ("4a1b2c3d-aaaa1111-bbbb2222-cccc3333-dddd4444", "10000035", "50414270", ""),
-    ("5a1b2c3d-aaaa1111-bbbb2222-cccc3333-dddd4444", "11000036", "50414271", "AP"),   # study has no labels
-    ("6a1b2c3d-aaaa1111-bbbb2222-cccc3333-dddd4444", "12000037", "50414272", "PA"),   # bad label
+    ("5a1b2c3d-aaaa1111-bbbb2222-cccc3333-dddd4444", "11000036", "50414271", "AP"),  # study has no labels
+    ("6a1b2c3d-aaaa1111-bbbb2222-cccc3333-dddd4444", "12000037", "50414272", "PA"),  # bad label
 ]
 
 
 def make_mimic(root: Path, *, ext: str = "jpg", gz: bool = False) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    meta = [{"dicom_id": d, "subject_id": s, "study_id": st, "ViewPosition": v, "Rows": 3056, "Columns": 2544,
-             "StudyDate": 21800506, "StudyTime": 213014.531, "PerformedProcedureStepDescription": "CHEST (PA AND LAT)"}
-            for d, s, st, v in MIMIC_IMAGES]
+    meta = [
+        {
+            "dicom_id": d,
+            "subject_id": s,
+            "study_id": st,
+            "ViewPosition": v,
+            "Rows": 3056,
+            "Columns": 2544,
+            "StudyDate": 21800506,
+            "StudyTime": 213014.531,
+            "PerformedProcedureStepDescription": "CHEST (PA AND LAT)",
+        }
+        for d, s, st, v in MIMIC_IMAGES
+    ]
     write_csv(root / "mimic-cxr-2.0.0-metadata.csv", MIMIC_META_HEADER, meta, gz=gz)
     # labels: one row per study, alphabetical in the real file; shuffled further here to prove name mapping
     header = ["subject_id", "study_id", *sorted(OBSERVATIONS)]
@@ -192,13 +231,15 @@ def make_mimic(root: Path, *, ext: str = "jpg", gz: bool = False) -> Path:
         {"subject_id": "12000037", "study_id": "50414272", "Pneumothorax": "3.0"},
     ]
     write_csv(root / "mimic-cxr-2.0.0-chexpert.csv", header, studies, gz=gz)
-    split = [{"dicom_id": d, "study_id": st, "subject_id": s, "split": sp}
-             for (d, s, st, _), sp in zip(MIMIC_IMAGES, ["train", "train", "validate", "test", "train", "train", "test"])]
+    split = [
+        {"dicom_id": d, "study_id": st, "subject_id": s, "split": sp}
+        for (d, s, st, _), sp in zip(MIMIC_IMAGES, ["train", "train", "validate", "test", "train", "train", "test"])
+    ]
     write_csv(root / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], split, gz=gz)
     d, s, st, _ = MIMIC_IMAGES[0]
     img = root / f"files/p{s[:2]}/p{s}/s{st}/{d}.{ext}"
     img.parent.mkdir(parents=True, exist_ok=True)
-    img.write_bytes(b"")        # only probed for existence
+    img.write_bytes(b"")  # only probed for existence
     return root
 
 
@@ -213,7 +254,7 @@ def test_mimic_table_maps_labels_by_name(tmp_path, gz):
     assert (r["patient_id"], r["study_id"], r["view"], r["sex"]) == ("10000032", "50414267", "PA", "U")
     assert np.isnan(r["age"])
     assert r["Edema"] == 1.0 and r["Pleural Effusion"] == 0.0 and r["No Finding"] == 0.0
-    assert row(t, MIMIC_IMAGES[1][0])["Edema"] == 1.0          # labels are per study: both images
+    assert row(t, MIMIC_IMAGES[1][0])["Edema"] == 1.0  # labels are per study: both images
     assert row(t, MIMIC_IMAGES[2][0])["No Finding"] == 1.0
     assert row(t, MIMIC_IMAGES[3][0])["Fracture"] == 1.0
     assert row(t, MIMIC_IMAGES[3][0])["view"] == "AP AXIAL"
@@ -222,8 +263,10 @@ def test_mimic_table_maps_labels_by_name(tmp_path, gz):
     d5, s5, st5, _ = MIMIC_IMAGES[5]
     assert skipped[f"files/p11/p{s5}/s{st5}/{d5}.jpg"] == "no labels for study"
     d6, s6, st6, _ = MIMIC_IMAGES[6]
-    assert skipped[f"files/p12/p{s6}/s{st6}/{d6}.jpg"] == \
-        f"unknown label value '3.0' in Pneumothorax (mimic-cxr-2.0.0-chexpert.csv{'.gz' if gz else ''}:6)"
+    assert (
+        skipped[f"files/p12/p{s6}/s{st6}/{d6}.jpg"]
+        == f"unknown label value '3.0' in Pneumothorax (mimic-cxr-2.0.0-chexpert.csv{'.gz' if gz else ''}:6)"
+    )
     assert len(t.df) == 5
     assert t.counts[0] == (f"images in mimic-cxr-2.0.0-metadata.csv{'.gz' if gz else ''}", 7)
 
@@ -240,8 +283,12 @@ def test_mimic_detects_dicom_and_official_split(tmp_path):
     assert t.df["path"].str.endswith(".dcm").all()
     assert any(".dcm detected" in n for n in t.notes)
     assert dict(zip(t.df["key"], t.df["split"])) == {
-        MIMIC_IMAGES[0][0]: "train", MIMIC_IMAGES[1][0]: "train", MIMIC_IMAGES[2][0]: "val",
-        MIMIC_IMAGES[3][0]: "test", MIMIC_IMAGES[4][0]: "train"}
+        MIMIC_IMAGES[0][0]: "train",
+        MIMIC_IMAGES[1][0]: "train",
+        MIMIC_IMAGES[2][0]: "val",
+        MIMIC_IMAGES[3][0]: "test",
+        MIMIC_IMAGES[4][0]: "train",
+    }
     forced = build_table("mimic", root, image_ext="jpg", views="all")
     assert forced.df["path"].str.endswith(".jpg").all()
 
@@ -273,27 +320,32 @@ def generate_chexpert_csv(root: Path, n: int = 223_414, patients: int = 64_540, 
     pid = np.sort(rng.integers(1, patients + 1, n))
     study = rng.integers(1, 6, n)
     view = np.arange(n)
-    prev = np.array([.09, .05, .12, .47, .04, .23, .07, .03, .15, .09, .38, .01, .04, .52])
-    frailty = rng.lognormal(0.0, 0.6, patients + 1)[pid][:, None]     # patients differ: correlated rows
+    prev = np.array([0.09, 0.05, 0.12, 0.47, 0.04, 0.23, 0.07, 0.03, 0.15, 0.09, 0.38, 0.01, 0.04, 0.52])
+    frailty = rng.lognormal(0.0, 0.6, patients + 1)[pid][:, None]  # patients differ: correlated rows
     p = np.clip(prev * frailty, 0, 0.95)
     u = rng.random((n, 14))
     cells = np.where(u < p, "1.0", np.where(u < p + 0.08, "-1.0", np.where(u < p + 0.3, "0.0", "")))
-    cells[:, 0] = np.where(cells[:, 0] == "1.0", "1.0", "")              # No Finding: 1.0 or blank
+    cells[:, 0] = np.where(cells[:, 0] == "1.0", "1.0", "")  # No Finding: 1.0 or blank
     lateral = rng.random(n) < 0.15
-    df = pd.DataFrame({
-        "Path": [f"CheXpert-v1.0-small/train/patient{a:05d}/study{b}/view{c}_{'lateral' if l else 'frontal'}.jpg"
-                 for a, b, c, l in zip(pid, study, view, lateral)],
-        "Sex": np.where(rng.random(n) < 0.5, "Male", "Female"),
-        "Age": rng.integers(18, 91, n),
-        "Frontal/Lateral": np.where(lateral, "Lateral", "Frontal"),
-        "AP/PA": np.where(lateral, "", np.where(rng.random(n) < 0.8, "AP", "PA")),
-    })
+    df = pd.DataFrame(
+        {
+            "Path": [
+                f"CheXpert-v1.0-small/train/patient{a:05d}/study{b}/view{c}_{'lateral' if lat else 'frontal'}.jpg"
+                for a, b, c, lat in zip(pid, study, view, lateral)
+            ],
+            "Sex": np.where(rng.random(n) < 0.5, "Male", "Female"),
+            "Age": rng.integers(18, 91, n),
+            "Frontal/Lateral": np.where(lateral, "Lateral", "Frontal"),
+            "AP/PA": np.where(lateral, "", np.where(rng.random(n) < 0.8, "AP", "PA")),
+        }
+    )
     for j, name in enumerate(OBSERVATIONS):
         df[name] = cells[:, j]
     df.to_csv(root / "train.csv", index=False)
     valid = pd.DataFrame({c: df[c].iloc[:234] for c in df.columns})
-    valid["Path"] = [f"CheXpert-v1.0-small/valid/patient{64541 + i // 2:05d}/study1/view{i % 2 + 1}_frontal.jpg"
-                     for i in range(234)]
+    valid["Path"] = [
+        f"CheXpert-v1.0-small/valid/patient{64541 + i // 2:05d}/study1/view{i % 2 + 1}_frontal.jpg" for i in range(234)
+    ]
     valid[list(OBSERVATIONS)] = valid[list(OBSERVATIONS)].replace({"-1.0": "0.0"})
     valid.to_csv(root / "valid.csv", index=False)
     return root
@@ -347,7 +399,7 @@ def test_patient_split_invariants_on_a_large_table(big_chexpert):
 def test_best_of_k_beats_a_single_draw():
     rng = np.random.default_rng(0)
     patients = np.repeat(np.arange(3000), rng.integers(1, 6, 3000))
-    pos = rng.random((len(patients), 14)) < rng.uniform(0.02, 0.5, 14) * rng.lognormal(0, .6, 3000)[patients, None]
+    pos = rng.random((len(patients), 14)) < rng.uniform(0.02, 0.5, 14) * rng.lognormal(0, 0.6, 3000)[patients, None]
     one, info1 = patient_split(patients, pos, seed=0, candidates=1)
     best, info48 = patient_split(patients, pos, seed=0, candidates=48)
     assert info48["max_prevalence_gap"] < info1["max_prevalence_gap"]

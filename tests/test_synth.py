@@ -1,4 +1,5 @@
 """cxrdist.synth: real layouts and CSV formats, label statistics, DICOM variety, phantom findings."""
+
 from __future__ import annotations
 
 import csv
@@ -250,7 +251,7 @@ def test_same_phantom_same_pixels_whatever_the_encoding(tmp_path):
         synth.write_dicom(path, img, uid_seed=str(i), **kw)
         back = imaging.read_dicom(path)
         assert back.shape == img.shape
-        assert np.abs(back - img).max() < 2.0 / 2 ** 12, kw
+        assert np.abs(back - img).max() < 2.0 / 2**12, kw
     # without a window the reader stretches percentiles: still the same way round
     synth.write_dicom(tmp_path / "nowin.dcm", img, photometric="MONOCHROME1", bits=12, window=False)
     assert frontal_contrast(imaging.read_dicom(tmp_path / "nowin.dcm")) > 0.3
@@ -266,10 +267,12 @@ def test_each_finding_is_visible_at_64px(finding):
     diffs = []
     for seed in range(4):
         base = synth.draw_frontal(np.random.default_rng(seed), 128, 108, {}, finding_rng=np.random.default_rng(0))
-        full = synth.draw_frontal(np.random.default_rng(seed), 128, 108, {finding: 1.0},
-                                  finding_rng=np.random.default_rng(seed + 100))
-        half = synth.draw_frontal(np.random.default_rng(seed), 128, 108, {finding: 0.5},
-                                  finding_rng=np.random.default_rng(seed + 100))
+        full = synth.draw_frontal(
+            np.random.default_rng(seed), 128, 108, {finding: 1.0}, finding_rng=np.random.default_rng(seed + 100)
+        )
+        half = synth.draw_frontal(
+            np.random.default_rng(seed), 128, 108, {finding: 0.5}, finding_rng=np.random.default_rng(seed + 100)
+        )
         d_full = np.abs(imaging.fit_square(full, 64) - imaging.fit_square(base, 64))
         d_half = np.abs(imaging.fit_square(half, 64) - imaging.fit_square(base, 64))
         assert d_full.max() > 0.25, (finding, seed)

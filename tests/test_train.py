@@ -1,4 +1,5 @@
 """`cxrdist train` end to end on synthetic shards: run folder contract, backends, resume, failures."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--
 
 
 def train(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -47,6 +49,7 @@ def test_single_run_writes_the_run_folder_contract(tiny_shards, tmp_path):
     assert set(test["auc"]) == set(OBSERVATIONS) and "subgroups" in test
     # labels with one class in the split are undefined (None), never 0.5; the others are defined
     import tarfile
+
     seen = {}
     for tar in sorted(tiny_shards["shards"].glob("test-*.tar")):
         with tarfile.open(tar) as tf:
@@ -59,16 +62,32 @@ def test_single_run_writes_the_run_folder_contract(tiny_shards, tmp_path):
     for name in OBSERVATIONS:
         assert (test["auc"][name] is None) == (len(seen.get(name, ())) < 2), name
     steps = records(run, 0, "step")
-    assert steps and {"rank", "local_rank", "host", "device", "epoch", "step", "images_per_s", "step_time_s",
-                      "data_time_s", "loss", "lr", "mem_peak_mb"} <= set(steps[0])
+    assert steps and {
+        "rank",
+        "local_rank",
+        "host",
+        "device",
+        "epoch",
+        "step",
+        "images_per_s",
+        "step_time_s",
+        "data_time_s",
+        "loss",
+        "lr",
+        "mem_peak_mb",
+    } <= set(steps[0])
     assert len(records(run, 0, "epoch")) == 2
     assert (run / "config.yaml").is_file()
     for tag in ("last", "best"):
         state = torch.load(run / "checkpoints" / f"{tag}.pt", weights_only=True)
         assert {"model", "optimizer", "scheduler", "scaler", "epoch", "global_step", "rng", "config"} <= set(state)
     # evaluation from the checkpoint agrees with what the run reported
-    ev = subprocess.run([sys.executable, "-m", "cxrdist.cli", "eval", "--run", str(run), "--split", "test",
-                         "--checkpoint", "last"], capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", "eval", "--run", str(run), "--split", "test", "--checkpoint", "last"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ev.returncode == 0, ev.stderr[-2000:]
     evaluated = json.loads((run / "eval_test.json").read_text())
     assert evaluated["n"] == test["n"]
@@ -91,12 +110,39 @@ def test_ddp_two_ranks_equal_batches_and_exact_once_eval(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero1_run_and_resume(tiny_shards, tmp_path):
     run = tmp_path / "ds"
-    train("--shards", tiny_shards["shards"], "--out", run, "--backend", "deepspeed", "--zero-stage", "1",
-          "--nproc", "2", "--epochs", "1", *TINY)
+    train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        run,
+        "--backend",
+        "deepspeed",
+        "--zero-stage",
+        "1",
+        "--nproc",
+        "2",
+        "--epochs",
+        "1",
+        *TINY,
+    )
     ckdir = run / "checkpoints"
     assert (ckdir / "latest").is_file() and (ckdir / (ckdir / "latest").read_text().strip()).is_dir()
-    train("--shards", tiny_shards["shards"], "--out", run, "--backend", "deepspeed", "--zero-stage", "1",
-          "--nproc", "2", "--epochs", "2", "--resume", *TINY)
+    train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        run,
+        "--backend",
+        "deepspeed",
+        "--zero-stage",
+        "1",
+        "--nproc",
+        "2",
+        "--epochs",
+        "2",
+        "--resume",
+        *TINY,
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["restarts"] == 1 and [e["epoch"] for e in summary["epochs"]] == [1, 2]
 
@@ -107,12 +153,29 @@ def _final_weights(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(tiny_shards, tmp_path):
-    args = ["--shards", tiny_shards["shards"], "--backend", "single", "--epochs", "2", "--seed", "3", *TINY[:-2],
-            "--log-every", "1", "--workers", "0"]
+    args = [
+        "--shards",
+        tiny_shards["shards"],
+        "--backend",
+        "single",
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        *TINY[:-2],
+        "--log-every",
+        "1",
+        "--workers",
+        "0",
+    ]
     train(*args, "--out", tmp_path / "straight")
     run = tmp_path / "preempted"
-    proc = subprocess.Popen([sys.executable, "-m", "cxrdist.cli", "train", *map(str, args), "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args), "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     telemetry = run / "telemetry" / "rank0.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -141,10 +204,17 @@ def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(tiny_sha
 def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.pt"
     ckpt.atomic_torch_save({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
-    child = subprocess.Popen([sys.executable, "-c", (
-        "import torch, sys; from cxrdist.engine.checkpoint import atomic_torch_save\n"
-        "atomic_torch_save({'model': {'w': torch.zeros(400_000_000 // 4)}, 'epoch': 2}, sys.argv[1])"),
-        str(path)])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import torch, sys; from cxrdist.engine.checkpoint import atomic_torch_save\n"
+                "atomic_torch_save({'model': {'w': torch.zeros(400_000_000 // 4)}, 'epoch': 2}, sys.argv[1])"
+            ),
+            str(path),
+        ]
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".last.pt.*.tmp")) and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -156,17 +226,29 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 
 def test_bad_inputs_fail_before_any_worker_starts(tiny_shards, tmp_path):
-    proc = train("--shards", tmp_path / "nope", "--out", tmp_path / "r", "--backend", "ddp", "--nproc", "2", *TINY,
-                 check=False)
+    proc = train(
+        "--shards", tmp_path / "nope", "--out", tmp_path / "r", "--backend", "ddp", "--nproc", "2", *TINY, check=False
+    )
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
-    proc = train("--shards", tiny_shards["shards"], "--out", tmp_path / "r", "--backend", "single",
-                 "--precision", "fp16", *TINY, check=False)
+    proc = train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        tmp_path / "r",
+        "--backend",
+        "single",
+        "--precision",
+        "fp16",
+        *TINY,
+        check=False,
+    )
     assert proc.returncode == 2 and "fp16" in proc.stderr
     proc = train("--shards", tiny_shards["shards"], "--out", tmp_path / "r", "--backend", "dp", *TINY, check=False)
     if torch.cuda.device_count() < 2:
         assert proc.returncode == 2 and "dp needs >= 2 visible GPUs" in proc.stderr
     # a manifest that disagrees with the shards
     import shutil
+
     bad = tmp_path / "bad"
     shutil.copytree(tiny_shards["shards"], bad)
     victim = sorted(bad.glob("train-*.tar"))[0]
@@ -178,9 +260,30 @@ def test_bad_inputs_fail_before_any_worker_starts(tiny_shards, tmp_path):
 
 @pytest.mark.slow
 def test_a_crashing_rank_ends_the_job(tiny_shards, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "cxrdist.cli", "train", "--shards", str(tiny_shards["shards"]),
-                             "--out", str(tmp_path / "crash"), "--backend", "ddp", "--nproc", "2", "--epochs", "50",
-                             "--timeout", "60", *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cxrdist.cli",
+            "train",
+            "--shards",
+            str(tiny_shards["shards"]),
+            "--out",
+            str(tmp_path / "crash"),
+            "--backend",
+            "ddp",
+            "--nproc",
+            "2",
+            "--epochs",
+            "50",
+            "--timeout",
+            "60",
+            *TINY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     telemetry = tmp_path / "crash" / "telemetry" / "rank1.jsonl"
     deadline = time.monotonic() + 300
     while not (telemetry.exists() and telemetry.read_text().strip()) and time.monotonic() < deadline:
@@ -198,8 +301,24 @@ def test_a_crashing_rank_ends_the_job(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_shards, tmp_path):
     run = tmp_path / "nan"
-    proc = train("--shards", tiny_shards["shards"], "--out", run, "--backend", "single", *TINY, "--epochs", "1",
-                 "--lr", "1e30", "--log-every", "1", "--checkpoint-every", "1", check=False)
+    proc = train(
+        "--shards",
+        tiny_shards["shards"],
+        "--out",
+        run,
+        "--backend",
+        "single",
+        *TINY,
+        "--epochs",
+        "1",
+        "--lr",
+        "1e30",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "1",
+        check=False,
+    )
     assert proc.returncode != 0 and "non-finite" in proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "non-finite" in summary["error"]
@@ -213,9 +332,29 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_s
 def test_ddp_two_cpu_ranks_learn_the_synthetic_findings(learnable_shards, tmp_path):
     """Issue #3's bar: 5 epochs of DDP at 64 px on 2 CPU ranks reach val mean AUC >= 0.9 on synth data."""
     run = tmp_path / "learn"
-    train("--shards", learnable_shards["shards"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "5",
-          "--model", "densenetblur121d", "--image-size", "64", "--batch-size", "32", "--workers", "1",
-          "--log-every", "10", timeout=1500)
+    train(
+        "--shards",
+        learnable_shards["shards"],
+        "--out",
+        run,
+        "--backend",
+        "ddp",
+        "--nproc",
+        "2",
+        "--epochs",
+        "5",
+        "--model",
+        "densenetblur121d",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "32",
+        "--workers",
+        "1",
+        "--log-every",
+        "10",
+        timeout=1500,
+    )
     summary = json.loads((run / "summary.json").read_text())
     aucs = [e["val_auc_mean"] for e in summary["epochs"]]
     print("val mean AUC per epoch:", aucs, "test:", summary["test"]["auc_mean"])

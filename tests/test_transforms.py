@@ -1,4 +1,5 @@
 """Augment: one batched definition for workers and devices; seeded, shape- and dtype-exact."""
+
 from __future__ import annotations
 
 import pytest

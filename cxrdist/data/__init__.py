@@ -6,11 +6,21 @@
 
 Which loader a run uses, and where augmentation runs, is the engine's choice (cxrdist.engine.inputs).
 """
+
 from __future__ import annotations
 
 from cxrdist.data.files import FileError, FileLoader, make_file_loader
 from cxrdist.data.stream import ShardError, ShardLoader, batch_generator, make_loader
 from cxrdist.data.transforms import Augment, to_float
 
-__all__ = ["Augment", "FileError", "FileLoader", "ShardError", "ShardLoader", "batch_generator",
-           "make_file_loader", "make_loader", "to_float"]
+__all__ = [
+    "Augment",
+    "FileError",
+    "FileLoader",
+    "ShardError",
+    "ShardLoader",
+    "batch_generator",
+    "make_file_loader",
+    "make_loader",
+    "to_float",
+]

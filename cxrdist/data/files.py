@@ -14,13 +14,15 @@ Batches and rules are the shard loader's: train yields ``floor(N / (world_size *
 on every rank (DistributedSampler with drop_last, reshuffled from ``seed + epoch``), ``start_batch`` skips
 indices only; eval yields every sample once across ranks (the last batch of a rank may be short).
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,8 +95,18 @@ class RankBatchSampler(Sampler):
     ``rank, rank + world_size, ...`` (every sample once across ranks), the last batch possibly short.
     """
 
-    def __init__(self, n: int, *, batch_size: int, rank: int, world_size: int, train: bool, epoch: int,
-                 seed: int, start_batch: int = 0):
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        train: bool,
+        epoch: int,
+        seed: int,
+        start_batch: int = 0,
+    ):
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.train, self.epoch, self.seed, self.start_batch = train, epoch, seed, start_batch
 
@@ -105,7 +117,7 @@ class RankBatchSampler(Sampler):
         g.manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
         usable = self.n // self.world_size * self.world_size
-        return perm[self.rank:usable:self.world_size]
+        return perm[self.rank : usable : self.world_size]
 
     def total_batches(self) -> int:
         per_rank = self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
@@ -117,7 +129,7 @@ class RankBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         idx, bs = self.indices(), self.batch_size
         for j in range(self.start_batch, self.total_batches()):
-            yield [(j, i) for i in idx[j * bs:(j + 1) * bs]]
+            yield [(j, i) for i in idx[j * bs : (j + 1) * bs]]
 
 
 class Collate:
@@ -152,49 +164,88 @@ class FileLoader:
         yield from iterate(self.loader, FileError)
 
 
-def make_file_loader(manifest_dir: str | Path, split: str, fmt: str, *, batch_size: int, rank: int = 0,
-                     world_size: int = 1, workers: int = 2, train: bool = True, epoch: int = 0, seed: int = 0,
-                     start_batch: int = 0, augment: torch.nn.Module | None = None,
-                     source_root: str | Path | None = None, pin_memory: bool = False) -> FileLoader:
+def make_file_loader(
+    manifest_dir: str | Path,
+    split: str,
+    fmt: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+    train: bool = True,
+    epoch: int = 0,
+    seed: int = 0,
+    start_batch: int = 0,
+    augment: torch.nn.Module | None = None,
+    source_root: str | Path | None = None,
+    pin_memory: bool = False,
+) -> FileLoader:
     """A loader over the original image files of a shard folder's ``split`` (same batches, same rules)."""
     if fmt not in FORMATS:
         raise UserError(f"file loader format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
-        raise ValueError(f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} "
-                         f"workers={workers}")
+        raise ValueError(
+            f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} workers={workers}"
+        )
     manifest, items = file_index(manifest_dir, split)
     root = Path(source_root or manifest.get("root") or "")
     if not root.is_dir():
-        raise UserError(f"source root {root} is not a folder: give --source-root (the dataset the shards in "
-                        f"{manifest_dir} were packed from)")
+        raise UserError(
+            f"source root {root} is not a folder: give --source-root (the dataset the shards in "
+            f"{manifest_dir} were packed from)"
+        )
     if items and not (root / items[0][1]["source"]).exists():
-        raise UserError(f"{root / items[0][1]['source']} does not exist: is {root} the dataset the shards in "
-                        f"{manifest_dir} were packed from? (give --source-root)")
+        raise UserError(
+            f"{root / items[0][1]['source']} does not exist: is {root} the dataset the shards in "
+            f"{manifest_dir} were packed from? (give --source-root)"
+        )
     from cxrdist.imaging import DICOM_SUFFIXES
 
     dicoms = sum(str(m["source"]).lower().endswith(DICOM_SUFFIXES) for _, m in items)
     reads = "dicom" if items and dicoms == len(items) else "jpeg" if not dicoms else "mixed"
     if fmt == "jpeg" and dicoms:
-        warnings.warn(f"--format jpeg on {manifest_dir}: its source holds DICOM files, so this loader reads "
-                      f"the DICOMs; pack a JPEG source for the jpeg arm", stacklevel=2)
+        warnings.warn(
+            f"--format jpeg on {manifest_dir}: its source holds DICOM files, so this loader reads "
+            f"the DICOMs; pack a JPEG source for the jpeg arm",
+            stacklevel=2,
+        )
     elif fmt == "dicom" and reads != "dicom":
-        warnings.warn(f"--format dicom on {manifest_dir}: its source holds non-DICOM files ({reads}); "
-                      f"pack a DICOM source (MIMIC-CXR) for the dicom arm", stacklevel=2)
-    sampler = RankBatchSampler(len(items), batch_size=batch_size, rank=rank, world_size=world_size, train=train,
-                               epoch=epoch, seed=seed, start_batch=start_batch)
+        warnings.warn(
+            f"--format dicom on {manifest_dir}: its source holds non-DICOM files ({reads}); "
+            f"pack a DICOM source (MIMIC-CXR) for the dicom arm",
+            stacklevel=2,
+        )
+    sampler = RankBatchSampler(
+        len(items),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        train=train,
+        epoch=epoch,
+        seed=seed,
+        start_batch=start_batch,
+    )
     if train:
         if sampler.total_batches() == 0:
-            raise UserError(f"split {split!r} has {len(items)} samples: not one batch of {batch_size} for each "
-                            f"of {world_size} rank(s)")
+            raise UserError(
+                f"split {split!r} has {len(items)} samples: not one batch of {batch_size} for each "
+                f"of {world_size} rank(s)"
+            )
         if not 0 <= start_batch <= sampler.total_batches():
             raise ValueError(f"start_batch={start_batch} outside 0..{sampler.total_batches()}")
     elif start_batch:
         raise ValueError("start_batch is for training loaders only")
     dataset = FileDataset(items, root, int(manifest["size"]), manifest.get("encoding", "jpg"))
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                        collate_fn=Collate(augment, seed, epoch, rank),
-                        pin_memory=pin_memory and torch.cuda.is_available(),
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=Collate(augment, seed, epoch, rank),
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+    )
     length = len(sampler)
     samples = length * batch_size if train else len(sampler.indices())
     return FileLoader(loader, length=length, samples=samples, manifest=manifest, fmt=fmt, reads=reads)

@@ -24,6 +24,7 @@ and workers (each worker's last batch may be short); ``len()`` is exact from the
 A truncated or damaged shard raises :class:`ShardError` naming the shard; a shard holding a different number
 of samples than the manifest says does too, so an epoch is never silently short.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,9 +36,10 @@ import os
 import random
 import re
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,15 +95,20 @@ def _pax_path(data: bytes) -> str | None:
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode("utf-8")
         pos += length
     return None
 
 
-def iter_tar(path: str | os.PathLike, *, name: str | None = None, expected_bytes: int = 0,
-             wanted: frozenset[str] | None = KNOWN_EXTS) -> Iterator[tuple[str, str, bytes | None]]:
+def iter_tar(
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    expected_bytes: int = 0,
+    wanted: frozenset[str] | None = KNOWN_EXTS,
+) -> Iterator[tuple[str, str, bytes | None]]:
     """Yield ``(key, ext, data)`` for the regular files of a tar, in order (ustar, pax, GNU long names).
 
     The file is memory-mapped and parsed in place (a few microseconds a member, where ``tarfile`` takes
@@ -123,15 +130,17 @@ def iter_tar(path: str | os.PathLike, *, name: str | None = None, expected_bytes
         yield from _parse_tar(mm, size, name, wanted)
 
 
-def _parse_tar(mm: mmap.mmap, size: int, name: str,
-               wanted: frozenset[str] | None) -> Iterator[tuple[str, str, bytes | None]]:
+def _parse_tar(
+    mm: mmap.mmap, size: int, name: str, wanted: frozenset[str] | None
+) -> Iterator[tuple[str, str, bytes | None]]:
     long_name: str | None = None
     pos = 0
     while True:
-        header = mm[pos:pos + _BLOCK]
+        header = mm[pos : pos + _BLOCK]
         if len(header) < _BLOCK:
-            raise ShardError(f"{name}: truncated tar / unreadable: ends at byte {size} without an "
-                             f"end-of-archive marker")
+            raise ShardError(
+                f"{name}: truncated tar / unreadable: ends at byte {size} without an end-of-archive marker"
+            )
         if header == _ZERO_BLOCK:
             return
         try:
@@ -144,10 +153,12 @@ def _parse_tar(mm: mmap.mmap, size: int, name: str,
         start = pos + _BLOCK
         pos = start + msize + (-msize % _BLOCK)
         if start + msize > size:
-            raise ShardError(f"{name}: truncated tar / unreadable: the member at byte {start - _BLOCK} runs "
-                             f"past the end ({size} bytes)")
+            raise ShardError(
+                f"{name}: truncated tar / unreadable: the member at byte {start - _BLOCK} runs "
+                f"past the end ({size} bytes)"
+            )
         if kind in (b"L", b"x"):  # the next member's real name (GNU long name, pax header)
-            data = mm[start:start + msize]
+            data = mm[start : start + msize]
             long_name = data.split(b"\0", 1)[0].decode("utf-8") if kind == b"L" else _pax_path(data)
             continue
         fname, long_name = long_name, None
@@ -161,8 +172,8 @@ def _parse_tar(mm: mmap.mmap, size: int, name: str,
         dot = fname.find(".", slash)
         if dot < 0:
             continue
-        key, ext = fname[:dot], fname[dot + 1:].lower()
-        yield key, ext, mm[start:start + msize] if wanted is None or ext in wanted else None
+        key, ext = fname[:dot], fname[dot + 1 :].lower()
+        yield key, ext, mm[start : start + msize] if wanted is None or ext in wanted else None
 
 
 RawSample = tuple[str, str, dict[str, bytes]]  # (shard name, key, {ext: bytes})
@@ -186,8 +197,10 @@ def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS) -> Iterator[Ra
         count += 1
         yield shard.name, key, members
     if count != shard.samples:
-        raise ShardError(f"{shard.name}: holds {count} samples but the manifest says {shard.samples} "
-                         f"(truncated or replaced shard; run `cxrdist verify`)")
+        raise ShardError(
+            f"{shard.name}: holds {count} samples but the manifest says {shard.samples} "
+            f"(truncated or replaced shard; run `cxrdist verify`)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -205,6 +218,7 @@ def shard_order(shards: list[Shard], *, seed: int, epoch: int, train: bool) -> l
 class Share:
     """What one global worker reads: ``shards``, keeping the samples ``i`` (counted over those shards in
     order) with ``i % stride == offset``."""
+
     shards: tuple[Shard, ...]
     stride: int = 1
     offset: int = 0
@@ -290,8 +304,14 @@ def collate(keys: list[str], images: list[np.ndarray], metas: list[dict]) -> dic
     mask = np.asarray([m["mask"] for m in metas], dtype=np.float32).reshape(len(metas), NUM_CLASSES)
     age = np.asarray([np.nan if m.get("age") is None else m["age"] for m in metas], dtype=np.float32)
     sex = np.asarray([sex_code(m.get("sex")) for m in metas], dtype=np.float32)
-    return {"image": torch.from_numpy(stack), "labels": torch.from_numpy(labels), "mask": torch.from_numpy(mask),
-            "age": torch.from_numpy(age), "sex": torch.from_numpy(sex), "key": list(keys)}
+    return {
+        "image": torch.from_numpy(stack),
+        "labels": torch.from_numpy(labels),
+        "mask": torch.from_numpy(mask),
+        "age": torch.from_numpy(age),
+        "sex": torch.from_numpy(sex),
+        "key": list(keys),
+    }
 
 
 def decode_batch(raw: list[RawSample]) -> dict[str, Any]:
@@ -313,8 +333,10 @@ def decode_batch(raw: list[RawSample]) -> dict[str, Any]:
     try:
         return collate(keys, images, metas)
     except (ValueError, KeyError, TypeError) as e:
-        raise ShardError(f"{', '.join(sorted({r[0] for r in raw}))}: samples do not stack into a batch "
-                         f"(mixed image sizes or bad json?): {e}") from None
+        raise ShardError(
+            f"{', '.join(sorted({r[0] for r in raw}))}: samples do not stack into a batch "
+            f"(mixed image sizes or bad json?): {e}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -342,9 +364,22 @@ def batch_generator(*ints: int) -> torch.Generator:
 class ShardStream(IterableDataset):
     """Yields this rank's batches of one epoch; inside a DataLoader worker, that worker's share of them."""
 
-    def __init__(self, shards: list[Shard], *, batch_size: int, rank: int, world_size: int, workers: int,
-                 train: bool, epoch: int, seed: int, start_batch: int, shuffle_buffer: int,
-                 batches_per_rank: int, augment: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        shards: list[Shard],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        train: bool,
+        epoch: int,
+        seed: int,
+        start_batch: int,
+        shuffle_buffer: int,
+        batches_per_rank: int,
+        augment: torch.nn.Module | None = None,
+    ):
         super().__init__()
         self.shards = list(shards)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -409,8 +444,9 @@ class ShardStream(IterableDataset):
             n += len(chunk)
             yield self._finish(decode_batch(chunk), logical + self.workers * j)
         if n != share.samples:
-            raise ShardError(f"a loader worker read {n} samples where the manifest plans {share.samples} "
-                             f"from {share.names()}")
+            raise ShardError(
+                f"a loader worker read {n} samples where the manifest plans {share.samples} from {share.names()}"
+            )
 
     def _finish(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
         if self.augment is not None:
@@ -434,8 +470,7 @@ def iterate(loader: DataLoader, error: type[UserError]) -> Iterator[Any]:
     it = iter(loader)
     message = None
     try:
-        for batch in it:
-            yield batch
+        yield from it
     except error as e:
         message = clean_message(e)
         e.__traceback__ = None
@@ -452,8 +487,17 @@ def as_is(batch: dict[str, Any]) -> dict[str, Any]:
 class ShardLoader:
     """Iterable over this rank's batches for one epoch; ``len()`` is the number of batches it yields."""
 
-    def __init__(self, stream: ShardStream, *, workers: int, pin_memory: bool, length: int, samples: int,
-                 manifest: dict, persistent: bool = False):
+    def __init__(
+        self,
+        stream: ShardStream,
+        *,
+        workers: int,
+        pin_memory: bool,
+        length: int,
+        samples: int,
+        manifest: dict,
+        persistent: bool = False,
+    ):
         self.stream, self.workers, self.pin_memory = stream, workers, pin_memory
         self.length, self.samples, self.manifest = length, samples, manifest
         self.batch_size = stream.batch_size
@@ -465,11 +509,13 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.length
 
-    def restart(self, epoch: int, start_batch: int = 0) -> "ShardLoader":
+    def restart(self, epoch: int, start_batch: int = 0) -> ShardLoader:
         """The same loader (and, when persistent, the same worker processes) for another training epoch."""
         if not self.stream.train or not 0 <= start_batch <= self.stream.batches_per_rank:
-            raise ValueError(f"restart(epoch={epoch}, start_batch={start_batch}) on a loader planned for "
-                             f"{self.stream.batches_per_rank} training batches")
+            raise ValueError(
+                f"restart(epoch={epoch}, start_batch={start_batch}) on a loader planned for "
+                f"{self.stream.batches_per_rank} training batches"
+            )
         self.stream.set_epoch(epoch, start_batch)
         self.length = self.stream.batches_per_rank - start_batch
         self.samples = self.length * self.batch_size
@@ -477,9 +523,15 @@ class ShardLoader:
 
     def dataloader(self) -> DataLoader:
         if self._loader is None or not self.persistent:
-            self._loader = DataLoader(self.stream, batch_size=None, collate_fn=as_is, num_workers=self.workers,
-                                      pin_memory=self.pin_memory and torch.cuda.is_available(),
-                                      prefetch_factor=2 if self.workers else None, persistent_workers=self.persistent)
+            self._loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                collate_fn=as_is,
+                num_workers=self.workers,
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
+                prefetch_factor=2 if self.workers else None,
+                persistent_workers=self.persistent,
+            )
         return self._loader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -490,8 +542,10 @@ class ShardLoader:
             n += 1
             yield batch
         if n != self.length:
-            raise ShardError(f"the loader yielded {n} batches, {self.length} planned "
-                             f"(shards: {', '.join(s.name for s in self.stream.shards)})")
+            raise ShardError(
+                f"the loader yielded {n} batches, {self.length} planned "
+                f"(shards: {', '.join(s.name for s in self.stream.shards)})"
+            )
 
 
 def read_shard_list(shard_dir: str | Path, split: str) -> tuple[dict, list[Shard]]:
@@ -503,38 +557,72 @@ def read_shard_list(shard_dir: str | Path, split: str) -> tuple[dict, list[Shard
     paths = shard_paths(manifest, shard_dir, split)
     shards = []
     for entry, path in zip(entries, paths, strict=True):
-        shards.append(Shard(name=entry["name"], path=str(path), samples=int(entry["samples"]),
-                            bytes=int(entry.get("bytes") or 0)))
+        shards.append(
+            Shard(name=entry["name"], path=str(path), samples=int(entry["samples"]), bytes=int(entry.get("bytes") or 0))
+        )
     return manifest, shards
 
 
-def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                workers: int = 2, train: bool = True, epoch: int = 0, seed: int = 0, start_batch: int = 0,
-                shuffle_buffer: int = 1000, augment: torch.nn.Module | None = None,
-                pin_memory: bool = False, persistent: bool = False) -> ShardLoader:
+def make_loader(
+    shard_dir: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+    train: bool = True,
+    epoch: int = 0,
+    seed: int = 0,
+    start_batch: int = 0,
+    shuffle_buffer: int = 1000,
+    augment: torch.nn.Module | None = None,
+    pin_memory: bool = False,
+    persistent: bool = False,
+) -> ShardLoader:
     """The shard loader of one rank for one epoch (see the module docstring for the rules)."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
-        raise ValueError(f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} "
-                         f"workers={workers}")
+        raise ValueError(
+            f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} workers={workers}"
+        )
     manifest, shards = read_shard_list(shard_dir, split)
     total = sum(s.samples for s in shards)
     batches_per_rank = total // (world_size * batch_size)
     if train:
         if batches_per_rank == 0:
-            raise UserError(f"split {split!r} has {total} samples: not one batch of {batch_size} for each of "
-                            f"{world_size} rank(s)")
+            raise UserError(
+                f"split {split!r} has {total} samples: not one batch of {batch_size} for each of {world_size} rank(s)"
+            )
         if not 0 <= start_batch <= batches_per_rank:
             raise ValueError(f"start_batch={start_batch} outside 0..{batches_per_rank}")
     elif start_batch:
         raise ValueError("start_batch is for training loaders only")
-    stream = ShardStream(shards, batch_size=batch_size, rank=rank, world_size=world_size, workers=workers,
-                         train=train, epoch=epoch, seed=seed, start_batch=start_batch,
-                         shuffle_buffer=shuffle_buffer, batches_per_rank=batches_per_rank, augment=augment)
+    stream = ShardStream(
+        shards,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        workers=workers,
+        train=train,
+        epoch=epoch,
+        seed=seed,
+        start_batch=start_batch,
+        shuffle_buffer=shuffle_buffer,
+        batches_per_rank=batches_per_rank,
+        augment=augment,
+    )
     if train:
         length = batches_per_rank - start_batch
         samples = length * batch_size
     else:
         length = stream.eval_batches()
         samples = sum(stream.share(w).samples for w in range(stream.workers))
-    return ShardLoader(stream, workers=workers, pin_memory=pin_memory, length=length, samples=samples,
-                       manifest=manifest, persistent=persistent and train)
+    return ShardLoader(
+        stream,
+        workers=workers,
+        pin_memory=pin_memory,
+        length=length,
+        samples=samples,
+        manifest=manifest,
+        persistent=persistent and train,
+    )

@@ -10,6 +10,7 @@ per batch, so a resumed step redraws the same parameters, and the worker path an
 same numbers for the same seed), then applied by the same code on whatever device the batch lives; given
 the same parameters (``forward(x, params=...)``) the CPU and GPU outputs agree to float rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,9 @@ def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     """
     b = theta.shape[0]
     coords = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1
-    per_x = coords.view(1, 1, size, 1) * theta[:, :, 0].reshape(b, 1, 1, 2)                    # B x 1 x S x 2
+    per_x = coords.view(1, 1, size, 1) * theta[:, :, 0].reshape(b, 1, 1, 2)  # B x 1 x S x 2
     per_y = coords.view(1, size, 1, 1) * theta[:, :, 1].reshape(b, 1, 1, 2) + theta[:, :, 2].reshape(b, 1, 1, 2)
-    return per_x + per_y                                                                       # B x S x S x 2
+    return per_x + per_y  # B x S x S x 2
 
 
 class Augment(torch.nn.Module):
@@ -57,9 +58,20 @@ class Augment(torch.nn.Module):
     output in that memory format (what a channels_last model wants, saving a copy).
     """
 
-    def __init__(self, image_size: int, train: bool, rotate_deg: float = 10, translate: float = 0.06,
-                 scale: tuple[float, float] = (0.9, 1.1), brightness: float = 0.15, contrast: float = 0.15,
-                 mean: float = 0.5, std: float = 0.25, in_chans: int | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        image_size: int,
+        train: bool,
+        rotate_deg: float = 10,
+        translate: float = 0.06,
+        scale: tuple[float, float] = (0.9, 1.1),
+        brightness: float = 0.15,
+        contrast: float = 0.15,
+        mean: float = 0.5,
+        std: float = 0.25,
+        in_chans: int | None = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.image_size, self.train_mode = int(image_size), bool(train)
         self.rotate_deg, self.translate = float(rotate_deg), float(translate)
@@ -69,13 +81,16 @@ class Augment(torch.nn.Module):
         self.in_chans, self.channels_last = in_chans, channels_last
 
     def extra_repr(self) -> str:
-        return (f"image_size={self.image_size}, train={self.train_mode}, rotate_deg={self.rotate_deg}, "
-                f"translate={self.translate}, scale={self.scale}, brightness={self.brightness}, "
-                f"contrast={self.contrast}, mean={self.mean}, std={self.std}")
+        return (
+            f"image_size={self.image_size}, train={self.train_mode}, rotate_deg={self.rotate_deg}, "
+            f"translate={self.translate}, scale={self.scale}, brightness={self.brightness}, "
+            f"contrast={self.contrast}, mean={self.mean}, std={self.std}"
+        )
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                params: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, params: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if images.dim() != 4:
             raise ValueError(f"Augment wants a B x C x H x W batch, got shape {tuple(images.shape)}")
         x = to_float(images)
@@ -104,7 +119,7 @@ class Augment(torch.nn.Module):
             th, tw = s, s
         x = F.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
         top, left = (th - s) // 2, (tw - s) // 2
-        return x[..., top:top + s, left:left + s]
+        return x[..., top : top + s, left : left + s]
 
     def draw(self, b: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """The 6 x B per-sample parameters (angle, tx, ty, zoom, brightness, contrast), on the generator's device."""

@@ -4,6 +4,7 @@ Every arm trains the same model on the same global batch of synthetic images for
 the real ``Backend.train_step``; the data path is left out (``cxrdist bench loader`` measures that). CPU
 arms share the machine's cores: one process with all threads vs N ranks with cores/N threads each.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from cxrdist import dist
+from cxrdist import dist, log
 
 # frontal images after the poster's preprocessing: what one epoch has to push through
 EPOCH_IMAGES = {"chexpert": 212_498, "mimic": 356_225}
@@ -26,21 +27,38 @@ def _arms(cpus: int, quick: bool) -> list[dict]:
     arms = [
         {"name": "single fp32", "backend": "single", "ranks": 1, "precision": "fp32"},
         {"name": f"ddp {ranks} ranks fp32", "backend": "ddp", "ranks": ranks, "precision": "fp32"},
-        {"name": f"deepspeed zero-1 {ranks} ranks fp32", "backend": "deepspeed", "ranks": ranks,
-         "precision": "fp32", "zero": 1},
+        {
+            "name": f"deepspeed zero-1 {ranks} ranks fp32",
+            "backend": "deepspeed",
+            "ranks": ranks,
+            "precision": "fp32",
+            "zero": 1,
+        },
         {"name": "single bf16", "backend": "single", "ranks": 1, "precision": "bf16"},
-        {"name": "single bf16 channels_last", "backend": "single", "ranks": 1, "precision": "bf16",
-         "channels_last": True},
+        {
+            "name": "single bf16 channels_last",
+            "backend": "single",
+            "ranks": 1,
+            "precision": "bf16",
+            "channels_last": True,
+        },
     ]
     if not quick:
-        arms.append({"name": "single fp32 channels_last", "backend": "single", "ranks": 1, "precision": "fp32",
-                     "channels_last": True})
+        arms.append(
+            {
+                "name": "single fp32 channels_last",
+                "backend": "single",
+                "ranks": 1,
+                "precision": "fp32",
+                "channels_last": True,
+            }
+        )
     return arms
 
 
-def bench_step(quick: bool = False, model: str = "densenetblur121d", image_size: int = 64,
-               global_batch: int = 32, steps: int = 0) -> dict:
-    from rich.console import Console
+def bench_step(
+    quick: bool = False, model: str = "densenetblur121d", image_size: int = 64, global_batch: int = 32, steps: int = 0
+) -> dict:
     from rich.table import Table
 
     cpus = dist.cpu_count()
@@ -57,23 +75,50 @@ def bench_step(quick: bool = False, model: str = "densenetblur121d", image_size:
     single = by["single fp32"]["images_per_s"]
     ddp = next(r for r in results if r["backend"] == "ddp")["images_per_s"]
     ds = next(r for r in results if r["backend"] == "deepspeed")["images_per_s"]
-    ratios = {"ddp_vs_single": ddp / single, "deepspeed_zero1_vs_ddp": ds / ddp,
-              "bf16_vs_fp32": by["single bf16"]["images_per_s"] / single,
-              "bf16_channels_last_vs_fp32": by["single bf16 channels_last"]["images_per_s"] / single}
+    ratios = {
+        "ddp_vs_single": ddp / single,
+        "deepspeed_zero1_vs_ddp": ds / ddp,
+        "bf16_vs_fp32": by["single bf16"]["images_per_s"] / single,
+        "bf16_channels_last_vs_fp32": by["single bf16 channels_last"]["images_per_s"] / single,
+    }
     projection = {r["name"]: {ds: n / r["images_per_s"] / 60 for ds, n in EPOCH_IMAGES.items()} for r in results}
-    result = {"step": {r["name"]: r["images_per_s"] for r in results}, "ratios": ratios, "arms": results,
-              "projected_epoch_min": projection,
-              "settings": {"model": model, "image_size": image_size, "global_batch": global_batch,
-                           "steps": steps, "cpus": cpus, "device": "cuda" if torch.cuda.is_available() else "cpu"}}
+    result = {
+        "step": {r["name"]: r["images_per_s"] for r in results},
+        "ratios": ratios,
+        "arms": results,
+        "projected_epoch_min": projection,
+        "settings": {
+            "model": model,
+            "image_size": image_size,
+            "global_batch": global_batch,
+            "steps": steps,
+            "cpus": cpus,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        },
+    }
     table = Table(title=f"train step, {model} @ {image_size}px, global batch {global_batch}, {cpus} CPUs")
-    for col in ("arm", "ranks", "threads/rank", "images/s", "x single fp32", "CheXpert epoch (min)",
-                "MIMIC-CXR epoch (min)"):
+    for col in (
+        "arm",
+        "ranks",
+        "threads/rank",
+        "images/s",
+        "x single fp32",
+        "CheXpert epoch (min)",
+        "MIMIC-CXR epoch (min)",
+    ):
         table.add_column(col, justify="right" if col != "arm" else "left")
     for r in results:
         p = projection[r["name"]]
-        table.add_row(r["name"] + (" (TF32 convs)" if r.get("tf32") else ""), str(r["ranks"]), str(r["threads"]), f"{r['images_per_s']:.1f}",
-                      f"{r['images_per_s'] / single:.2f}", f"{p['chexpert']:.0f}", f"{p['mimic']:.0f}")
-    Console(stderr=True).print(table)
+        table.add_row(
+            r["name"] + (" (TF32 convs)" if r.get("tf32") else ""),
+            str(r["ranks"]),
+            str(r["threads"]),
+            f"{r['images_per_s']:.1f}",
+            f"{r['images_per_s'] / single:.2f}",
+            f"{p['chexpert']:.0f}",
+            f"{p['mimic']:.0f}",
+        )
+    log.console(stderr=True).print(table)
     return result
 
 
@@ -83,14 +128,17 @@ def _run_arm(arm: dict, model: str, image_size: int, global_batch: int, steps: i
     n = arm["ranks"]
     threads = max(1, cpus // n)
     port = free_port()
-    cmd = [sys.executable, "-m", "cxrdist.engine.benchstep", json.dumps(
-        {**arm, "model": model, "image_size": image_size, "batch": global_batch // n, "steps": steps})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxrdist.engine.benchstep",
+        json.dumps({**arm, "model": model, "image_size": image_size, "batch": global_batch // n, "steps": steps}),
+    ]
     procs = []
     for rank in range(n):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), CXRDIST_THREADS=str(threads))
         if n > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env.update(dist.local_rank_env(rank, n, port))
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate() for p in procs]
     for p, (_, err) in zip(procs, outs):
@@ -98,8 +146,13 @@ def _run_arm(arm: dict, model: str, image_size: int, global_batch: int, steps: i
             raise RuntimeError(f"bench arm {arm['name']} failed:\n{err[-2000:]}")
     reports = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
     seconds = max(r["seconds"] for r in reports)
-    return {"threads": threads, "seconds": seconds, "images_per_s": global_batch * steps / seconds,
-            "tf32": reports[0]["tf32"], "memory": {str(i): r["memory"] for i, r in enumerate(reports)}}
+    return {
+        "threads": threads,
+        "seconds": seconds,
+        "images_per_s": global_batch * steps / seconds,
+        "tf32": reports[0]["tf32"],
+        "memory": {str(i): r["memory"] for i, r in enumerate(reports)},
+    }
 
 
 def _worker(spec: dict) -> None:
@@ -125,7 +178,9 @@ def _worker(spec: dict) -> None:
     torch.manual_seed(0)
     backend.setup(build_model(spec["model"], in_chans=1), total_steps=spec["steps"] + 2)
     fmt = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    x = torch.randn(spec["batch"], 1, spec["image_size"], spec["image_size"], device=device).contiguous(memory_format=fmt)
+    x = torch.randn(spec["batch"], 1, spec["image_size"], spec["image_size"], device=device).contiguous(
+        memory_format=fmt
+    )
     y = (torch.rand(spec["batch"], 14, device=device) < 0.3).float()
 
     def loss_fn(model):
@@ -142,8 +197,17 @@ def _worker(spec: dict) -> None:
     backend.synchronize()
     seconds = time.perf_counter() - t0
     dist.barrier()
-    print(json.dumps({"seconds": seconds, "memory": backend.peak_memory(), "channels_last": backend.channels_last,
-                      "tf32": dist.tf32_convolutions(device) and spec["precision"] == "fp32"}), flush=True)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "memory": backend.peak_memory(),
+                "channels_last": backend.channels_last,
+                "tf32": dist.tf32_convolutions(device) and spec["precision"] == "fp32",
+            }
+        ),
+        flush=True,
+    )
     dist.destroy()
 
 
@@ -164,20 +228,32 @@ def native_bf16() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
-def bench_trainer(quick: bool = False, model: str = "densenetblur121d", image_size: int = 64, batch: int = 32,
-                  precision: str | None = None, steps: int = 0, workdir: str | None = None) -> dict:
+def bench_trainer(
+    quick: bool = False,
+    model: str = "densenetblur121d",
+    image_size: int = 64,
+    batch: int = 32,
+    precision: str | None = None,
+    steps: int = 0,
+    workdir: str | None = None,
+) -> dict:
     """Steady-state images/s of `cxrdist train --backend single` (shards, loader workers, telemetry, the real
     step) against a bare forward/backward/AdamW loop on tensors in memory, interleaved, best of each."""
     import tempfile
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
     precision = precision or ("bf16" if native_bf16() else "fp32")
     steps = steps or (10 if quick else 30)
-    spec = {"model": model, "image_size": image_size, "batch": batch, "precision": precision,
-            "channels_last": True, "steps": steps}
+    spec = {
+        "model": model,
+        "image_size": image_size,
+        "batch": batch,
+        "precision": precision,
+        "channels_last": True,
+        "steps": steps,
+    }
     best = {"bare": 0.0, "trainer": 0.0}
     with tempfile.TemporaryDirectory(prefix="cxrdist-bench-trainer-", dir=workdir) as tmp:
         shards = _bench_shards(Path(tmp), n=batch * (steps + 12) * 10 // 8, size=image_size)
@@ -185,17 +261,24 @@ def bench_trainer(quick: bool = False, model: str = "densenetblur121d", image_si
             best["bare"] = max(best["bare"], _bare_arm(spec))
             best["trainer"] = max(best["trainer"], _trainer_arm(spec, shards, Path(tmp) / f"run{r}"))
     ratio = best["trainer"] / best["bare"]
-    result = {"trainer": {"bare_loop_ips": round(best["bare"], 1), "trainer_ips": round(best["trainer"], 1)},
-              "ratios": {"trainer_vs_bare": round(ratio, 3)},
-              "goals": {"trainer_vs_bare": {"want": f">= {TRAINER_GOAL}", "met": bool(ratio >= TRAINER_GOAL)}},
-              "settings": {**spec, "threads": dist.cpu_count(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-                           "omp_wait_policy": "the trainer's own choice (cxrdist.cpus)", "rounds": 1 if quick else 2}}
+    result = {
+        "trainer": {"bare_loop_ips": round(best["bare"], 1), "trainer_ips": round(best["trainer"], 1)},
+        "ratios": {"trainer_vs_bare": round(ratio, 3)},
+        "goals": {"trainer_vs_bare": {"want": f">= {TRAINER_GOAL}", "met": bool(ratio >= TRAINER_GOAL)}},
+        "settings": {
+            **spec,
+            "threads": dist.cpu_count(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "omp_wait_policy": "the trainer's own choice (cxrdist.cpus)",
+            "rounds": 1 if quick else 2,
+        },
+    }
     table = Table(title=f"trainer vs bare loop: {model} {precision} channels_last @ {image_size}px, batch {batch}")
     for col in ("arm", "images/s", "x bare"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     table.add_row("bare loop (tensors in memory)", f"{best['bare']:.1f}", "1.00")
     table.add_row("cxrdist train --backend single (shards)", f"{best['trainer']:.1f}", f"{ratio:.2f}")
-    Console(stderr=True).print(table)
+    log.console(stderr=True).print(table)
     return result
 
 
@@ -204,15 +287,33 @@ def _bench_shards(tmp, n: int, size: int) -> str:
     from cxrdist.synth import synthesize
 
     root = synthesize(layout="chexpert", out=tmp / "raw", n=n, size=size + size // 2, seed=0)
-    pack(source="chexpert", root=root, out=tmp / "shards", size=size, encoding="jpg", views="frontal",
-         policy="u-zeros", split="patient", workers=1, samples_per_shard=200, dry_run=False, strict=False,
-         seed=0, min_shards=1, quiet=True)
+    pack(
+        source="chexpert",
+        root=root,
+        out=tmp / "shards",
+        size=size,
+        encoding="jpg",
+        views="frontal",
+        policy="u-zeros",
+        split="patient",
+        workers=1,
+        samples_per_shard=200,
+        dry_run=False,
+        strict=False,
+        seed=0,
+        min_shards=1,
+        quiet=True,
+    )
     return str(tmp / "shards")
 
 
 def _bare_arm(spec: dict) -> float:
-    out = subprocess.run([sys.executable, "-m", "cxrdist.engine.benchstep", "bare", json.dumps(spec)],
-                         capture_output=True, text=True, env=_clean_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "cxrdist.engine.benchstep", "bare", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+    )
     if out.returncode:
         raise RuntimeError(f"bench trainer: the bare loop failed:\n{out.stderr[-2000:]}")
     return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
@@ -220,11 +321,36 @@ def _bare_arm(spec: dict) -> float:
 
 def _trainer_arm(spec: dict, shards: str, run_dir) -> float:
     log_every = 5
-    argv = [sys.executable, "-m", "cxrdist.cli", "train", "--shards", shards, "--out", str(run_dir),
-            "--backend", "single", "--model", spec["model"], "--image-size", str(spec["image_size"]),
-            "--batch-size", str(spec["batch"]), "--precision", spec["precision"], "--channels-last",
-            "--epochs", "1", "--max-steps", str(spec["steps"] + log_every), "--log-every", str(log_every),
-            "--no-test", "--device", "cpu" if not torch.cuda.is_available() else "cuda"]
+    argv = [
+        sys.executable,
+        "-m",
+        "cxrdist.cli",
+        "train",
+        "--shards",
+        shards,
+        "--out",
+        str(run_dir),
+        "--backend",
+        "single",
+        "--model",
+        spec["model"],
+        "--image-size",
+        str(spec["image_size"]),
+        "--batch-size",
+        str(spec["batch"]),
+        "--precision",
+        spec["precision"],
+        "--channels-last",
+        "--epochs",
+        "1",
+        "--max-steps",
+        str(spec["steps"] + log_every),
+        "--log-every",
+        str(log_every),
+        "--no-test",
+        "--device",
+        "cpu" if not torch.cuda.is_available() else "cuda",
+    ]
     out = subprocess.run(argv, capture_output=True, text=True, env=_clean_env())
     if out.returncode:
         raise RuntimeError(f"bench trainer: cxrdist train failed:\n{out.stderr[-2000:]}")
@@ -237,8 +363,11 @@ def _trainer_arm(spec: dict, shards: str, run_dir) -> float:
 
 def _clean_env() -> dict:
     """Both arms choose their threads and OpenMP policy from the machine, as a user's run would."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "CXRDIST_THREADS", "OMP_WAIT_POLICY",
-                                                             "CXRDIST_OMP_WAIT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_NUM_THREADS", "CXRDIST_THREADS", "OMP_WAIT_POLICY", "CXRDIST_OMP_WAIT")
+    }
     return env
 
 
@@ -252,7 +381,9 @@ def _bare(spec: dict) -> None:
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     model = build_model(spec["model"], in_chans=1).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5)
-    x = torch.randn(spec["batch"], 1, spec["image_size"], spec["image_size"], device=device).contiguous(memory_format=fmt)
+    x = torch.randn(spec["batch"], 1, spec["image_size"], spec["image_size"], device=device).contiguous(
+        memory_format=fmt
+    )
     y = (torch.rand(spec["batch"], 14, device=device) < 0.3).float()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
 
@@ -272,8 +403,10 @@ def _bare(spec: dict) -> None:
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    print(json.dumps({"images_per_s": spec["batch"] * spec["steps"] / (time.perf_counter() - t0),
-                      "threads": threads}), flush=True)
+    print(
+        json.dumps({"images_per_s": spec["batch"] * spec["steps"] / (time.perf_counter() - t0), "threads": threads}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Atomic checkpoints: a kill mid-save leaves the previous checkpoint loadable.
 
 A ``.pt`` file is written through ``cxrdist.atomic.atomic_file`` (temporary file, fsync, ``os.replace``).
-Everything stored is tensors and plain containers, so it loads with ``torch.load(weights_only=True)``: no pickled code ever runs on load.
+Everything stored is tensors and plain containers, so it loads with ``torch.load(weights_only=True)``: no
+pickled code ever runs on load.
 """
+
 from __future__ import annotations
 
 import random

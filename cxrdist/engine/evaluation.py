@@ -1,4 +1,5 @@
 """Evaluation over an exact-once loader, gathered across ranks by key, scored once on rank 0."""
+
 from __future__ import annotations
 
 import numpy as np

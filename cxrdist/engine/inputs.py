@@ -3,6 +3,7 @@
 ``augment=auto`` runs the augmentation batched on the device after transfer when training on GPUs (the
 loader workers then only read and decode, so GPUs do not starve) and inside the loader workers on CPU.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,13 +30,16 @@ def check_inputs(cfg: TrainConfig) -> dict:
             if not path.is_file():
                 raise UserError(f"{path}: listed in manifest.json but missing (run `cxrdist verify {folder}`)")
             if path.stat().st_size != entry["bytes"]:
-                raise UserError(f"{path}: {path.stat().st_size} bytes on disk, manifest.json says {entry['bytes']} "
-                                f"(run `cxrdist verify {folder}`)")
+                raise UserError(
+                    f"{path}: {path.stat().st_size} bytes on disk, manifest.json says {entry['bytes']} "
+                    f"(run `cxrdist verify {folder}`)"
+                )
     if cfg.data.format != "shards":
         root = Path(cfg.data.source_root or manifest["root"])
         if not root.is_dir():
-            raise UserError(f"--format {cfg.data.format} reads the source images, but {root} is not a folder "
-                            "(pass --source-root)")
+            raise UserError(
+                f"--format {cfg.data.format} reads the source images, but {root} is not a folder (pass --source-root)"
+            )
     return manifest
 
 
@@ -52,24 +56,40 @@ class Loaders:
         chans = dict(in_chans=cfg.model.in_chans, channels_last=cfg.run.channels_last)
         self._train_aug = Augment(size, train=where != "none", **chans)
         self._eval_aug = Augment(size, train=False, **chans)
-        self.workers = cfg.data.workers if cfg.data.workers >= 0 else cpus.auto_workers(
-            dist.threads_per_rank(env), gpu=device.type == "cuda")
+        self.workers = (
+            cfg.data.workers
+            if cfg.data.workers >= 0
+            else cpus.auto_workers(dist.threads_per_rank(env), gpu=device.type == "cuda")
+        )
         self._train_loader = None  # kept across epochs: its worker processes persist (shards)
 
     def augment(self, train: bool) -> Augment:
         return self._train_aug if train else self._eval_aug
 
     def _make(self, split: str, *, train: bool, epoch: int = 0, start_batch: int = 0, augment=None):
-        common = dict(batch_size=self.batch_size, rank=self.env.rank, world_size=self.env.world_size,
-                      workers=self.workers, train=train, epoch=epoch, seed=self.cfg.run.seed,
-                      start_batch=start_batch, augment=augment, pin_memory=self.device.type == "cuda")
+        common = dict(
+            batch_size=self.batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            workers=self.workers,
+            train=train,
+            epoch=epoch,
+            seed=self.cfg.run.seed,
+            start_batch=start_batch,
+            augment=augment,
+            pin_memory=self.device.type == "cuda",
+        )
         if self.cfg.data.format == "shards":
             from cxrdist.data.stream import make_loader
-            return make_loader(self.folder, split, shuffle_buffer=self.cfg.data.shuffle_buffer,
-                               persistent=train, **common)
+
+            return make_loader(
+                self.folder, split, shuffle_buffer=self.cfg.data.shuffle_buffer, persistent=train, **common
+            )
         from cxrdist.data.files import make_file_loader
-        return make_file_loader(self.folder, split, self.cfg.data.format,
-                                source_root=self.cfg.data.source_root or None, **common)
+
+        return make_file_loader(
+            self.folder, split, self.cfg.data.format, source_root=self.cfg.data.source_root or None, **common
+        )
 
     def train(self, epoch: int, start_batch: int = 0):
         if self._train_loader is not None and hasattr(self._train_loader, "restart"):
@@ -84,8 +104,10 @@ class Loaders:
     def steps_per_epoch(self) -> int:
         n = len(self.train(0))
         if n == 0:
-            raise UserError(f"{self.folder}: {split_samples(self.manifest, 'train')} training samples are fewer "
-                            f"than one global batch ({self.batch_size} x {self.env.world_size} ranks)")
+            raise UserError(
+                f"{self.folder}: {split_samples(self.manifest, 'train')} training samples are fewer "
+                f"than one global batch ({self.batch_size} x {self.env.world_size} ranks)"
+            )
         return n
 
     def samples(self, split: str) -> int:
@@ -93,9 +115,9 @@ class Loaders:
 
     def meta(self) -> dict:
         """What `cxrdist predict` needs to see files the way training saw them."""
-        return {"size": self.manifest["size"], "encoding": self.manifest["encoding"],
-                "image_size": self.cfg.data.image_size, "labels": list(self.manifest["labels"])}
-
-
-def build_loaders(cfg: TrainConfig, env: dist.DistEnv, device: torch.device, batch_size: int) -> Loaders:
-    return Loaders(cfg, env, device, batch_size)
+        return {
+            "size": self.manifest["size"],
+            "encoding": self.manifest["encoding"],
+            "image_size": self.cfg.data.image_size,
+            "labels": list(self.manifest["labels"]),
+        }

@@ -4,6 +4,7 @@ Each rank gets its share of the cores as torch threads (oversubscribed CPU ranks
 rank exits non-zero, the others are given a short grace period and then terminated, so a crashing rank
 ends the job instead of leaving the rest blocked in a collective.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from cxrdist.config import TrainConfig, config_to_argv
 
 SPAWNED = "CXRDIST_SPAWNED"  # set in the ranks this launcher starts: they train instead of spawning again
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,15 +35,20 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
     argv = [sys.executable, "-m", "cxrdist.cli", "train", *config_to_argv(cfg)]
     procs = []
     for rank in range(n):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
-                   GROUP_RANK="0", NUM_NODES="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=str(threads), CXRDIST_THREADS=str(threads), **{SPAWNED: "1"})
+        env = dict(
+            os.environ,
+            **dist.local_rank_env(rank, n, port),
+            OMP_NUM_THREADS=str(threads),
+            CXRDIST_THREADS=str(threads),
+            **{SPAWNED: "1"},
+        )
         procs.append(subprocess.Popen(argv, env=env))
 
     def forward(signum, frame):  # preemption (USR2) or termination sent to this launcher reaches every rank
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR2, signal.SIGTERM)}
     failed_at = None
     try:
@@ -49,8 +56,11 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
             bad = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
             if bad and failed_at is None:
                 failed_at = time.monotonic()
-                print(f"cxrdist train: rank {bad[0]} exited with code {procs[bad[0]].returncode}; "
-                      f"stopping the other ranks", file=sys.stderr)
+                print(
+                    f"cxrdist train: rank {bad[0]} exited with code {procs[bad[0]].returncode}; "
+                    f"stopping the other ranks",
+                    file=sys.stderr,
+                )
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
                 for p in procs:
                     if p.poll() is None:

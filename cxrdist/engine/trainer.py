@@ -10,6 +10,7 @@ consistent checkpoint, and then global rank 0 hands the signal to the handler th
 (submitit's: it calls the job's ``checkpoint()`` and requeues). Without submitit the run ends with status
 ``preempted`` and ``--resume`` continues it.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,10 @@ import torch.nn.functional as F
 from cxrdist import cpus, dist, log
 from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
-from cxrdist.errors import UserError
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.engine.backends import Backend, get_backend, validate_config
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
+from cxrdist.errors import UserError
 from cxrdist.models import build_model, uses_demographics
 from cxrdist.telemetry import Telemetry
 
@@ -61,8 +62,10 @@ def launch(cfg: TrainConfig) -> dict:
     env = dist.read_env()
     if cfg.dist.nproc > 1 and not os.environ.get(SPAWNED):
         if env.world_size > 1:  # e.g. `srun -n 4 cxrdist train --nproc 4`: 16 ranks nobody asked for
-            raise ConfigError(f"--nproc {cfg.dist.nproc} inside a launch of {env.world_size} ranks ({env.source}): "
-                              "use one or the other (drop --nproc, or start a single task)")
+            raise ConfigError(
+                f"--nproc {cfg.dist.nproc} inside a launch of {env.world_size} ranks ({env.source}): "
+                "use one or the other (drop --nproc, or start a single task)"
+            )
         # a single process, also a one-task srun step (`srun --pty bash`): start the ranks here
         preflight(cfg, replace(env, world_size=cfg.dist.nproc, local_world_size=cfg.dist.nproc), same_view=True)
         return spawn_local(cfg)
@@ -78,11 +81,13 @@ def preflight(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> N
     device = dist.select_device(replace(env, local_rank=0), cfg.run.device, same_view=same_view)
     get_backend(cfg, env, device)
     from cxrdist.engine.inputs import check_inputs
+
     check_inputs(cfg)
     ckpts = Path(cfg.run.out) / "checkpoints"
     if not cfg.run.resume and ckpts.is_dir() and any(ckpts.iterdir()):
-        raise ConfigError(f"{cfg.run.out} already holds checkpoints: pass --resume to continue it, "
-                          "or choose another --out")
+        raise ConfigError(
+            f"{cfg.run.out} already holds checkpoints: pass --resume to continue it, or choose another --out"
+        )
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -91,8 +96,13 @@ def train(cfg: TrainConfig) -> dict:
     log.setup(env.rank, env.world_size, env.host)
     torch.set_num_threads(dist.threads_per_rank(env))
     device = dist.select_device(env, cfg.run.device)
-    logger.info("device %s (%s), %d torch thread(s), OpenMP %s", device, dist.device_name(device),
-                torch.get_num_threads(), cpus.wait_policy_record()["omp_wait_policy"])
+    logger.info(
+        "device %s (%s), %d torch thread(s), OpenMP %s",
+        device,
+        dist.device_name(device),
+        torch.get_num_threads(),
+        cpus.wait_policy_record()["omp_wait_policy"],
+    )
     backend = get_backend(cfg, env, device)
     backend.init_distributed()
     trainer = Trainer(cfg, env, device, backend)
@@ -129,7 +139,7 @@ class StopFlag:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, backend: Backend):
-        from cxrdist.engine.inputs import build_loaders
+        from cxrdist.engine.inputs import Loaders
 
         self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
         self.run_dir = Path(cfg.run.out)
@@ -139,27 +149,59 @@ class Trainer:
             cfg.save(self.run_dir / "config.yaml")
         dist.barrier()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.loaders = build_loaders(cfg, env, device, batch_size=cfg.optim.batch_size * backend.devices_per_process())
+        self.loaders = Loaders(cfg, env, device, batch_size=cfg.optim.batch_size * backend.devices_per_process())
         self.steps_per_epoch = self.loaders.steps_per_epoch()
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
-        model = build_model(cfg.model.name, in_chans=cfg.model.in_chans, pretrained=cfg.model.pretrained or None,
-                            fuse_demographics=cfg.model.fuse_demographics, drop_rate=cfg.model.drop_rate)
+        model = build_model(
+            cfg.model.name,
+            in_chans=cfg.model.in_chans,
+            pretrained=cfg.model.pretrained or None,
+            fuse_demographics=cfg.model.fuse_demographics,
+            drop_rate=cfg.model.drop_rate,
+        )
         backend.setup(model, self.total_steps)
         self.fuse = uses_demographics(backend.module)
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-        self.ctrl_group = (dist.control_group(cfg.dist.timeout_s, separate=device.type == "cuda")
-                           if env.distributed else None)
-        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "restarts": 0,
-                      "best_auc": None, "hosts": None, "epoch_loss_sum": 0.0, "epoch_steps": 0, "epoch_carried": [0.0, 0], "saves": 0,
-                      "geometry": self.geometry()}
-        self.telemetry = Telemetry(self.run_dir, rank=env.rank, local_rank=env.local_rank, host=env.host,
-                                   device=str(device), world_size=env.world_size, log_every=cfg.run.log_every,
-                                   memory_fn=backend.peak_memory, sync_fn=backend.synchronize)
-        self.telemetry.write({"event": "start", "device_name": dist.device_name(device),
-                              "threads": torch.get_num_threads(), "workers": self.loaders.workers,
-                              "channels_last": backend.channels_last, "tf32": dist.tf32_convolutions(device),
-                              "cudnn_benchmark": bool(device.type == "cuda" and torch.backends.cudnn.benchmark),
-                              **cpus.wait_policy_record()})
+        self.ctrl_group = (
+            dist.control_group(cfg.dist.timeout_s, separate=device.type == "cuda") if env.distributed else None
+        )
+        self.state = {
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "global_step": 0,
+            "history": [],
+            "restarts": 0,
+            "best_auc": None,
+            "hosts": None,
+            "epoch_loss_sum": 0.0,
+            "epoch_steps": 0,
+            "epoch_carried": [0.0, 0],
+            "saves": 0,
+            "geometry": self.geometry(),
+        }
+        self.telemetry = Telemetry(
+            self.run_dir,
+            rank=env.rank,
+            local_rank=env.local_rank,
+            host=env.host,
+            device=str(device),
+            world_size=env.world_size,
+            log_every=cfg.run.log_every,
+            memory_fn=backend.peak_memory,
+            sync_fn=backend.synchronize,
+        )
+        self.telemetry.write(
+            {
+                "event": "start",
+                "device_name": dist.device_name(device),
+                "threads": torch.get_num_threads(),
+                "workers": self.loaders.workers,
+                "channels_last": backend.channels_last,
+                "tf32": dist.tf32_convolutions(device),
+                "cudnn_benchmark": bool(device.type == "cuda" and torch.backends.cudnn.benchmark),
+                **cpus.wait_policy_record(),
+            }
+        )
         self.stop = StopFlag()
 
     # -- resume ------------------------------------------------------------------------------------
@@ -170,20 +212,31 @@ class Trainer:
         if loaded is None:
             return  # a first attempt launched with --resume (a requeue-able job): start fresh
         if loaded.get("geometry", self.state["geometry"]) != self.state["geometry"]:
-            raise ConfigError(f"--resume: {self.ckpt_dir} was written with {loaded['geometry']}, this run has "
-                              f"{self.state['geometry']}; resume with the same ranks and batch size")
+            raise ConfigError(
+                f"--resume: {self.ckpt_dir} was written with {loaded['geometry']}, this run has "
+                f"{self.state['geometry']}; resume with the same ranks and batch size"
+            )
         for k in self.state:
             if k != "hosts":  # a requeued job may land on other nodes
                 self.state[k] = loaded.get(k, self.state[k])
         self.state["restarts"] += 1
         ckpt.set_rng_state(loaded.get("rng", {}))
-        self.telemetry.write({"event": "resume", "epoch": self.state["epoch"],
-                              "step_in_epoch": self.state["step_in_epoch"], "restarts": self.state["restarts"]})
+        self.telemetry.write(
+            {
+                "event": "resume",
+                "epoch": self.state["epoch"],
+                "step_in_epoch": self.state["step_in_epoch"],
+                "restarts": self.state["restarts"],
+            }
+        )
 
     def geometry(self) -> dict:
         """What a mid-epoch resume must find unchanged to replay the same batches."""
-        return {"world_size": self.env.world_size, "batch_size": self.cfg.optim.batch_size,
-                "steps_per_epoch": self.steps_per_epoch}
+        return {
+            "world_size": self.env.world_size,
+            "batch_size": self.cfg.optim.batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
 
     def checkpoint(self, tag: str = "last") -> None:
         self.state["saves"] += 1
@@ -191,10 +244,15 @@ class Trainer:
             self.state["epoch_carried"] = list(self.telemetry.epoch_progress())
         self.backend.sync_buffers()
         if not self.backend.weights_finite():  # never overwrite the last good checkpoint with a diverged model
-            raise NonFiniteLoss(f"the weights became non-finite by step {self.state['global_step']}; stopped. "
-                                f"The last good checkpoint is kept in {self.ckpt_dir}")
-        self.backend.save(self.ckpt_dir, tag, {**self.state, "rng": ckpt.rng_state(),
-                                               "config": self.cfg.to_dict(), "data": self.loaders.meta()})
+            raise NonFiniteLoss(
+                f"the weights became non-finite by step {self.state['global_step']}; stopped. "
+                f"The last good checkpoint is kept in {self.ckpt_dir}"
+            )
+        self.backend.save(
+            self.ckpt_dir,
+            tag,
+            {**self.state, "rng": ckpt.rng_state(), "config": self.cfg.to_dict(), "data": self.loaders.meta()},
+        )
 
     # -- one step ----------------------------------------------------------------------------------
     def prepare(self, batch, train: bool, step: int = 0):
@@ -212,6 +270,7 @@ class Trainer:
 
         def compute(model):
             return masked_bce(model(x, age, sex) if self.fuse else model(x), y, m)
+
         return compute
 
     def agree(self, *flags: float) -> list[float]:
@@ -226,8 +285,13 @@ class Trainer:
         start = self.state["step_in_epoch"]
         loader = self.loaders.train(epoch, start_batch=start)
         self.backend.reset_peak_memory()
-        self.telemetry.start_epoch(epoch, self.cfg.optim.epochs, self.steps_per_epoch, done=start,
-                                   carried=tuple(self.state["epoch_carried"]) if start else (0.0, 0))
+        self.telemetry.start_epoch(
+            epoch,
+            self.cfg.optim.epochs,
+            self.steps_per_epoch,
+            done=start,
+            carried=tuple(self.state["epoch_carried"]) if start else (0.0, 0),
+        )
         loss_sum = torch.zeros((), device=self.device)
         window = torch.zeros((), device=self.device)
         window_n, steps = 0, 0
@@ -245,11 +309,19 @@ class Trainer:
             self.state["global_step"] += 1
             self.state["step_in_epoch"] = i + 1
             now = time.perf_counter()
-            last = i + 1 == self.steps_per_epoch or bool(self.cfg.run.max_steps
-                                                         and self.state["global_step"] >= self.cfg.run.max_steps)
-            record = self.telemetry.step(epoch=epoch, step=i, images=len(batch["key"]), step_time=now - t_end,
-                                         data_time=t_data - t_end, loss_fn=lambda: (window / window_n).item(),
-                                         lr=self.backend.lr(), force=last)  # >= 1 record per epoch
+            last = i + 1 == self.steps_per_epoch or bool(
+                self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps
+            )
+            record = self.telemetry.step(
+                epoch=epoch,
+                step=i,
+                images=len(batch["key"]),
+                step_time=now - t_end,
+                data_time=t_data - t_end,
+                loss_fn=lambda: (window / window_n).item(),
+                lr=self.backend.lr(),
+                force=last,
+            )  # >= 1 record per epoch
             t_end = now
             if record is not None:
                 bad = not isinstance(record["loss"], float)
@@ -257,8 +329,10 @@ class Trainer:
                 window.zero_()
                 window_n = 0
                 if bad:
-                    raise NonFiniteLoss(f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. "
-                                        f"The last good checkpoint is kept in {self.ckpt_dir}")
+                    raise NonFiniteLoss(
+                        f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. "
+                        f"The last good checkpoint is kept in {self.ckpt_dir}"
+                    )
                 if stop:
                     self.state["epoch_loss_sum"] += loss_sum.item()
                     self.state["epoch_steps"] += steps
@@ -274,8 +348,9 @@ class Trainer:
     def evaluate(self, split: str) -> dict:
         self.backend.sync_buffers()
         loader = self.loaders.eval(split)
-        part = predict_loader(self.backend.eval_model(), loader, lambda b: self.prepare(b, train=False),
-                              self.backend.autocast)
+        part = predict_loader(
+            self.backend.eval_model(), loader, lambda b: self.prepare(b, train=False), self.backend.autocast
+        )
         return gather_and_score(part, expected=self.loaders.samples(split))
 
     def end_epoch(self, epoch: int) -> None:
@@ -287,16 +362,22 @@ class Trainer:
         if self.env.distributed:
             records = [None] * self.env.world_size
             tdist.all_gather_object(records, record, group=self.ctrl_group)
-        self.state["history"].append({
-            "epoch": epoch + 1,
-            "time_s": max(r["epoch_time_s"] for r in records),
-            "images_per_s": sum(r["images"] for r in records) / max(r["epoch_time_s"] for r in records),
-            "train_loss": sum(r["train_loss"] for r in records) / len(records),
-            "val_auc_mean": val["auc_mean"], "val_accuracy_mean": val["accuracy_mean"],
-            "val_auc": val["auc"],
-            **{k: {str(r["rank"]): round(r[k], 1) for r in records}   # GPU: allocator, reserved, device used
-               for k in ("mem_peak_mb", "mem_reserved_mb", "mem_device_used_mb") if k in record},
-        })
+        self.state["history"].append(
+            {
+                "epoch": epoch + 1,
+                "time_s": max(r["epoch_time_s"] for r in records),
+                "images_per_s": sum(r["images"] for r in records) / max(r["epoch_time_s"] for r in records),
+                "train_loss": sum(r["train_loss"] for r in records) / len(records),
+                "val_auc_mean": val["auc_mean"],
+                "val_accuracy_mean": val["accuracy_mean"],
+                "val_auc": val["auc"],
+                **{
+                    k: {str(r["rank"]): round(r[k], 1) for r in records}  # GPU: allocator, reserved, device used
+                    for k in ("mem_peak_mb", "mem_reserved_mb", "mem_device_used_mb")
+                    if k in record
+                },
+            }
+        )
         self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
         self.checkpoint("last")
         auc = val["auc_mean"]
@@ -327,8 +408,9 @@ class Trainer:
             raise UserError(str(e)) from e
         if status == "preempted":
             self.checkpoint("last")
-            self.telemetry.write({"event": "preempted", "epoch": self.state["epoch"],
-                                  "step_in_epoch": self.state["step_in_epoch"]})
+            self.telemetry.write(
+                {"event": "preempted", "epoch": self.state["epoch"], "step_in_epoch": self.state["step_in_epoch"]}
+            )
         summary = self.write_summary(status, test=test)
         if status == "preempted" and self.env.is_main:
             self.telemetry.close()
@@ -345,17 +427,27 @@ class Trainer:
 
     def write_summary(self, status: str, test: dict | None = None, error: str | None = None) -> dict:
         summary = {
-            "backend": self.cfg.dist.backend, "backend_info": type(self.backend).info(),
-            "world_size": self.env.world_size, "nodes": self.env.num_nodes,
-            "hosts": self.state["hosts"], "device": self.device.type,
+            "backend": self.cfg.dist.backend,
+            "backend_info": type(self.backend).info(),
+            "world_size": self.env.world_size,
+            "nodes": self.env.num_nodes,
+            "hosts": self.state["hosts"],
+            "device": self.device.type,
             "gpus": self.env.world_size * self.backend.devices_per_process() if self.device.type == "cuda" else 0,
             "device_name": dist.device_name(self.device),
-            "format": self.cfg.data.format, "precision": self.cfg.run.precision,
-            "tf32": dist.tf32_convolutions(self.device), "channels_last": self.backend.channels_last,
+            "format": self.cfg.data.format,
+            "precision": self.cfg.run.precision,
+            "tf32": dist.tf32_convolutions(self.device),
+            "channels_last": self.backend.channels_last,
             "config": self.cfg.to_dict(),
-            "restarts": self.state["restarts"], "status": status, "global_step": self.state["global_step"],
-            "steps_per_epoch": self.steps_per_epoch, "epochs": self.state["history"], "test": test,
-            "best_val_auc_mean": self.state["best_auc"], **({"error": error} if error else {}),
+            "restarts": self.state["restarts"],
+            "status": status,
+            "global_step": self.state["global_step"],
+            "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.state["history"],
+            "test": test,
+            "best_val_auc_mean": self.state["best_auc"],
+            **({"error": error} if error else {}),
         }
         if self.env.is_main:
             atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())

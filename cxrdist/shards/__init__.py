@@ -1,4 +1,5 @@
 """WebDataset shards: packing (pack.py), the manifest (manifest.py) and verification (verify.py)."""
+
 from __future__ import annotations
 
 from cxrdist.shards.manifest import ManifestError, load_manifest, shard_paths, split_samples

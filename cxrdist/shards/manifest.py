@@ -4,6 +4,7 @@ Contract (docs/ARCHITECTURE.md, "The shard folder"): ``version``, ``source``, ``
 ``policy``, ``split``, ``views``, ``size``, ``encoding``, ``counts``, ``splits.{train,val,test}.{samples,
 patients, prevalence, shards[{name, samples, bytes, sha256}]}``, ``skipped[{source, reason}]``.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,20 @@ DRY_RUN_MANIFEST = "manifest.dry-run.json"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^(train|val|test)-(\d{6})\.tar$")
-REQUIRED_FIELDS = ("version", "source", "root", "labels", "policy", "split", "views", "size", "encoding",
-                   "counts", "splits", "skipped")
+REQUIRED_FIELDS = (
+    "version",
+    "source",
+    "root",
+    "labels",
+    "policy",
+    "split",
+    "views",
+    "size",
+    "encoding",
+    "counts",
+    "splits",
+    "skipped",
+)
 
 
 IMAGE_EXTS = ("jpg", "png")  # a sample's image member: 8-bit JPEG or 16-bit PNG
@@ -60,8 +73,9 @@ def read_manifest(dir) -> dict:
     if missing:
         raise ManifestError(f"{path}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if m["version"] != VERSION:
-        raise ManifestError(f"{path}: manifest version {m['version']!r}, this cxrdist reads version {VERSION}: "
-                            "re-run `cxrdist shard`")
+        raise ManifestError(
+            f"{path}: manifest version {m['version']!r}, this cxrdist reads version {VERSION}: re-run `cxrdist shard`"
+        )
     bad = [s for s in SPLITS if not isinstance(m["splits"].get(s), dict)]
     if bad:
         raise ManifestError(f"{path}: no split {', '.join(bad)} in the manifest")
@@ -76,16 +90,22 @@ def load_manifest(dir, *, splits=SPLITS) -> dict:
     d = Path(dir)
     m = read_manifest(d)
     if m.get("dry_run"):
-        raise ManifestError(f"{d / MANIFEST}: written by `cxrdist shard --dry-run` (no shards): run it without --dry-run")
+        raise ManifestError(
+            f"{d / MANIFEST}: written by `cxrdist shard --dry-run` (no shards): run it without --dry-run"
+        )
     for split in splits:
         if split_samples(m, split) == 0:
-            raise ManifestError(f"{d}: split {split!r} is empty ({len(m['splits'][split].get('shards', []))} shards, "
-                                "0 samples): too few images, or all skipped (see skipped in manifest.json)")
+            raise ManifestError(
+                f"{d}: split {split!r} is empty ({len(m['splits'][split].get('shards', []))} shards, "
+                "0 samples): too few images, or all skipped (see skipped in manifest.json)"
+            )
     for split in SPLITS:
         for p in shard_paths(m, d, split):
             if not p.is_file():
-                raise ManifestError(f"{d}: shard {p.name} is listed in {MANIFEST} but missing "
-                                    "(re-run `cxrdist shard` to re-pack it; `cxrdist verify` checks them all)")
+                raise ManifestError(
+                    f"{d}: shard {p.name} is listed in {MANIFEST} but missing "
+                    "(re-run `cxrdist shard` to re-pack it; `cxrdist verify` checks them all)"
+                )
     return m
 
 

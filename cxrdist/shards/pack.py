@@ -11,6 +11,7 @@ A sample is ``{key}.jpg`` (or ``.png`` for png16) + ``{key}.json`` (labels, mask
 sex, age, source) and nothing else: pixels are re-encoded from the decoded array, so no DICOM header or
 other PHI can reach a shard.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,16 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrdist import log
+from cxrdist.atomic import atomic_write_json, fsync_dir
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
-from cxrdist.atomic import atomic_write_json, fsync_dir
 from cxrdist.shards.manifest import DRY_RUN_MANIFEST, MANIFEST, SHARD_NAME, SPLITS, VERSION, shard_name, write_manifest
 from cxrdist.shards.verify import file_sha256
 
 PLAN = ".plan.json"
 RECORDS = ".records"
-DEFAULT_MIN_SHARDS = 128   # ranks x loader workers <= shards, up to 64 GPUs x 2 workers
-TAR_MTIME = 0              # fixed member mtimes: the same plan and images give the same bytes
+DEFAULT_MIN_SHARDS = 128  # ranks x loader workers <= shards, up to 64 GPUs x 2 workers
+TAR_MTIME = 0  # fixed member mtimes: the same plan and images give the same bytes
 PROGRESS_EVERY = 16
 
 
@@ -45,8 +47,9 @@ def n_shards(samples: int, samples_per_shard: int, min_shards: int) -> int:
     return max(math.ceil(samples / samples_per_shard), min(samples, min_shards))
 
 
-def plan_shards(df, *, seed: int = 0, samples_per_shard: int = 1000,
-                min_shards: int | None = None) -> list[tuple[str, str, np.ndarray]]:
+def plan_shards(
+    df, *, seed: int = 0, samples_per_shard: int = 1000, min_shards: int | None = None
+) -> list[tuple[str, str, np.ndarray]]:
     """[(split, shard name, row indices into df)] in a deterministic, seeded order."""
     min_shards = DEFAULT_MIN_SHARDS if min_shards is None else min_shards
     keys = df["key"].to_numpy(dtype=object)
@@ -56,8 +59,9 @@ def plan_shards(df, *, seed: int = 0, samples_per_shard: int = 1000,
         idx = np.flatnonzero(split_col == split)
         idx = idx[np.argsort(keys[idx], kind="stable")]
         idx = idx[np.random.default_rng([int(seed), si]).permutation(len(idx))]
-        for i, chunk in enumerate(np.array_split(idx, n_shards(len(idx), samples_per_shard, min_shards))
-                                  if len(idx) else []):
+        for i, chunk in enumerate(
+            np.array_split(idx, n_shards(len(idx), samples_per_shard, min_shards)) if len(idx) else []
+        ):
             plan.append((split, shard_name(split, i), chunk))
     return plan
 
@@ -92,8 +96,10 @@ def make_tasks(df, plan, *, out: Path, root: Path, size: int, encoding: str, sou
     age_all = df["age"].to_numpy(np.float64)
     labels_all = df[list(OBSERVATIONS)].to_numpy(np.float32)
     mask_all = df[[f"mask:{o}" for o in OBSERVATIONS]].to_numpy(np.int8)
-    params = json.dumps({"version": VERSION, "source": source, "root": str(root), "size": int(size),
-                         "encoding": encoding}, sort_keys=True).encode()
+    params = json.dumps(
+        {"version": VERSION, "source": source, "root": str(root), "size": int(size), "encoding": encoding},
+        sort_keys=True,
+    ).encode()
     tasks = []
     for _, name, rows in plan:
         cols = {c: text[c][rows].tolist() for c in TEXT_COLUMNS}
@@ -103,29 +109,46 @@ def make_tasks(df, plan, *, out: Path, root: Path, size: int, encoding: str, sou
             h.update(("\x00".join(cols[c]) + "\x01").encode())
         for a in (age, labels, mask):
             h.update(np.ascontiguousarray(a).tobytes())
-        tasks.append(ShardTask(name=name, out=str(out), root=str(root), size=int(size), encoding=encoding,
-                               fingerprint=h.hexdigest(), keys=cols["key"], paths=cols["path"],
-                               patient_id=cols["patient_id"], study_id=cols["study_id"], view=cols["view"],
-                               sex=cols["sex"], age=age, labels=labels, mask=mask))
+        tasks.append(
+            ShardTask(
+                name=name,
+                out=str(out),
+                root=str(root),
+                size=int(size),
+                encoding=encoding,
+                fingerprint=h.hexdigest(),
+                keys=cols["key"],
+                paths=cols["path"],
+                patient_id=cols["patient_id"],
+                study_id=cols["study_id"],
+                view=cols["view"],
+                sex=cols["sex"],
+                age=age,
+                labels=labels,
+                mask=mask,
+            )
+        )
     return tasks
 
 
 def sample_json(task: ShardTask, i: int) -> bytes:
     age = float(task.age[i])
-    return json.dumps({
-        "labels": [float(x) for x in task.labels[i]],
-        "mask": [int(x) for x in task.mask[i]],
-        "patient_id": task.patient_id[i],
-        "study_id": task.study_id[i],
-        "view": task.view[i],
-        "sex": task.sex[i],
-        "age": None if math.isnan(age) else age,
-        "source": task.paths[i],
-    }).encode()
+    return json.dumps(
+        {
+            "labels": [float(x) for x in task.labels[i]],
+            "mask": [int(x) for x in task.mask[i]],
+            "patient_id": task.patient_id[i],
+            "study_id": task.study_id[i],
+            "view": task.view[i],
+            "sex": task.sex[i],
+            "age": None if math.isnan(age) else age,
+            "source": task.paths[i],
+        }
+    ).encode()
 
 
 # --- a worker: one whole shard -----------------------------------------------------------------------
-_progress = None   # callable(n) in-process, or a multiprocessing queue in a worker
+_progress = None  # callable(n) in-process, or a multiprocessing queue in a worker
 
 
 def _init_worker(queue) -> None:
@@ -197,12 +220,20 @@ def pack_shard(task: ShardTask) -> dict:
     _report(pending)
     if unexpected is not None and samples == 0:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"{task.name}: every image failed, first with {type(unexpected).__name__}: "
-                           f"{unexpected} (a bug, not bad data?)") from unexpected
+        raise RuntimeError(
+            f"{task.name}: every image failed, first with {type(unexpected).__name__}: "
+            f"{unexpected} (a bug, not bad data?)"
+        ) from unexpected
     os.replace(partial, final)
     fsync_dir(out)
-    record = {"name": task.name, "fingerprint": task.fingerprint, "samples": samples, "bytes": hw.bytes,
-              "sha256": hw.sha.hexdigest(), "skipped": skipped}
+    record = {
+        "name": task.name,
+        "fingerprint": task.fingerprint,
+        "samples": samples,
+        "bytes": hw.bytes,
+        "sha256": hw.sha.hexdigest(),
+        "skipped": skipped,
+    }
     atomic_write_json(out / RECORDS / (task.name + ".json"), record, indent=None)
     return record
 
@@ -228,13 +259,14 @@ class WorkerPool:
     def __init__(self, workers: int):
         import sys
 
-        _warm_imports()   # imported once here, inherited by forked workers
+        _warm_imports()  # imported once here, inherited by forked workers
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         self.ctx = mp.get_context(method)
         self.queue = self.ctx.Queue()
         self.workers = workers
-        self.ex = ProcessPoolExecutor(max_workers=workers, mp_context=self.ctx, initializer=_init_worker,
-                                      initargs=(self.queue,))
+        self.ex = ProcessPoolExecutor(
+            max_workers=workers, mp_context=self.ctx, initializer=_init_worker, initargs=(self.queue,)
+        )
         try:
             for f in [self.ex.submit(_ping) for _ in range(workers)]:
                 f.result()
@@ -315,8 +347,13 @@ def _tidy(out: Path, planned: dict[str, str]) -> tuple[dict[str, dict], list[str
     for name, fp in planned.items():
         tar, rec_path = out / name, out / RECORDS / (name + ".json")
         rec = _load_record(rec_path) if rec_path.is_file() else None
-        if tar.is_file() and rec and rec.get("fingerprint") == fp and rec.get("bytes") == tar.stat().st_size \
-                and file_sha256(tar)[0] == rec.get("sha256"):
+        if (
+            tar.is_file()
+            and rec
+            and rec.get("fingerprint") == fp
+            and rec.get("bytes") == tar.stat().st_size
+            and file_sha256(tar)[0] == rec.get("sha256")
+        ):
             kept[name] = rec
         else:
             rec_path.unlink(missing_ok=True)
@@ -335,8 +372,17 @@ def _split_summary(df, rows: np.ndarray) -> dict:
     }
 
 
-def build_manifest(table, plan, records: dict[str, dict] | None, *, size: int, encoding: str, seed: int,
-                   samples_per_shard: int, min_shards: int | None) -> dict:
+def build_manifest(
+    table,
+    plan,
+    records: dict[str, dict] | None,
+    *,
+    size: int,
+    encoding: str,
+    seed: int,
+    samples_per_shard: int,
+    min_shards: int | None,
+) -> dict:
     df = table.df
     keys = df["key"].to_numpy(dtype=object)
     dry = records is None
@@ -349,11 +395,9 @@ def build_manifest(table, plan, records: dict[str, dict] | None, *, size: int, e
             rows = rows[~np.isin(keys[rows], list(failed))]
         summary = _split_summary(df, rows)
         if dry:
-            summary["shards"] = [{"name": n, "samples": int(len(r)), "bytes": None, "sha256": None}
-                                 for n, r in entries]
+            summary["shards"] = [{"name": n, "samples": int(len(r)), "bytes": None, "sha256": None} for n, r in entries]
         else:
-            summary["shards"] = [{k: records[n][k] for k in ("name", "samples", "bytes", "sha256")}
-                                 for n, _ in entries]
+            summary["shards"] = [{k: records[n][k] for k in ("name", "samples", "bytes", "sha256")} for n, _ in entries]
         splits[split] = summary
     packed = sum(s["samples"] for s in splits.values())
     skipped = list(table.skipped)
@@ -393,28 +437,53 @@ def _print_summary(console, m: dict, out: Path) -> None:
     for split in SPLITS:
         s = m["splits"][split]
         mb = sum(x["bytes"] or 0 for x in s["shards"]) / 1e6
-        t.add_row(split, f"{s['samples']:,}", f"{s['patients']:,}", f"{len(s['shards']):,}",
-                  "-" if m["dry_run"] else f"{mb:,.1f}")
+        t.add_row(
+            split,
+            f"{s['samples']:,}",
+            f"{s['patients']:,}",
+            f"{len(s['shards']):,}",
+            "-" if m["dry_run"] else f"{mb:,.1f}",
+        )
     console.print(t)
     gap = m["split_info"].get("max_prevalence_gap")
     if gap is not None:
         console.print(f"split {m['split']}: largest label prevalence difference between splits {gap:.4f}")
     if m["skipped"]:
-        console.print(f"[yellow]{len(m['skipped']):,} input rows skipped[/] (first: {m['skipped'][0]['source']}: "
-                      f"{m['skipped'][0]['reason']}); all are listed under skipped in the manifest")
+        console.print(
+            f"[yellow]{len(m['skipped']):,} input rows skipped[/] (first: {m['skipped'][0]['source']}: "
+            f"{m['skipped'][0]['reason']}); all are listed under skipped in the manifest"
+        )
 
 
-def pack(source, root, out, size=256, encoding="jpg", views="frontal", policy="u-zeros", split="patient",
-         workers=2, samples_per_shard=1000, dry_run=False, strict=False, seed=0, min_shards=None,
-         quiet=False) -> dict | None:
+def pack(
+    source,
+    root,
+    out,
+    size=256,
+    encoding="jpg",
+    views="frontal",
+    policy="u-zeros",
+    split="patient",
+    workers=2,
+    samples_per_shard=1000,
+    dry_run=False,
+    strict=False,
+    seed=0,
+    min_shards=None,
+    quiet=False,
+) -> dict | None:
     """Pack a dataset into WebDataset shards; returns the manifest (also written to ``out/manifest.json``)."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    from cxrdist.sources import build_table
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from cxrdist.imaging import ENCODINGS
+    from cxrdist.sources import build_table
 
     if encoding not in ENCODINGS:
         raise UserError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
@@ -423,7 +492,7 @@ def pack(source, root, out, size=256, encoding="jpg", views="frontal", policy="u
             raise UserError(f"{what} must be at least 1 (got {v})")
     if min_shards is not None and int(min_shards) < 1:
         raise UserError(f"min_shards must be at least 1 (got {min_shards})")
-    console = Console(quiet=quiet)
+    console = log.console(quiet=quiet)
     t0 = time.perf_counter()
     table = build_table(source, root, views=views, policy=policy, split=split, seed=seed)
     plan = plan_shards(table.df, seed=seed, samples_per_shard=samples_per_shard, min_shards=min_shards)
@@ -448,15 +517,26 @@ def pack(source, root, out, size=256, encoding="jpg", views="frontal", policy="u
     kept, stale = _tidy(out, planned)
     todo = [t for t in tasks if t.name not in kept]
     if todo or stale:
-        (out / MANIFEST).unlink(missing_ok=True)    # it no longer describes the folder
+        (out / MANIFEST).unlink(missing_ok=True)  # it no longer describes the folder
     (out / DRY_RUN_MANIFEST).unlink(missing_ok=True)
-    atomic_write_json(out / PLAN, {"version": VERSION, "source": source, "root": str(table.root), "size": size,
-                                   "encoding": encoding, "seed": seed,
-                                   "shards": [{"name": t.name, "fingerprint": t.fingerprint, "keys": t.keys}
-                                              for t in tasks]}, indent=None)
+    atomic_write_json(
+        out / PLAN,
+        {
+            "version": VERSION,
+            "source": source,
+            "root": str(table.root),
+            "size": size,
+            "encoding": encoding,
+            "seed": seed,
+            "shards": [{"name": t.name, "fingerprint": t.fingerprint, "keys": t.keys} for t in tasks],
+        },
+        indent=None,
+    )
     if stale:
-        console.print(f"removed {len(stale)} shard(s) from an earlier plan: {', '.join(stale[:3])}"
-                      f"{' ...' if len(stale) > 3 else ''}")
+        console.print(
+            f"removed {len(stale)} shard(s) from an earlier plan: {', '.join(stale[:3])}"
+            f"{' ...' if len(stale) > 3 else ''}"
+        )
     if kept:
         console.print(f"resuming: {len(kept)} of {len(tasks)} shards already packed and intact")
     t_table = time.perf_counter() - t0
@@ -464,19 +544,31 @@ def pack(source, root, out, size=256, encoding="jpg", views="frontal", policy="u
     workers = max(1, min(int(workers), len(todo)))
     if todo:
         _warm_imports()
-    with (WorkerPool(workers) if workers > 1 else _nullpool()) as pool:
+    with WorkerPool(workers) if workers > 1 else _nullpool() as pool:
         start = time.perf_counter()
-        with Progress(TextColumn("packing"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                      disable=quiet or not n_images) as progress:
+        with Progress(
+            TextColumn("packing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("images"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet or not n_images,
+        ) as progress:
             bar = progress.add_task("pack", total=n_images)
             new = run_tasks(todo, lambda n: progress.advance(bar, n), pool)
         t_pack = time.perf_counter() - start
     records = {**kept, **{r["name"]: r for r in new}}
     m = build_manifest(table, plan, records, **mkw)
-    m["timing"] = {"table_s": round(t_table, 3), "pack_s": round(t_pack, 3), "images": n_images,
-                   "images_per_s": round(n_images / t_pack, 2) if t_pack > 0 and n_images else None,
-                   "workers": workers, "wall_s": round(time.perf_counter() - t0, 3)}
+    m["timing"] = {
+        "table_s": round(t_table, 3),
+        "pack_s": round(t_pack, 3),
+        "images": n_images,
+        "images_per_s": round(n_images / t_pack, 2) if t_pack > 0 and n_images else None,
+        "workers": workers,
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
     path = write_manifest(out, m)
     _print_summary(console, m, out)
     _maybe_strict(strict, m, path)
@@ -501,12 +593,15 @@ def _is_dry(path: Path) -> bool:
 def _maybe_strict(strict: bool, m: dict, path: Path) -> None:
     if strict and m["skipped"]:
         first = "; ".join(f"{s['source']}: {s['reason']}" for s in m["skipped"][:3])
-        raise UserError(f"--strict: {len(m['skipped'])} input row(s) skipped ({first}"
-                        f"{'; ...' if len(m['skipped']) > 3 else ''}); all are listed in {path}")
+        raise UserError(
+            f"--strict: {len(m['skipped'])} input row(s) skipped ({first}"
+            f"{'; ...' if len(m['skipped']) > 3 else ''}); all are listed in {path}"
+        )
 
 
-def pack_rate(source, root, out, size=256, workers=1, *, encoding="jpg", samples_per_shard=1000,
-              min_shards=None) -> float:
+def pack_rate(
+    source, root, out, size=256, workers=1, *, encoding="jpg", samples_per_shard=1000, min_shards=None
+) -> float:
     """Images per second of a fresh pack run into ``out/pack-w{workers}`` (wiped first), timed from the
     moment the workers are up to the last shard (table building and process start-up excluded; both are
     in the manifest's ``timing``). ``min_shards`` defaults to 4 per worker so that tiny benchmark sets are
@@ -516,8 +611,17 @@ def pack_rate(source, root, out, size=256, workers=1, *, encoding="jpg", samples
     folder = Path(out) / f"pack-w{workers}"
     if folder.exists():
         shutil.rmtree(folder)
-    m = pack(source, root, folder, size=size, encoding=encoding, workers=workers,
-             samples_per_shard=samples_per_shard, min_shards=min_shards or 4 * max(1, workers), quiet=True)
+    m = pack(
+        source,
+        root,
+        folder,
+        size=size,
+        encoding=encoding,
+        workers=workers,
+        samples_per_shard=samples_per_shard,
+        min_shards=min_shards or 4 * max(1, workers),
+        quiet=True,
+    )
     rate = m["timing"]["images_per_s"]
     if not rate:
         raise UserError(f"{root}: nothing was packed, so there is no rate to report")

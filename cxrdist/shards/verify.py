@@ -3,6 +3,7 @@
 Samples are counted from the tar member names only (``tarfile`` headers; nothing is decoded or unpickled):
 a sample is the run of members sharing a key, as webdataset groups them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from cxrdist.shards.manifest import IMAGE_EXTS, SHARD_NAME, SPLITS, read_manifest
 
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")   # webdataset's key / extension split
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key / extension split
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
@@ -87,9 +88,10 @@ def verify(dir) -> list[str]:
             problems += [f"{name}: {p}" for p in inner]
             if n != s.get("samples"):
                 problems.append(f"{name}: {n} samples, manifest says {s.get('samples')}")
-        if total != entry.get("samples"):   # the manifest disagrees with itself
-            problems.append(f"manifest.json: split {split} lists shards of {total} samples in all, "
-                            f"but says {entry.get('samples')}")
+        if total != entry.get("samples"):  # the manifest disagrees with itself
+            problems.append(
+                f"manifest.json: split {split} lists shards of {total} samples in all, but says {entry.get('samples')}"
+            )
     for p in sorted(d.iterdir()):
         if SHARD_NAME.match(p.name) and p.name not in listed:
             problems.append(f"{p.name}: on disk but not in the manifest")

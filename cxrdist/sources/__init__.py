@@ -1,4 +1,5 @@
 """Dataset sources -> the one sample table (docs/ARCHITECTURE.md, "The sample table")."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,16 @@ from cxrdist.sources.table import COLUMNS, MASK_COLUMNS, SourceTable, check_choi
 __all__ = ["build_table", "SourceTable", "COLUMNS", "MASK_COLUMNS"]
 
 
-def build_table(source: str, root, *, views: str = "frontal", policy: str = "u-zeros", split: str = "patient",
-                seed: int = 0, image_ext: str | None = None) -> SourceTable:
+def build_table(
+    source: str,
+    root,
+    *,
+    views: str = "frontal",
+    policy: str = "u-zeros",
+    split: str = "patient",
+    seed: int = 0,
+    image_ext: str | None = None,
+) -> SourceTable:
     """Read a CheXpert or MIMIC-CXR dataset's CSVs into the sample table: one row per image, labels by
     name with the uncertainty policy applied, views filtered, every row in train/val/test. Touches no
     image (MIMIC's extension probe only checks which files exist)."""

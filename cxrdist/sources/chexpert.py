@@ -6,6 +6,7 @@ component is stripped so ``path`` is relative to root. Keys drop the split folde
 ``patient00001_study1_view1_frontal``. The view comes from ``Frontal/Lateral`` (trusted over the file name)
 and, for frontal images, ``AP/PA``. Everything is vectorised pandas (223,414 rows in about a second).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,10 @@ def _check_root(root: Path) -> None:
         inner = sorted(p.parent for p in root.glob("*/train.csv"))
         if inner:
             hint = f" (did you mean --root {inner[0]}?)"
-        raise UserError(f"{root}: no {' or '.join(missing)}: the CheXpert root is the dataset folder holding "
-                        f"train.csv and valid.csv, e.g. .../CheXpert-v1.0-small{hint}")
+        raise UserError(
+            f"{root}: no {' or '.join(missing)}: the CheXpert root is the dataset folder holding "
+            f"train.csv and valid.csv, e.g. .../CheXpert-v1.0-small{hint}"
+        )
 
 
 def read_chexpert(root: Path, *, official: bool = False) -> RawRows:
@@ -58,15 +61,19 @@ def read_chexpert(root: Path, *, official: bool = False) -> RawRows:
     for folder in SPLIT_FOLDERS:
         at_split |= first == folder
     rel = np.where(at_split, full, rest)
-    _, _, tail = np.strings.partition(rel, slash)                   # patient00001/study1/view1_frontal.jpg
+    _, _, tail = np.strings.partition(rel, slash)  # patient00001/study1/view1_frontal.jpg
     patient, _, after = np.strings.partition(tail, slash)
     study, _, fname = np.strings.partition(after, slash)
     ok = (patient != "") & (study != "") & (fname != "")
     if not ok.all():
         idx = np.flatnonzero(~ok)
         for i, src in zip(idx, row_sources(df, idx)):
-            skipped.append({"source": src, "reason": f"cannot parse Path {str(full[i])!r} "
-                                                     "(want <dataset>/<split>/<patient>/<study>/<file>)"})
+            skipped.append(
+                {
+                    "source": src,
+                    "reason": f"cannot parse Path {str(full[i])!r} (want <dataset>/<split>/<patient>/<study>/<file>)",
+                }
+            )
         df = df.loc[ok].reset_index(drop=True)
         rel, tail, patient, study, fname = (x[ok] for x in (rel, tail, patient, study, fname))
     # key: drop the file extension (a last '.' in the file name), then '/' and any other '.' -> '_'
@@ -79,19 +86,27 @@ def read_chexpert(root: Path, *, official: bool = False) -> RawRows:
     appa = clean_small(df["AP/PA"], upper=True)
     view = np.where(fl == "LATERAL", np.where(np.isin(appa, ["LL", "RL"]), appa, "LATERAL"), appa)
 
-    out = pd.DataFrame({
-        "key": key.astype(object),
-        "path": rel.astype(object),
-        "patient_id": patient.astype(object),
-        "study_id": np.strings.add(np.strings.add(patient, slash), study).astype(object),
-        "view": view.astype(object),
-        "sex": normalise_sex(df["Sex"]),
-        "age": pd.to_numeric(df["Age"], errors="coerce").to_numpy(np.float64),
-    })
+    out = pd.DataFrame(
+        {
+            "key": key.astype(object),
+            "path": rel.astype(object),
+            "patient_id": patient.astype(object),
+            "study_id": np.strings.add(np.strings.add(patient, slash), study).astype(object),
+            "view": view.astype(object),
+            "sex": normalise_sex(df["Sex"]),
+            "age": pd.to_numeric(df["Age"], errors="coerce").to_numpy(np.float64),
+        }
+    )
     for name in OBSERVATIONS:
         out[name] = df[name].to_numpy()
     for c in ("_file", "_line", "_official"):
         out[c] = df[c].to_numpy()
-    note = ("official: CheXpert has no public test labels here, so valid.csv -> val and train.csv is split "
-            "patient-wise 90/10 into train/test (balanced, seeded)") if official else ""
+    note = (
+        (
+            "official: CheXpert has no public test labels here, so valid.csv -> val and train.csv is split "
+            "patient-wise 90/10 into train/test (balanced, seeded)"
+        )
+        if official
+        else ""
+    )
     return RawRows(df=out, counts=counts, skipped=skipped, official_note=note)

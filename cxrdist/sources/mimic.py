@@ -6,6 +6,7 @@
 ``files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.{jpg|dcm}``; key = dicom_id. These CSVs
 carry no sex or age (they are in MIMIC-IV's patients table): sex is ``U`` and age NaN.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,10 @@ def find_csv(root: Path, stem: str) -> Path:
         p = root / f"{PREFIX}{stem}{ext}"
         if p.is_file():
             return p
-    raise UserError(f"{root}: no {PREFIX}{stem}.csv or .csv.gz: the MIMIC-CXR root is the folder holding "
-                    f"files/ and the {PREFIX}*.csv files")
+    raise UserError(
+        f"{root}: no {PREFIX}{stem}.csv or .csv.gz: the MIMIC-CXR root is the folder holding "
+        f"files/ and the {PREFIX}*.csv files"
+    )
 
 
 def _ids(s: pd.Series) -> np.ndarray:
@@ -71,13 +74,18 @@ def read_mimic(root: Path, *, official: bool = False, image_ext: str | None = No
     ok = (dicom != "") & (np.strings.str_len(subject) >= 2) & (study != "")
     if not ok.all():
         for i in np.flatnonzero(~ok):
-            skipped.append({"source": f"{meta_path.name}:{lines[i]}",
-                            "reason": "unreadable row: missing dicom_id, subject_id or study_id"})
+            skipped.append(
+                {
+                    "source": f"{meta_path.name}:{lines[i]}",
+                    "reason": "unreadable row: missing dicom_id, subject_id or study_id",
+                }
+            )
         meta = meta.loc[ok].reset_index(drop=True)
         dicom, subject, study = dicom[ok], subject[ok], study[ok]
     add = np.strings.add
-    stem = add(add(add(add(add(add(add("files/p", np.strings.slice(subject, 0, 2)), "/p"), subject), "/s"), study),
-                   "/"), dicom)
+    stem = add(
+        add(add(add(add(add(add("files/p", np.strings.slice(subject, 0, 2)), "/p"), subject), "/s"), study), "/"), dicom
+    )
     ext = _detect_ext(root, stem, image_ext, notes)
     path = add(stem, "." + ext).astype(object)
     study = study.astype(object)
@@ -92,20 +100,23 @@ def read_mimic(root: Path, *, official: bool = False, image_ext: str | None = No
         first = lab.loc[~dup].set_index("study_id")["_lsrc"]
         for i in np.flatnonzero(dup):
             sid = lab.at[i, "study_id"]
-            skipped.append({"source": lab.at[i, "_lsrc"],
-                            "reason": f"duplicate labels for study {sid} (first at {first[sid]})"})
+            skipped.append(
+                {"source": lab.at[i, "_lsrc"], "reason": f"duplicate labels for study {sid} (first at {first[sid]})"}
+            )
         lab = lab.loc[~dup]
     lab = lab.set_index("study_id")[list(OBSERVATIONS) + ["_lsrc"]]
 
-    out = pd.DataFrame({
-        "key": dicom.astype(object),
-        "path": path,
-        "patient_id": subject.astype(object),
-        "study_id": study,
-        "view": clean_small(meta["ViewPosition"], upper=True),
-        "sex": np.full(len(meta), "U", dtype=object),
-        "age": np.full(len(meta), np.nan),
-    })
+    out = pd.DataFrame(
+        {
+            "key": dicom.astype(object),
+            "path": path,
+            "patient_id": subject.astype(object),
+            "study_id": study,
+            "view": clean_small(meta["ViewPosition"], upper=True),
+            "sex": np.full(len(meta), "U", dtype=object),
+            "age": np.full(len(meta), np.nan),
+        }
+    )
     joined = lab.reindex(study)
     for name in OBSERVATIONS:
         out[name] = joined[name].to_numpy()

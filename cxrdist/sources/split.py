@@ -5,6 +5,7 @@ one cumulative sum and one small matrix product per candidate), cuts each at the
 the candidate whose largest prevalence difference between splits (over the 14 labels) is smallest. No
 patient is in two splits; the result depends only on the seed and the data (patients are ordered by id).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,14 @@ def _gap(pos: np.ndarray, den: np.ndarray, active: np.ndarray) -> float:
     return float(np.nanmax(spread)) if np.isfinite(spread).any() else 0.0
 
 
-def patient_split(patient_ids, positives: np.ndarray, *, fractions=DEFAULT_FRACTIONS, seed: int = 0,
-                  candidates: int = DEFAULT_CANDIDATES) -> tuple[np.ndarray, dict]:
+def patient_split(
+    patient_ids,
+    positives: np.ndarray,
+    *,
+    fractions=DEFAULT_FRACTIONS,
+    seed: int = 0,
+    candidates: int = DEFAULT_CANDIDATES,
+) -> tuple[np.ndarray, dict]:
     """Assign every row to split 0/1/2 (train/val/test) patient-wise.
 
     ``positives``: N x L booleans (a row is positive for a label); prevalence = positives / rows.
@@ -38,14 +45,24 @@ def patient_split(patient_ids, positives: np.ndarray, *, fractions=DEFAULT_FRACT
     codes, uniques = pd.factorize(pd.Series(patient_ids).astype(str), sort=True)
     n_pat = len(uniques)
     positives = np.asarray(positives, dtype=np.float64).reshape(len(codes), -1)
-    info = {"method": "patient", "seed": int(seed), "fractions": [float(f) for f in fractions],
-            "candidates": int(candidates), "patients": int(n_pat)}
+    info = {
+        "method": "patient",
+        "seed": int(seed),
+        "fractions": [float(f) for f in fractions],
+        "candidates": int(candidates),
+        "patients": int(n_pat),
+    }
     if n_pat == 0:
         info["max_prevalence_gap"] = 0.0
         return np.zeros(0, dtype=np.int8), info
     rows = np.bincount(codes, minlength=n_pat).astype(np.float64)
-    pos = np.stack([np.bincount(codes, weights=positives[:, j], minlength=n_pat)
-                    for j in range(positives.shape[1])], axis=1) if positives.shape[1] else np.zeros((n_pat, 0))
+    pos = (
+        np.stack(
+            [np.bincount(codes, weights=positives[:, j], minlength=n_pat) for j in range(positives.shape[1])], axis=1
+        )
+        if positives.shape[1]
+        else np.zeros((n_pat, 0))
+    )
     total = rows.sum()
     targets = np.cumsum(fractions)[:-1] * total
     need = fractions > 0
@@ -66,7 +83,7 @@ def patient_split(patient_ids, positives: np.ndarray, *, fractions=DEFAULT_FRACT
         in_perm[b1:b2], in_perm[b2:] = 1, 2
         assign = np.empty(n_pat, dtype=np.int8)
         assign[perm] = in_perm
-        onehot = np.eye(3)[assign]                       # patients x 3
+        onehot = np.eye(3)[assign]  # patients x 3
         gap = _gap(onehot.T @ pos, (onehot.T @ rows)[:, None], active)
         if gap < best_gap:
             best_gap, best_assign = gap, assign
@@ -75,8 +92,9 @@ def patient_split(patient_ids, positives: np.ndarray, *, fractions=DEFAULT_FRACT
     return best_assign[codes], info
 
 
-def assign_splits(patient_ids: pd.Series, positives: np.ndarray, *, method: str, seed: int = 0,
-                  official: pd.Series | None = None) -> tuple[np.ndarray, dict]:
+def assign_splits(
+    patient_ids: pd.Series, positives: np.ndarray, *, method: str, seed: int = 0, official: pd.Series | None = None
+) -> tuple[np.ndarray, dict]:
     """Split codes (0 train, 1 val, 2 test) for every row, and a description.
 
     ``method="patient"``: patient-wise 80/10/10 over all rows. ``method="official"``: rows whose
@@ -98,8 +116,9 @@ def assign_splits(patient_ids: pd.Series, positives: np.ndarray, *, method: str,
     info = {"method": "official", "seed": int(seed)}
     rest = ~have
     if rest.any():
-        sub, sub_info = patient_split(patient_ids[rest], np.asarray(positives)[rest], fractions=(0.9, 0.0, 0.1),
-                                      seed=seed)
+        sub, sub_info = patient_split(
+            patient_ids[rest], np.asarray(positives)[rest], fractions=(0.9, 0.0, 0.1), seed=seed
+        )
         out[rest] = sub
         info["unassigned_rows_split"] = {k: sub_info[k] for k in ("fractions", "candidates", "max_prevalence_gap")}
     info["patients_per_split"] = {n: int(patient_ids[out == i].nunique()) for i, n in enumerate(SPLIT_NAMES)}

@@ -6,6 +6,7 @@ the source-independent work, all vectorised: label validation (bad rows -> ``ski
 the patient split, the view filter and the uncertainty policy, and returns the ``SourceTable`` of the
 contract in docs/ARCHITECTURE.md.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,8 @@ class SourceTable:
     policy: str
     split: str
     views: str = "frontal"
-    split_info: dict = field(default_factory=dict)   # method, seed, fractions, max prevalence gap, note
-    notes: list[str] = field(default_factory=list)    # e.g. how the image extension was chosen
+    split_info: dict = field(default_factory=dict)  # method, seed, fractions, max prevalence gap, note
+    notes: list[str] = field(default_factory=list)  # e.g. how the image extension was chosen
 
     def labels(self) -> np.ndarray:
         return self.df[list(OBSERVATIONS)].to_numpy(np.float32)
@@ -75,8 +76,9 @@ STR = np.dtypes.StringDType()
 _BAD_LINE = re.compile(r"Skipping line (\d+): ([^\n]*)")
 
 
-def read_csv_checked(path: Path, required: tuple[str, ...], *,
-                     text: tuple[str, ...] = ()) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
+def read_csv_checked(
+    path: Path, required: tuple[str, ...], *, text: tuple[str, ...] = ()
+) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
     """Read ``path`` (``.csv`` or ``.csv.gz``) and keep the ``required`` columns; ``text`` ones as strings,
     the others with the C parser's type inference (label columns come back float64 unless a cell is not
     a number).
@@ -103,8 +105,9 @@ def read_csv_checked(path: Path, required: tuple[str, ...], *,
         warnings.simplefilter("always")
         try:
             # all columns: with `usecols`, pandas does not notice rows with too many fields
-            df = pd.read_csv(path, dtype={have[c]: str for c in text}, on_bad_lines="warn",
-                             skip_blank_lines=False, low_memory=False)
+            df = pd.read_csv(
+                path, dtype={have[c]: str for c in text}, on_bad_lines="warn", skip_blank_lines=False, low_memory=False
+            )
         except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, ValueError) as e:
             raise UserError(f"{path}: not a readable CSV: {e}") from None
     df = df[[have[c] for c in required]]
@@ -175,8 +178,7 @@ def cell_text(v) -> str:
 
 
 # --- the source-independent part ---------------------------------------------------------------------
-def finish(raw: RawRows, *, root: Path, source: str, views: str, policy: str, split: str,
-           seed: int) -> SourceTable:
+def finish(raw: RawRows, *, root: Path, source: str, views: str, policy: str, split: str, seed: int) -> SourceTable:
     df = raw.df.reset_index(drop=True)
     counts = list(raw.counts)
     skipped = list(raw.skipped)
@@ -233,12 +235,26 @@ def finish(raw: RawRows, *, root: Path, source: str, views: str, policy: str, sp
     table = pd.DataFrame(out, columns=list(COLUMNS))
     for c in ("key", "path", "patient_id", "study_id", "view", "sex", "split"):
         table[c] = table[c].astype(str)
-    return SourceTable(df=table, counts=counts, skipped=skipped, root=Path(root).resolve(), source=source,
-                       policy=policy, split=split, views=views, split_info=info, notes=list(raw.notes))
+    return SourceTable(
+        df=table,
+        counts=counts,
+        skipped=skipped,
+        root=Path(root).resolve(),
+        source=source,
+        policy=policy,
+        split=split,
+        views=views,
+        split_info=info,
+        notes=list(raw.notes),
+    )
 
 
 def check_choices(source: str, views: str, policy: str, split: str) -> None:
-    for what, value, choices in (("source", source, SOURCES), ("views", views, VIEW_CHOICES),
-                                 ("policy", policy, POLICIES), ("split", split, SPLIT_CHOICES)):
+    for what, value, choices in (
+        ("source", source, SOURCES),
+        ("views", views, VIEW_CHOICES),
+        ("policy", policy, POLICIES),
+        ("split", split, SPLIT_CHOICES),
+    ):
         if value not in choices:
             raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")

@@ -3,6 +3,7 @@
 Launched once per rank (RANK/WORLD_SIZE/... in the environment) by tests/test_backends.py. Each rank takes
 its contiguous slice of every global batch, so all backends see exactly the same data per step.
 """
+
 import json
 import sys
 
@@ -15,7 +16,13 @@ from cxrdist.engine.backends import get_backend
 from cxrdist.engine.trainer import masked_bce
 from cxrdist.models import build_model
 
-backend_name, zero, steps, global_batch, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+backend_name, zero, steps, global_batch, out = (
+    sys.argv[1],
+    int(sys.argv[2]),
+    int(sys.argv[3]),
+    int(sys.argv[4]),
+    sys.argv[5],
+)
 env = dist.read_env()
 torch.set_num_threads(1)
 cfg = TrainConfig()
@@ -28,18 +35,19 @@ torch.manual_seed(0)
 backend.setup(build_model("densenet121", in_chans=1), total_steps=steps)
 gen = torch.Generator().manual_seed(1234)
 losses = []
-for step in range(steps):
+for _ in range(steps):
     x = torch.randn(global_batch, 1, 32, 32, generator=gen)
     y = (torch.rand(global_batch, 14, generator=gen) < 0.3).float()
     y[:, 2] = (x[:, 0, :16].mean((1, 2)) > 0).float()  # a learnable label, so the loss moves
     lo = env.rank * cfg.optim.batch_size
-    xs, ys = x[lo:lo + cfg.optim.batch_size], y[lo:lo + cfg.optim.batch_size]
+    xs, ys = x[lo : lo + cfg.optim.batch_size], y[lo : lo + cfg.optim.batch_size]
 
     ms = torch.ones_like(ys)
     ms[:, 5] = 0  # a masked-out (u-ignore) label: the trainer's loss, masks included
 
     def loss_fn(model):
         return masked_bce(model(xs), ys, ms)
+
     loss = backend.train_step(loss_fn)
     if env.distributed:
         tdist.all_reduce(loss)

@@ -10,14 +10,15 @@ outside its module names it: every other module asks the registry (``get_backend
 The trainer calls only what ``Backend`` defines and never asks which backend it holds. All use the same
 loss (the trainer's), AdamW, and warm-up + cosine schedule over the run's steps.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -35,18 +36,19 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class Layout:
     """How a backend's processes map onto nodes and GPUs (what the launcher plans from)."""
-    per_gpu: bool              # one process per GPU, a process group (else one process per run)
-    all_gpus: bool = False     # the one process drives every GPU of its node (dp)
-    min_gpus: int = 0          # GPUs per node it needs at least
+
+    per_gpu: bool  # one process per GPU, a process group (else one process per run)
+    all_gpus: bool = False  # the one process drives every GPU of its node (dp)
+    min_gpus: int = 0  # GPUs per node it needs at least
     multi_node: bool = False
-    cpu_ranks: bool = False    # can run K ranks on CPUs (gloo)
-    reference: bool = False    # the single-device run that speed-ups are measured against
+    cpu_ranks: bool = False  # can run K ranks on CPUs (gloo)
+    reference: bool = False  # the single-device run that speed-ups are measured against
 
 
-REGISTRY: dict[str, type["Backend"]] = {}
+REGISTRY: dict[str, type[Backend]] = {}
 
 
-def register(cls: type["Backend"]) -> type["Backend"]:
+def register(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make a backend known by its ``name`` (registration order is the report's order)."""
     REGISTRY[cls.name] = cls
     return cls
@@ -56,7 +58,7 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def backend_class(name: str) -> type["Backend"]:
+def backend_class(name: str) -> type[Backend]:
     if name not in REGISTRY:
         raise ConfigError(f"--backend must be one of {', '.join(REGISTRY)}, not {name!r}")
     return REGISTRY[name]
@@ -86,7 +88,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def get_backend(cfg: TrainConfig, env: dist.DistEnv, device: torch.device) -> "Backend":
+def get_backend(cfg: TrainConfig, env: dist.DistEnv, device: torch.device) -> Backend:
     cls = backend_class(cfg.dist.backend)
     cls.check(cfg, env, device)
     return cls(cfg, env, device)
@@ -105,8 +107,10 @@ def read_weights(path: Path, tag: str = "best", backend: str | None = None) -> t
             return found
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
-    raise UserError(f"{path}: no {tag} checkpoint in a format cxrdist writes "
-                    f"({'; '.join(dict.fromkeys(c.checkpoint_format for c in REGISTRY.values()))})")
+    raise UserError(
+        f"{path}: no {tag} checkpoint in a format cxrdist writes "
+        f"({'; '.join(dict.fromkeys(c.checkpoint_format for c in REGISTRY.values()))})"
+    )
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -115,11 +119,13 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine to zero at the last step."""
+
     def factor(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -129,10 +135,10 @@ class Backend:
     name = ""
     description = ""
     layout = Layout(per_gpu=False)
-    distributed = False   # one process per device, a process group
+    distributed = False  # one process per device, a process group
     always_group = False  # a process group even for one rank
-    options: dict[str, str] = {}   # config fields only this backend reads -> their flag
-    checkpoint_format = ""         # one line for error messages
+    options: dict[str, str] = {}  # config fields only this backend reads -> their flag
+    checkpoint_format = ""  # one line for error messages
 
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
@@ -153,8 +159,10 @@ class Backend:
             raise ConfigError("--precision fp16 needs a GPU (its GradScaler is CUDA-only); on CPU use bf16 or fp32")
         if env.world_size > 1 and not cls.distributed:
             others = ", ".join(n for n, c in REGISTRY.items() if c.layout.per_gpu)
-            raise ConfigError(f"--backend {cls.name} runs one process, but {env.world_size} ranks were started "
-                              f"({env.source}); use --backend {others}")
+            raise ConfigError(
+                f"--backend {cls.name} runs one process, but {env.world_size} ranks were started "
+                f"({env.source}); use --backend {others}"
+            )
 
     @classmethod
     def check_launch(cls, cfg: TrainConfig, world_size: int) -> None:
@@ -163,8 +171,12 @@ class Backend:
     @classmethod
     def info(cls) -> dict:
         """What a run's summary.json records about its backend, for readers that do not import the engine."""
-        return {"name": cls.name, "description": cls.description, "order": list(REGISTRY).index(cls.name),
-                **asdict(cls.layout)}
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "order": list(REGISTRY).index(cls.name),
+            **asdict(cls.layout),
+        }
 
     def devices_per_process(self) -> int:
         return 1
@@ -306,10 +318,16 @@ class TorchBackend(Backend):
     def save(self, ckpt_dir, tag, state):
         if self.env.is_main:
             Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_torch_save({
-                "model": self._module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **state,
-            }, Path(ckpt_dir) / f"{tag}.pt")
+            ckpt.atomic_torch_save(
+                {
+                    "model": self._module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    **state,
+                },
+                Path(ckpt_dir) / f"{tag}.pt",
+            )
         dist.barrier()
 
     def load(self, ckpt_dir, tag="last"):
@@ -322,7 +340,6 @@ class TorchBackend(Backend):
         self.scheduler.load_state_dict(state.pop("scheduler"))
         self.scaler.load_state_dict(state.pop("scaler"))
         return state
-
 
     @classmethod
     def read_weights(cls, path, tag):
@@ -354,8 +371,11 @@ def publish(ckpt_dir: Path, tag: str, unique: str, is_main: bool) -> None:
     dist.barrier()
     if is_main:
         atomic_write_bytes(pointer_file(ckpt_dir, tag), unique.encode())
-        keep = {p.read_text().strip() for p in (pointer_file(ckpt_dir, "last"), pointer_file(ckpt_dir, "best"))
-                if p.exists()}
+        keep = {
+            p.read_text().strip()
+            for p in (pointer_file(ckpt_dir, "last"), pointer_file(ckpt_dir, "best"))
+            if p.exists()
+        }
         for old in Path(ckpt_dir).glob(f"{tag}-step*"):
             if old.is_dir() and old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)

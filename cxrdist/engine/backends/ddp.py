@@ -1,4 +1,5 @@
 """ddp: DistributedDataParallel, one process per GPU."""
+
 from __future__ import annotations
 
 import torch.distributed as tdist
@@ -19,5 +20,6 @@ class DDPBackend(TorchBackend):
         if not tdist.is_initialized():
             return model  # one rank and no group: DDP would add nothing but a process group
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids)  # rank 0's BN buffers are broadcast at every forward

@@ -1,4 +1,5 @@
 """deepspeed: DeepSpeed ZeRO 0/1/2, one process per GPU."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,18 @@ from torch import nn
 
 from cxrdist.config import ConfigError
 from cxrdist.engine import checkpoint as ckpt
-from cxrdist.engine.backends.base import (Backend, Layout, activations_channels_last, average_buffers,
-                                          make_optimizer, make_scheduler, pointed_folder, publish, register,
-                                          unique_tag)
+from cxrdist.engine.backends.base import (
+    Backend,
+    Layout,
+    activations_channels_last,
+    average_buffers,
+    make_optimizer,
+    make_scheduler,
+    pointed_folder,
+    publish,
+    register,
+    unique_tag,
+)
 
 
 @register
@@ -75,8 +85,12 @@ class DeepSpeedBackend(Backend):
             config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         if c.dist.deepspeed_config:
             user = user_deepspeed_config(c.dist.deepspeed_config, c.run.precision)
-            config.update({k: ({**config[k], **v} if isinstance(v, dict) and isinstance(config.get(k), dict) else v)
-                           for k, v in user.items()})
+            config.update(
+                {
+                    k: ({**config[k], **v} if isinstance(v, dict) and isinstance(config.get(k), dict) else v)
+                    for k, v in user.items()
+                }
+            )
         return config
 
     def setup(self, model, total_steps):
@@ -88,8 +102,13 @@ class DeepSpeedBackend(Backend):
         os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # DeepSpeed asserts it is set
         args = argparse.Namespace(device_rank=self.device.index if self.device.type == "cuda" else 0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            args=args, model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config(),
-            dist_init_required=False)
+            args=args,
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config(),
+            dist_init_required=False,
+        )
         self.engine.checkpoint_engine = _weights_only_engine(self.engine.checkpoint_engine)
         if self.cfg.run.channels_last:
             self.channels_last = "activations" if params_share_storage(self.engine.module) else "model"
@@ -163,12 +182,16 @@ class DeepSpeedBackend(Backend):
         accum = ds.get("gradient_accumulation_steps", 1)
         total = ds.get("train_batch_size")
         if isinstance(micro, int) and micro != cfg.optim.batch_size:
-            raise ConfigError(f"--deepspeed-config {path}: train_micro_batch_size_per_gpu={micro} but --batch-size "
-                              f"{cfg.optim.batch_size}")
+            raise ConfigError(
+                f"--deepspeed-config {path}: train_micro_batch_size_per_gpu={micro} but --batch-size "
+                f"{cfg.optim.batch_size}"
+            )
         if isinstance(total, int) and isinstance(accum, int) and total != cfg.optim.batch_size * accum * world_size:
-            raise ConfigError(f"--deepspeed-config {path}: train_batch_size={total}, but {cfg.optim.batch_size} per "
-                              f"rank x {accum} accumulation x {world_size} ranks (nodes x tasks) = "
-                              f"{cfg.optim.batch_size * accum * world_size}")
+            raise ConfigError(
+                f"--deepspeed-config {path}: train_batch_size={total}, but {cfg.optim.batch_size} per "
+                f"rank x {accum} accumulation x {world_size} ranks (nodes x tasks) = "
+                f"{cfg.optim.batch_size * accum * world_size}"
+            )
 
 
 def params_share_storage(module: nn.Module) -> bool:
@@ -194,14 +217,18 @@ def user_deepspeed_config(path: str, precision: str) -> dict:
         raise ConfigError(f"--deepspeed-config {path}: {e}") from e
     clash = sorted({"bf16", "fp16", "amp"} & set(user))
     if clash:
-        raise ConfigError(f"--deepspeed-config {path}: set precision with --precision, not {clash} (the "
-                          "trainer's precision and DeepSpeed's own casting would fight)")
+        raise ConfigError(
+            f"--deepspeed-config {path}: set precision with --precision, not {clash} (the "
+            "trainer's precision and DeepSpeed's own casting would fight)"
+        )
     ta = user.get("torch_autocast")
     if ta is not None:
         dtype = str(ta.get("dtype", "bfloat16")) if isinstance(ta, dict) else "?"
         if precision != "bf16" or not isinstance(ta, dict) or not ta.get("enabled", True) or "bf" not in dtype:
-            raise ConfigError(f"--deepspeed-config {path}: its torch_autocast section ({ta}) disagrees with "
-                              f"--precision {precision}; cxrdist writes that section itself for --precision bf16")
+            raise ConfigError(
+                f"--deepspeed-config {path}: its torch_autocast section ({ta}) disagrees with "
+                f"--precision {precision}; cxrdist writes that section itself for --precision bf16"
+            )
     return user
 
 
@@ -210,20 +237,25 @@ def deepspeed_safe_globals() -> list:
     allowed = []
     with contextlib.suppress(ImportError):
         from deepspeed.runtime.zero.config import ZeroStageEnum
+
         allowed.append(ZeroStageEnum)
     with contextlib.suppress(ImportError):
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
         allowed += [LossScaler, DynamicLossScaler]
     with contextlib.suppress(ImportError):
         from deepspeed.utils.tensor_fragment import fragment_address
+
         allowed.append(fragment_address)
     return allowed
 
 
 def _weights_only_engine(engine):
     """Make DeepSpeed's checkpoint loads use weights_only=True (its default engine unpickles freely)."""
+
     def load(path, map_location=None):
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
+
     engine.load = load
     return engine

@@ -1,4 +1,5 @@
 """dp: torch.nn.DataParallel, one process and every GPU of its node."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,10 @@ class DataParallelBackend(TorchBackend):
         super().check(cfg, env, device)
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n < 2:
-            raise ConfigError(f"--backend dp needs >= 2 visible GPUs, found {n}: use --backend single, "
-                              "or ddp/deepspeed with one process per device")
+            raise ConfigError(
+                f"--backend dp needs >= 2 visible GPUs, found {n}: use --backend single, "
+                "or ddp/deepspeed with one process per device"
+            )
 
     def devices_per_process(self):
         return torch.cuda.device_count()

@@ -4,8 +4,9 @@
   for DenseNet; the same depth-2 modules for any timm model) is one FSDP unit, the rest the root's.
 - Precision: FSDP's ``MixedPrecisionPolicy`` (bf16 parameters for compute, fp32 gradient reduction, fp32
   sharded master weights), inside torch.autocast for what the policy does not cast (buffers used as
-  convolution weights: the blur filters of densenetblur121d). BatchNorm keeps fp32 weights in units of its own (CPU kernels refuse bf16
-  weights against fp32 running statistics; on GPUs fp32 statistics are also the numerically sound choice):
+  convolution weights: the blur filters of densenetblur121d). BatchNorm keeps fp32 weights in units of
+  its own (CPU kernels refuse bf16 weights against fp32 running statistics; on GPUs fp32 statistics are
+  also the numerically sound choice):
   its input stays bf16 and only its small parameters are gathered in fp32. fp16 is refused: FSDP2's loss
   scaling is not wired up here (use bf16).
 - Evaluation: ranks see different numbers of evaluation batches (exact-once), but every FSDP forward is a
@@ -18,6 +19,7 @@
 - channels_last: the all-gathered weights are contiguous, so the activations carry the format (a hook
   on the stem, as for ZeRO-1/2).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,9 +30,18 @@ from torch import nn
 
 from cxrdist.config import ConfigError
 from cxrdist.engine import checkpoint as ckpt
-from cxrdist.engine.backends.base import (Backend, Layout, activations_channels_last, average_buffers,
-                                          make_optimizer, make_scheduler, pointed_folder, publish, register,
-                                          unique_tag)
+from cxrdist.engine.backends.base import (
+    Backend,
+    Layout,
+    activations_channels_last,
+    average_buffers,
+    make_optimizer,
+    make_scheduler,
+    pointed_folder,
+    publish,
+    register,
+    unique_tag,
+)
 
 CLIENT = "client.pt"
 
@@ -57,8 +68,10 @@ class FSDPBackend(Backend):
     def check(cls, cfg, env, device):
         super().check(cfg, env, device)
         if cfg.run.precision == "fp16":
-            raise ConfigError("--backend fsdp trains in bf16 or fp32 (FSDP2 loss scaling for fp16 is not wired "
-                              "up): use --precision bf16")
+            raise ConfigError(
+                "--backend fsdp trains in bf16 or fp32 (FSDP2 loss scaling for fp16 is not wired "
+                "up): use --precision bf16"
+            )
 
     def setup(self, model, total_steps):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -67,7 +80,7 @@ class FSDPBackend(Backend):
             self.channels_last = "activations"
             activations_channels_last(model)
         model = self.prepare_model(model)
-        self._replica = copy.deepcopy(model)            # the evaluation module, filled on demand
+        self._replica = copy.deepcopy(model)  # the evaluation module, filled on demand
         low = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -158,8 +171,12 @@ class FSDPBackend(Backend):
         from cxrdist.models import build_model
 
         cfg = TrainConfig.from_dict(client["config"])
-        model = build_model(cfg.model.name, in_chans=cfg.model.in_chans, fuse_demographics=cfg.model.fuse_demographics,
-                            drop_rate=cfg.model.drop_rate)
+        model = build_model(
+            cfg.model.name,
+            in_chans=cfg.model.in_chans,
+            fuse_demographics=cfg.model.fuse_demographics,
+            drop_rate=cfg.model.drop_rate,
+        )
         sd = {"model": model.state_dict()}
         dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
         return sd["model"], client

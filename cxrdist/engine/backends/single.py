@@ -1,4 +1,5 @@
 """single: one process, one device (the reference every speed-up is measured against)."""
+
 from __future__ import annotations
 
 from cxrdist.engine.backends.base import Layout, TorchBackend, register
