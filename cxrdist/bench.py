@@ -111,8 +111,9 @@ def bench_loader(quick: bool = False, workdir: str | Path | None = None) -> dict
 def _bench_loader(quick: bool, workdir: str | Path | None) -> dict[str, Any]:
     from cxrdist import imaging
     from cxrdist.data.files import make_file_loader
-    from cxrdist.data.stream import iter_shard, make_loader, read_shard_list, warm_decoders
+    from cxrdist.data.stream import make_loader, read_shard_list, warm_decoders
     from cxrdist.data.transforms import Augment
+    from cxrdist.shards.tario import iter_shard
 
     repeats = 5 if quick else 3  # quick: short measures, so more rounds to take the best of
     bs = 32

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cxrdist.data.stream import batch_generator, collate, iter_shard, iterate, read_shard_list
+from cxrdist.data.stream import batch_generator, collate, iterate, read_shard_list
 from cxrdist.errors import UserError
+from cxrdist.shards.tario import iter_shard
 
 FORMATS = ("jpeg", "dicom")
 

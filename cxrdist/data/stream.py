@@ -1,11 +1,11 @@
-"""The shard loader: a WebDataset-layout pipeline built for DDP.
+"""The shard loader: WebDataset-layout shards read for DDP (not webdataset's pipeline: see below).
 
 Every rank runs ``workers`` loader processes; together they are ``world_size * workers`` *global workers*.
 Global worker ``g = rank * workers + w`` reads the shards ``order[g::G]`` (the order is shuffled per epoch
 from ``(seed, epoch)`` for training), or, when there are fewer shards than global workers, every shard while
 keeping every ``G``-th sample (``g``, ``g + G``, ...), so that each sample belongs to exactly one worker.
 
-Workers read raw samples with a small tar reader (no per-member ``tarfile`` overhead), shuffle the *raw*
+Workers read raw samples with the one tar reader (``cxrdist.shards.tario``), shuffle the *raw*
 bytes in a seeded buffer, drop the samples a resumed run has already seen, and only then decode (explicit
 decoders: ``.jpg``/``.png`` through :func:`cxrdist.imaging.decode`, ``.json`` through ``json.loads``; every
 other member, ``.pickle``/``.pyd`` included, is ignored and never unpickled) and collate whole batches.
@@ -31,11 +31,8 @@ import functools
 import io
 import itertools
 import json
-import mmap
-import os
 import random
 import re
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,159 +45,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cxrdist.errors import UserError
 from cxrdist.labels import NUM_CLASSES
 from cxrdist.shards.manifest import IMAGE_EXTS
+from cxrdist.shards.tario import RawSample, Shard, ShardError, iter_shard
 
-KNOWN_EXTS = frozenset(IMAGE_EXTS + ("json",))  # everything else in a tar is ignored (never decoded)
 SEX_CODE = {"M": 1.0, "F": 0.0}  # anything else (U, '', None) -> 0.5
-
-
-class ShardError(UserError):
-    """A shard that is missing, truncated, damaged or disagrees with the manifest (the message names it)."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    name: str
-    path: str
-    samples: int
-    bytes: int = 0  # 0: unknown (no size check)
-
-
-# --------------------------------------------------------------------------------------------------------
-# reading a tar: raw samples, no decoding
-# --------------------------------------------------------------------------------------------------------
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-
-
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for very large members
-        return int.from_bytes(field[1:], "big")
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
-
-
-def _checksum_ok(header: bytes) -> bool:
-    """The header checksum: the byte sum with the checksum field read as spaces (8 x 32 = 256).
-
-    Compared modulo 65521 through zlib's Adler-32, whose low half is 1 + the byte sum mod 65521: a third
-    of the cost of ``sum(header)`` in Python, run for every member of every shard."""
-    stored = _octal(header[148:156])
-    byte_sum = (zlib.adler32(header) & 0xFFFF) - 1 - sum(header[148:156]) + 256
-    return (stored - byte_sum) % 65521 == 0
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header (``"<len> path=<name>\\n"`` records)."""
-    pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8")
-        pos += length
-    return None
-
-
-def iter_tar(
-    path: str | os.PathLike,
-    *,
-    name: str | None = None,
-    expected_bytes: int = 0,
-    wanted: frozenset[str] | None = KNOWN_EXTS,
-) -> Iterator[tuple[str, str, bytes | None]]:
-    """Yield ``(key, ext, data)`` for the regular files of a tar, in order (ustar, pax, GNU long names).
-
-    The file is memory-mapped and parsed in place (a few microseconds a member, where ``tarfile`` takes
-    ~100). ``data`` is None (never read) when ``ext`` is not in ``wanted``. Raises :class:`ShardError`
-    naming the shard for a missing, truncated or damaged file.
-    """
-    name = name or Path(path).name
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if expected_bytes and size < expected_bytes:
-                raise ShardError(f"{name}: truncated tar ({size} of {expected_bytes} bytes in the manifest)")
-            if size == 0:
-                raise ShardError(f"{name}: truncated tar / unreadable: empty file")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except OSError as e:
-        raise ShardError(f"{name}: unreadable: {e.strerror or e}") from None
-    with mm:
-        yield from _parse_tar(mm, size, name, wanted)
-
-
-def _parse_tar(
-    mm: mmap.mmap, size: int, name: str, wanted: frozenset[str] | None
-) -> Iterator[tuple[str, str, bytes | None]]:
-    long_name: str | None = None
-    pos = 0
-    while True:
-        header = mm[pos : pos + _BLOCK]
-        if len(header) < _BLOCK:
-            raise ShardError(
-                f"{name}: truncated tar / unreadable: ends at byte {size} without an end-of-archive marker"
-            )
-        if header == _ZERO_BLOCK:
-            return
-        try:
-            if not _checksum_ok(header):
-                raise ValueError("checksum mismatch")
-            msize = _octal(header[124:136])
-        except ValueError:
-            raise ShardError(f"{name}: damaged tar / unreadable: bad member header at byte {pos}") from None
-        kind = header[156:157]
-        start = pos + _BLOCK
-        pos = start + msize + (-msize % _BLOCK)
-        if start + msize > size:
-            raise ShardError(
-                f"{name}: truncated tar / unreadable: the member at byte {start - _BLOCK} runs "
-                f"past the end ({size} bytes)"
-            )
-        if kind in (b"L", b"x"):  # the next member's real name (GNU long name, pax header)
-            data = mm[start : start + msize]
-            long_name = data.split(b"\0", 1)[0].decode("utf-8") if kind == b"L" else _pax_path(data)
-            continue
-        fname, long_name = long_name, None
-        if kind not in (b"0", b"\0", b"7"):  # directories, links, global pax headers, ...
-            continue
-        if fname is None:
-            fname = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if header[257:262] == b"ustar" and header[345] != 0:
-                fname = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + fname
-        slash = fname.rfind("/") + 1
-        dot = fname.find(".", slash)
-        if dot < 0:
-            continue
-        key, ext = fname[:dot], fname[dot + 1 :].lower()
-        yield key, ext, mm[start : start + msize] if wanted is None or ext in wanted else None
-
-
-RawSample = tuple[str, str, dict[str, bytes]]  # (shard name, key, {ext: bytes})
-
-
-def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS) -> Iterator[RawSample]:
-    """Raw samples of one shard (members grouped by key; only ``wanted`` extensions are read), checked
-    against the manifest's count."""
-    count = 0
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    for k, ext, data in iter_tar(shard.path, name=shard.name, expected_bytes=shard.bytes, wanted=wanted):
-        if k != key:
-            if key is not None:
-                count += 1
-                yield shard.name, key, members
-            key, members = k, {}
-        if data is not None:
-            members[ext] = data
-    if key is not None:
-        count += 1
-        yield shard.name, key, members
-    if count != shard.samples:
-        raise ShardError(
-            f"{shard.name}: holds {count} samples but the manifest says {shard.samples} "
-            f"(truncated or replaced shard; run `cxrdist verify`)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,19 +1,17 @@
 """``cxrdist verify``: re-hash and re-count every shard against the manifest.
 
-Samples are counted from the tar member names only (``tarfile`` headers; nothing is decoded or unpickled):
-a sample is the run of members sharing a key, as webdataset groups them.
+Samples are counted from the tar member names only (headers, through the one tar reader
+``cxrdist.shards.tario``; nothing is decoded or unpickled): a sample is the run of members sharing a key,
+as webdataset groups them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-import tarfile
 from pathlib import Path
 
 from cxrdist.shards.manifest import IMAGE_EXTS, SHARD_NAME, SPLITS, read_manifest
-
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key / extension split
+from cxrdist.shards.tario import ShardError, members, split_name
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
@@ -26,7 +24,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
 
 
 def count_samples(path: Path) -> tuple[int, list[str]]:
-    """(samples, problems) from the member names of a tar; raises tarfile/OS errors when unreadable."""
+    """(samples, problems) from the member names of a tar, by the one tar reader's key / extension rule
+    (``tario.split_name``); nothing is read but headers. Raises ShardError when the tar is unreadable."""
     problems: list[str] = []
     samples, current, exts = 0, None, set()
 
@@ -38,21 +37,18 @@ def count_samples(path: Path) -> tuple[int, list[str]]:
         if not exts & set(IMAGE_EXTS):
             problems.append(f"sample {current} has no image (.jpg/.png)")
 
-    with tarfile.open(path, mode="r:") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            m = _MEMBER.match(member.name)
-            if not m:
-                problems.append(f"member {member.name!r} has no key.extension name")
-                continue
-            key, ext = m.group(1), m.group(2)
-            if key != current:
-                close_sample()
-                current, exts = key, set()
-                samples += 1
-            exts.add(ext)
-        close_sample()
+    for fname, _ in members(path, read=lambda fname: False):
+        split = split_name(fname)
+        if split is None:
+            problems.append(f"member {fname!r} has no key.extension name")
+            continue
+        key, ext = split
+        if key != current:
+            close_sample()
+            current, exts = key, set()
+            samples += 1
+        exts.add(ext)
+    close_sample()
     return samples, problems
 
 
@@ -82,8 +78,8 @@ def verify(dir) -> list[str]:
                 problems.append(f"{name}: sha256 mismatch")
             try:
                 n, inner = count_samples(path)
-            except (tarfile.TarError, OSError, EOFError) as e:
-                problems.append(f"{name}: unreadable tar: {e}")
+            except ShardError as e:
+                problems.append(f"{name}: unreadable tar: {str(e).removeprefix(name + ': ')}")
                 continue
             problems += [f"{name}: {p}" for p in inner]
             if n != s.get("samples"):
