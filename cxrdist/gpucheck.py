@@ -362,28 +362,16 @@ def check_deepspeed(ctx: Ctx):
 
 def ensure_shards(ctx: Ctx) -> Path:
     if ctx.shards is None:
-        from cxrdist.shards.pack import pack
-        from cxrdist.synth import synthesize
+        from cxrdist.shards.pack import synth_shards
 
-        root = synthesize(layout="chexpert", out=ctx.work / "raw", n=ctx.images, size=ctx.packed + 32, seed=0)
-        pack(
-            source="chexpert",
-            root=root,
-            out=ctx.work / "shards",
+        _, ctx.shards = synth_shards(
+            ctx.work,
+            n=ctx.images,
+            raw_size=ctx.packed + 32,
             size=ctx.packed,
-            encoding="jpg",
-            views="frontal",
-            policy="u-zeros",
-            split="patient",
             workers=min(8, dist.cpu_count()),
             samples_per_shard=max(20, ctx.images // 24),
-            dry_run=False,
-            strict=False,
-            seed=0,
-            min_shards=1,
-            quiet=True,
         )
-        ctx.shards = ctx.work / "shards"
     return ctx.shards
 
 

@@ -293,6 +293,8 @@ class Plan:
 
 def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None) -> Plan:
     """Resolve the request into tasks/GPUs/CPUs, raising LaunchError for what cannot run on the target."""
+    from cxrdist.engine.backends import backend_class  # lazily: the submitit job must not load torch early
+
     cluster = cluster or resolve_cluster(args)
     backend = args.backend
     nodes, gpus = args.nodes, args.gpus
@@ -355,17 +357,13 @@ def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None)
             )
         target_gpus = local_gpu_count()
         if gpus > 0 and target_gpus == 0:
-            from cxrdist.engine.backends import layout_of
-
-            k = (args.tasks_per_node or gpus) if layout_of(backend).per_gpu else 1
+            k = (args.tasks_per_node or gpus) if backend_class(backend).layout.per_gpu else 1
             notes.append(
                 f"warning: no SLURM controller and no GPU here: running {k} CPU rank(s) locally "
                 f"instead of {gpus} GPU(s)"
             )
         elif gpus > target_gpus:
             raise LaunchError(f"--gpus {gpus}: this machine has {target_gpus} GPU(s)")
-
-    from cxrdist.engine.backends import backend_class  # lazily: the submitit job must not load torch early
 
     cls = backend_class(backend)
     tasks, gpn, note = layout_tasks(

@@ -23,28 +23,22 @@ def _pack(
     min_shards: int,
     source: str,
 ) -> dict:
-    from cxrdist.shards.pack import pack
-    from cxrdist.synth import synthesize
+    from cxrdist.shards.pack import synth_shards
 
-    root = synthesize(layout=layout, out=tmp / f"{name}-src", n=n, size=size, seed=0)
-    out = tmp / f"{name}-shards"
-    pack(
-        source=source,
-        root=root,
-        out=out,
+    root, out = synth_shards(
+        tmp,
+        n=n,
+        raw_size=size,
         size=pack_size,
-        encoding="jpg",
-        views="frontal",
-        policy="u-zeros",
-        split="patient",
+        layout=layout,
+        source=source,
+        name=name,
         workers=1,
         samples_per_shard=samples_per_shard,
-        dry_run=False,
-        strict=False,
-        seed=0,
         min_shards=min_shards,
+        quiet=False,
     )
-    return {"root": Path(root), "shards": out}
+    return {"root": root, "shards": out}
 
 
 @pytest.fixture(scope="session")

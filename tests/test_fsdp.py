@@ -9,30 +9,16 @@ the backend's own description reaching the summary that `cxrdist report` reads.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from cxrdist.engine.backends import read_weights
+from runs import preempted, summary, train
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
-
-
-def train(*args, timeout=600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
 
 
 @pytest.mark.slow
@@ -90,19 +76,7 @@ def test_fsdp_preempted_mid_epoch_resumes_to_the_uninterrupted_weights(tiny_shar
     ]
     train(*args, "--out", tmp_path / "straight")
     run = tmp_path / "preempted"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args), "--out", str(run)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    tel = run / "telemetry" / "rank0.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (tel.exists() and len(tel.read_text().splitlines()) >= 4):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR2)  # the launcher forwards it to both ranks
-    _, err = proc.communicate(timeout=300)
-    first = summary(run)
+    first, err = preempted(args, run, after_lines=4)
     assert first["status"] == "preempted", err[-2000:]
     assert 0 < first["global_step"] < 2 * first["steps_per_epoch"]
     train(*args, "--out", run, "--resume")

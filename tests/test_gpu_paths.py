@@ -18,10 +18,12 @@ import pytest
 import torch
 from torch import nn
 
+import runs
 from cxrdist import cpus, dist, launch, telemetry
 from cxrdist.config import ConfigError
 from cxrdist.engine.backends.dp import AutocastForward
 from cxrdist.engine.spawn import free_port
+from runs import summary
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--log-every", "2", "--device", "cpu"]
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -33,17 +35,7 @@ def clean_env(**extra) -> dict:
 
 
 def train(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or clean_env(),
-    )
-
-
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
+    return runs.train(*args, env=env or clean_env(), timeout=timeout, check=False)
 
 
 # --------------------------------------------------------------------------------------------------------

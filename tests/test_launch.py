@@ -19,6 +19,7 @@ import pytest
 
 from cxrdist import launch
 from cxrdist.config import parse_train_argv
+from runs import records
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -61,14 +62,6 @@ def launch_args(*argv: str, log_dir: Path):
 
 def train_cfg(shards: Path, out: Path, *extra: str):
     return parse_train_argv(["--shards", str(shards), "--out", str(out), *TINY, *extra])
-
-
-def records(run: Path, rank: int, event: str | None = None) -> list[dict]:
-    f = run / "telemetry" / f"rank{rank}.jsonl"
-    if not f.is_file():
-        return []
-    recs = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
-    return [r for r in recs if event is None or r.get("event") == event]
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
@@ -402,3 +395,29 @@ def test_the_sbatch_template_runs_ddp_on_two_nodes_and_requeues_itself(slurm_clu
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["hosts"] == ["node1", "node2"]
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
+
+
+def test_layout_tasks_follow_each_backends_declared_layout():
+    """The launcher's task/GPU rules come from the backend's Layout, not from its name."""
+    from cxrdist.engine.backends import layout_of
+
+    one, dp, per_gpu = layout_of("single"), layout_of("dp"), layout_of("fsdp")
+    assert launch.layout_tasks("single", one, 1, 4, None, cpu_only=False) == (
+        1,
+        1,
+        "note: --backend single uses 1 of the 4 GPUs asked for",
+    )
+    assert launch.layout_tasks("single", one, 1, 0, None, cpu_only=True) == (1, 0, None)
+    assert launch.layout_tasks("dp", dp, 1, 4, None, cpu_only=False) == (1, 4, None)
+    assert launch.layout_tasks("fsdp", per_gpu, 2, 8, None, cpu_only=False) == (8, 8, None)
+    assert launch.layout_tasks("fsdp", per_gpu, 2, 0, 3, cpu_only=True) == (3, 0, None)
+    for args, message in (
+        (("dp", dp, 1, 1, None, False), "dp needs >= 2 GPUs per node; --gpus 1 asks for 1"),
+        (("dp", dp, 1, 0, None, True), "dp needs >= 2 GPUs per node; the target has 0"),
+        (("dp", dp, 2, 4, None, False), "dp is one process on one node"),
+        (("single", one, 2, 1, None, False), "single is one process on one device"),
+        (("single", one, 1, 1, 2, False), "single runs one task: drop --tasks-per-node"),
+        (("fsdp", per_gpu, 1, 4, 2, False), "fsdp runs one task per GPU: --tasks-per-node 2 does not match"),
+    ):
+        with pytest.raises(launch.LaunchError, match=message):
+            launch.layout_tasks(*args[:5], cpu_only=args[5])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,22 +15,9 @@ import torch
 
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.labels import OBSERVATIONS
+from runs import preempted, records, train
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
-
-
-def train(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def records(run: Path, rank: int, event: str) -> list[dict]:
-    lines = (run / "telemetry" / f"rank{rank}.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
 def test_single_run_writes_the_run_folder_contract(tiny_shards, tmp_path):
@@ -170,21 +156,7 @@ def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(tiny_sha
     ]
     train(*args, "--out", tmp_path / "straight")
     run = tmp_path / "preempted"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, args), "--out", str(run)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    telemetry = run / "telemetry" / "rank0.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if telemetry.exists() and len(telemetry.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR2)
-    _, err = proc.communicate(timeout=300)
-    summary = json.loads((run / "summary.json").read_text())
+    summary, err = preempted(args, run, after_lines=3)
     assert summary["status"] == "preempted", err[-2000:]
     stopped_at = summary["global_step"]
     assert 0 < stopped_at < 2 * summary["steps_per_epoch"]

@@ -283,28 +283,10 @@ def bench_trainer(
 
 
 def _bench_shards(tmp, n: int, size: int) -> str:
-    from cxrdist.shards.pack import pack
-    from cxrdist.synth import synthesize
+    from cxrdist.shards.pack import synth_shards
 
-    root = synthesize(layout="chexpert", out=tmp / "raw", n=n, size=size + size // 2, seed=0)
-    pack(
-        source="chexpert",
-        root=root,
-        out=tmp / "shards",
-        size=size,
-        encoding="jpg",
-        views="frontal",
-        policy="u-zeros",
-        split="patient",
-        workers=1,
-        samples_per_shard=200,
-        dry_run=False,
-        strict=False,
-        seed=0,
-        min_shards=1,
-        quiet=True,
-    )
-    return str(tmp / "shards")
+    _, shards = synth_shards(tmp, n=n, raw_size=size + size // 2, size=size, workers=1, samples_per_shard=200)
+    return str(shards)
 
 
 def _bare_arm(spec: dict) -> float:

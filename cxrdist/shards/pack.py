@@ -629,3 +629,24 @@ def pack_rate(
 
 
 __all__ = ["pack", "pack_rate", "plan_shards", "n_shards", "pack_shard", "build_manifest"]
+
+
+def synth_shards(
+    work: Path,
+    *,
+    n: int,
+    raw_size: int,
+    size: int,
+    layout: str = "chexpert",
+    source: str = "chexpert",
+    name: str = "synth",
+    **pack_options,
+) -> tuple[Path, Path]:
+    """A synthetic dataset in a real layout (``cxrdist synth``) packed with the default recipe: what the
+    benchmarks, gpu-check and the tests train on. Returns (dataset root, shard folder ``work/<name>-shards``)."""
+    from cxrdist.synth import synthesize
+
+    root = synthesize(layout=layout, out=Path(work) / f"{name}-src", n=n, size=raw_size, seed=0)
+    out = Path(work) / f"{name}-shards"
+    pack(source=source, root=root, out=out, size=size, **{"quiet": True, "min_shards": 1, **pack_options})
+    return Path(root), out
