@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cxrdist.engine.backends import read_weights
+
 from runs import preempted, summary, train
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]

@@ -18,11 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-import runs
 from cxrdist import cpus, dist, launch, telemetry
 from cxrdist.config import ConfigError
 from cxrdist.engine.backends.dp import AutocastForward
 from cxrdist.engine.spawn import free_port
+
+import runs
 from runs import summary
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--log-every", "2", "--device", "cpu"]

@@ -19,6 +19,7 @@ import pytest
 
 from cxrdist import launch
 from cxrdist.config import parse_train_argv
+
 from runs import records
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ import torch
 
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.labels import OBSERVATIONS
+
 from runs import preempted, records, train
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
