@@ -1,15 +1,23 @@
-"""The 14 CheXpert observations and the uncertainty policies.
+"""Label sets (CheXpert's 14 observations, NIH ChestX-ray14's 14 findings), the mapping between them, and the
+uncertainty policies.
 
-Labels are always addressed by *name*: CheXpert's CSVs list them in the order below, MIMIC-CXR's
-``chexpert.csv`` alphabetically. Raw cells are ``1.0`` (positive), ``0.0`` (negative), ``-1.0``
-(uncertain) or blank (not mentioned).
+A shard folder's ``manifest.json`` names its labels (in order); from there they go into the model head, the
+loss mask, metrics, reports, checkpoints and ``predict``. Labels are always addressed by *name*: CheXpert's
+CSVs list them in the order below, MIMIC-CXR's ``chexpert.csv`` alphabetically, NIH's ``Finding Labels`` as
+``|``-separated names. Raw cells are ``1.0`` (positive), ``0.0`` (negative), ``-1.0`` (uncertain) or blank
+(not mentioned).
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 
-OBSERVATIONS: tuple[str, ...] = (
+from cxrdist.errors import UserError
+
+CHEXPERT: tuple[str, ...] = (
     "No Finding",
     "Enlarged Cardiomediastinum",
     "Cardiomegaly",
@@ -25,14 +33,111 @@ OBSERVATIONS: tuple[str, ...] = (
     "Fracture",
     "Support Devices",
 )
-NUM_CLASSES = len(OBSERVATIONS)
+# NIH ChestX-ray14 (Wang et al. 2017), in the order of the paper's tables; "No Finding" is the absence of all
+NIH: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+LABEL_SETS: dict[str, tuple[str, ...]] = {"chexpert": CHEXPERT, "nih": NIH}
+OBSERVATIONS = CHEXPERT  # the CheXpert and MIMIC-CXR sources' own labels; the poster's head
+NUM_CLASSES = len(CHEXPERT)
+
+# Names in two sets that mean the same finding. Identical names (Atelectasis, Cardiomegaly, Consolidation,
+# Edema, Pneumonia, Pneumothorax) match by themselves. Deliberately absent: Mass/Nodule vs Lung Lesion and
+# Infiltration vs Lung Opacity (one is a part of the other, not the same finding), Pleural_Thickening vs
+# Pleural Other (CheXpert's is broader).
+SAME_FINDING: tuple[tuple[str, str], ...] = (("Effusion", "Pleural Effusion"),)
+
+# a label name becomes a table column and a json key: printable, no separators that other files use
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _().+-]{0,63}$")
+RESERVED = {"key", "path", "patient_id", "study_id", "view", "sex", "age", "split"}
 
 POLICIES: tuple[str, ...] = ("u-zeros", "u-ones", "u-ignore")
 DEFAULT_POLICY = "u-zeros"  # the poster's
 
 
+def counterpart(name: str, available) -> str | None:
+    """The name in ``available`` for the finding ``name`` (itself, or its SAME_FINDING partner); None."""
+    available = set(available)
+    if name in available:
+        return name
+    for a, b in SAME_FINDING:
+        if name == a and b in available:
+            return b
+        if name == b and a in available:
+            return a
+    return None
+
+
+def overlap(wanted, have) -> list[tuple[str, str]]:
+    """(name in ``wanted``, name in ``have``) for every finding both sets hold, in ``wanted``'s order."""
+    pairs = [(w, counterpart(w, have)) for w in wanted]
+    return [(w, h) for w, h in pairs if h is not None]
+
+
+def resolve(spec: str) -> tuple[str, ...]:
+    """``--labels``: a registered set's name (``chexpert``, ``nih``) or a text file with one label per line
+    (blank lines and ``#`` comments ignored). Raises UserError naming the file and line of a bad name."""
+    if spec in LABEL_SETS:
+        return LABEL_SETS[spec]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"--labels {spec}: neither a label set ({', '.join(LABEL_SETS)}) nor a file")
+    names: list[str] = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if not _NAME.match(name) or name in RESERVED:
+            raise UserError(f"{path}:{n}: {name!r} is not a usable label name (letters, digits, ' _().+-')")
+        if name in names:
+            raise UserError(f"{path}:{n}: label {name!r} is listed twice")
+        names.append(name)
+    if not names:
+        raise UserError(f"{path}: no label names (one per line)")
+    return tuple(names)
+
+
+def set_name(names) -> str:
+    """``chexpert``/``nih`` when ``names`` is exactly a registered set, else ``custom``."""
+    return next((k for k, v in LABEL_SETS.items() if tuple(names) == v), "custom")
+
+
+def describe(names) -> str:
+    """A label set in one line for error messages: its registered name, or the names themselves."""
+    names = tuple(names)
+    name = set_name(names)
+    return f"{name} ({len(names)} labels)" if name != "custom" else f"[{', '.join(names)}]"
+
+
+def check_same(expected, got, *, what: str, against: str) -> None:
+    """Refuse (UserError naming both sets) when two label sets differ in names or order."""
+    if list(expected) != list(got):
+        raise UserError(
+            f"{what} has labels {describe(got)}, but {against} has {describe(expected)}: they must be the same "
+            "set in the same order"
+        )
+
+
+def checkpoint_labels(client: dict) -> tuple[str, ...]:
+    """The label set a checkpoint's client state was trained on (checkpoints before label sets: CheXpert's)."""
+    return tuple((client.get("data") or {}).get("labels") or CHEXPERT)
+
+
 def apply_policy(raw: np.ndarray, policy: str = DEFAULT_POLICY) -> tuple[np.ndarray, np.ndarray]:
-    """Map raw label cells (N x 14 floats: 1, 0, -1, NaN) to (labels float32, mask int8).
+    """Map raw label cells (N x L floats: 1, 0, -1, NaN) to (labels float32, mask int8).
 
     Blank -> 0 (mask 1). Uncertain -> 0 (u-zeros), 1 (u-ones) or masked out (u-ignore: label 0,
     mask 0, so it counts in neither loss nor metrics).

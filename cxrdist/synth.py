@@ -1,4 +1,4 @@
-"""Synthetic chest X-ray datasets in the real CheXpert / MIMIC-CXR layouts (floor 2).
+"""Synthetic chest X-ray datasets in the real CheXpert / MIMIC-CXR / NIH ChestX-ray14 layouts (floor 2).
 
 ``synthesize(layout, out, n)`` writes ``n`` phantom radiographs plus the CSVs exactly as the real data sets
 ship them, so every source reader, packer and loader can be exercised end to end without patient data:
@@ -6,10 +6,14 @@ ship them, so every source reader, packer and loader can be exercised end to end
 - ``chexpert``: ``out/CheXpert-v1.0-small/{train,valid}.csv`` + ``{train,valid}/patientNNNNN/studyK/viewJ_*.jpg``
 - ``mimic-jpg`` / ``mimic-dicom``: ``out/mimic-cxr-2.0.0-{metadata,chexpert,split}.csv.gz`` +
   ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.{jpg,dcm}``
+- ``nih``: ``out/Data_Entry_2017_v2020.csv`` + ``images_001..012/images/PPPPPPPP_FFF.png`` +
+  ``train_val_list.txt`` / ``test_list.txt``
 
-Labels follow CheXpert's positive / uncertain fractions with realistic co-occurrence (a shared "sick"
+CheXpert and MIMIC labels follow CheXpert's positive / uncertain fractions with realistic co-occurrence (a shared "sick"
 factor and a "heart failure" factor tie edema, effusion and cardiomegaly together); No Finding is set
-exactly when no pathology is positive or uncertain (Support Devices excepted).
+exactly when no pathology is positive or uncertain (Support Devices excepted). NIH labels follow NIH's
+fractions (``NIH_PREVALENCE``), binary, and are drawn with the same phantom findings (``_NIH_DRAWN_AS``) plus
+three of their own (emphysema, fibrosis, hernia).
 
 Each frontal image is a phantom (body, lungs with hilar markings, ribs, clavicles, spine, mediastinum,
 heart) drawn in the patient's anatomical frame after a random pose, and every positive finding is drawn
@@ -32,11 +36,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrdist.labels import OBSERVATIONS
+from cxrdist.labels import NIH, OBSERVATIONS
 
 __all__ = [
     "LAYOUTS",
     "PREVALENCE",
+    "NIH_PREVALENCE",
+    "NIH_HEADER",
     "CHEXPERT_HEADER",
     "MIMIC_METADATA_COLUMNS",
     "MIMIC_LABELS",
@@ -48,7 +54,6 @@ __all__ = [
     "DICOM_SYNTAXES",
 ]
 
-LAYOUTS = ("chexpert", "mimic-jpg", "mimic-dicom")
 
 # CheXpert training-set fractions: observation -> (positive, uncertain).
 PREVALENCE: dict[str, tuple[float, float]] = {
@@ -98,28 +103,39 @@ _EXPLICIT_NEGATIVE = 0.2  # share of negatives written as 0.0 rather than left b
 # ============================================================================================ labels
 
 
-def sample_labels(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Raw label states, ``n`` x 14 int8 in CheXpert (``OBSERVATIONS``) order: 1 positive, -1 uncertain,
-    0 negative. Each label's counts hit its ``PREVALENCE`` exactly (rank thresholds on a correlated latent
-    score); No Finding is 1 exactly where no pathology is positive or uncertain."""
+def sample_labels(
+    rng: np.random.Generator,
+    n: int,
+    names: tuple[str, ...] = OBSERVATIONS,
+    prevalence: dict[str, tuple[float, float]] | None = None,
+    heart_failure: dict[str, float] | None = None,
+    clear: str | None = "No Finding",
+) -> np.ndarray:
+    """Raw label states, ``n`` x len(names) int8 in ``names`` order: 1 positive, -1 uncertain, 0 negative.
+    Each label's counts hit its ``prevalence`` (positive, uncertain) exactly (rank thresholds on a correlated
+    latent score); ``clear`` (CheXpert's No Finding) is 1 exactly where no pathology is positive or
+    uncertain. Defaults: CheXpert's observations and training-set fractions."""
+    prevalence = PREVALENCE if prevalence is None else prevalence
+    heart_failure = _HF_LOADING if heart_failure is None else heart_failure
     g = rng.standard_normal(n)  # how sick
     h = rng.standard_normal(n)  # heart failure: edema + effusion + cardiomegaly
-    states = np.zeros((n, len(OBSERVATIONS)), np.int8)
-    for j, name in enumerate(OBSERVATIONS):
-        if name == "No Finding":
+    states = np.zeros((n, len(names)), np.int8)
+    for j, name in enumerate(names):
+        if name == clear:
             continue
         a = 0.3 if name == "Support Devices" else _SICK_LOADING
-        b = _HF_LOADING.get(name, 0.0)
+        b = heart_failure.get(name, 0.0)
         z = a * g + b * h + math.sqrt(1.0 - a * a - b * b) * rng.standard_normal(n)
-        pos, unc = PREVALENCE[name]
+        pos, unc = prevalence[name]
         order = np.argsort(-z, kind="stable")
         n_pos = int(round(pos * n))
         n_unc = int(round(unc * n))
         states[order[:n_pos], j] = 1
         states[order[n_pos : n_pos + n_unc], j] = -1
-    path_cols = [OBSERVATIONS.index(p) for p in PATHOLOGIES]
-    clear = (states[:, path_cols] == 0).all(axis=1)
-    states[clear, OBSERVATIONS.index("No Finding")] = 1
+    if clear is not None:
+        path_cols = [names.index(p) for p in PATHOLOGIES]
+        none = (states[:, path_cols] == 0).all(axis=1)
+        states[none, names.index(clear)] = 1
     return states
 
 
@@ -327,17 +343,12 @@ def draw_clavicles(img: np.ndarray, g: Frame) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- findings
 
 
-def _lung_mask(g: Frame, i: int) -> np.ndarray:
-    """Lung ``i`` where it is not hidden behind the heart or mediastinum."""
-    return g.visible[i]
-
-
 def draw_lung_opacity(img, g, s, rng):
     """Diffuse haze over one lung, denser towards the base."""
     i = int(rng.integers(2))
     lung = g.lungs[i]
     grad = 0.6 + 0.4 * np.clip((g.b - lung.top) / (2 * lung.ry), 0, 1)
-    return img + 0.3 * s * grad * _lung_mask(g, i)
+    return img + 0.3 * s * grad * g.visible[i]
 
 
 def draw_edema(img, g, s, rng):
@@ -346,7 +357,7 @@ def draw_edema(img, g, s, rng):
     for i, lung in enumerate(g.lungs):
         hx = lung.cx - 0.45 * lung.rx * lung.lateral
         wing = np.exp(-(((g.a - hx) / 0.10) ** 2) - ((g.b - lung.cy) / 0.15) ** 2)
-        add += wing * _lung_mask(g, i)
+        add += wing * g.visible[i]
     return img + 0.34 * s * add
 
 
@@ -357,7 +368,7 @@ def draw_consolidation(img, g, s, rng):
     top = lung.top + 2 * lung.ry * rng.uniform(0.28, 0.36)
     bottom = lung.top + 2 * lung.ry * rng.uniform(0.58, 0.64)
     band = _soft(np.maximum(top - g.b, g.b - bottom), 3 * g.px)
-    patch = band * _lung_mask(g, i)
+    patch = band * g.visible[i]
     hx = lung.cx - 0.6 * lung.rx * lung.lateral
     ex = lung.cx + 0.5 * lung.rx * lung.lateral
     bronchi = _polyline_dist(g, [(hx, lung.cy - 0.02), (0.5 * (hx + ex), (top + bottom) / 2), (ex, bottom - 0.02)])
@@ -375,7 +386,7 @@ def draw_pneumonia(img, g, s, rng):
         by = lung.cy + rng.uniform(-0.2, 0.8) * lung.ry
         sig = rng.uniform(0.02, 0.03)
         add = np.maximum(add, np.exp(-((g.a - bx) ** 2 + (g.b - by) ** 2) / (2 * sig * sig)))
-    return img + 0.45 * s * add * _lung_mask(g, i)
+    return img + 0.45 * s * add * g.visible[i]
 
 
 def draw_atelectasis(img, g, s, rng):
@@ -386,7 +397,7 @@ def draw_atelectasis(img, g, s, rng):
     tilt = rng.uniform(-0.1, 0.1)
     d = np.abs(g.b - y - tilt * (g.a - lung.cx)) - 0.018
     span = np.abs(g.a - lung.cx) < 0.85 * lung.rx
-    return img + 0.5 * s * _soft(d, g.px) * span * _lung_mask(g, i)
+    return img + 0.5 * s * _soft(d, g.px) * span * g.visible[i]
 
 
 def draw_lung_lesion(img, g, s, rng):
@@ -409,7 +420,7 @@ def draw_pneumothorax(img, g, s, rng):
     cx = lung.cx - (1 - k) * lung.rx * lung.lateral * 0.9
     cy = lung.cy + (1 - k) * lung.ry * 0.9
     fc = (np.abs(g.a - cx) / (k * lung.rx)) ** 2.6 + (np.abs(g.b - cy) / (k * lung.ry)) ** 2.6
-    inside = _lung_mask(g, i)
+    inside = g.visible[i]
     collapsed = _soft((fc - 1.0) * k * lung.rx * 0.4, g.px)
     air = inside * (1.0 - collapsed)
     line = np.clip(1.0 - np.abs(fc - 1.0) * k * lung.rx * 0.4 / (0.8 * g.px), 0, 1) * inside * (f < 0.92)
@@ -424,7 +435,7 @@ def draw_pleural_effusion(img, g, s, rng):
     depth = 2 * lung.ry * (0.24 + 0.08 * rng.random()) * (0.55 + 0.45 * s)
     lat = np.clip((g.a - lung.cx) * lung.lateral / lung.rx, -1, 1)  # -1 medial .. 1 lateral
     level = lung.bottom - depth - 0.05 * ((lat + 1) / 2) ** 2  # meniscus: climbs the lateral wall
-    fluid = _soft(level - g.b, 1.5 * g.px) * _lung_mask(g, i)
+    fluid = _soft(level - g.b, 1.5 * g.px) * g.visible[i]
     return img + fluid * (0.62 - img)
 
 
@@ -435,7 +446,7 @@ def draw_pleural_other(img, g, s, rng):
     f = g.lung_f[i]
     lat = (g.a - lung.cx) * lung.lateral > 0.35 * lung.rx
     rim = (f > 0.3) * lat * (np.abs(g.b - lung.cy) < 0.7 * lung.ry)
-    return img + 0.55 * s * rim * _lung_mask(g, i)
+    return img + 0.55 * s * rim * g.visible[i]
 
 
 def draw_fracture(img, g, s, rng):
@@ -483,6 +494,31 @@ def draw_support_devices(img, g, s, rng):
     return img + s * m * (1.0 - img)
 
 
+def draw_emphysema(img, g, s, rng):
+    """Hyperlucent lungs: fewer markings, darker fields (NIH only)."""
+    for m in g.visible:
+        img = img - 0.09 * s * m
+    return img
+
+
+def draw_fibrosis(img, g, s, rng):
+    """Reticular lines over both lower zones (NIH only)."""
+    add = np.zeros_like(img)
+    for i, lung in enumerate(g.lungs):
+        net = np.abs(np.sin((g.a - lung.cx) * 90.0 + rng.uniform(0, 6))) * np.abs(np.sin(g.b * 80.0))
+        lower = np.clip((g.b - lung.cy) / lung.ry + 0.2, 0, 1)
+        add += (net < 0.15) * lower * g.visible[i]
+    return img + 0.22 * s * add
+
+
+def draw_hernia(img, g, s, rng):
+    """Hiatal hernia: a round soft-tissue density behind the lower heart, with an air-fluid level (NIH only)."""
+    cx, cy, r = 0.5 + rng.uniform(-0.02, 0.02), 0.74, rng.uniform(0.055, 0.07)
+    sac = _soft(np.hypot(g.a - cx, g.b - cy) - r, g.px)
+    air = sac * (g.b < cy - 0.3 * r)
+    return img + s * (0.28 * sac - 0.35 * air)
+
+
 FINDINGS = {
     # drawing order: fluid and air first, then parenchyma, then bone, devices on top
     "Pleural Effusion": draw_pleural_effusion,
@@ -496,6 +532,10 @@ FINDINGS = {
     "Lung Lesion": draw_lung_lesion,
     "Fracture": draw_fracture,
     "Support Devices": draw_support_devices,
+    # findings only NIH labels: no CheXpert state draws them
+    "Emphysema": draw_emphysema,
+    "Fibrosis": draw_fibrosis,
+    "Hernia": draw_hernia,
 }
 
 
@@ -898,9 +938,97 @@ def _write_mimic_dicom(path, img, rng, encodable, did, view, subj, study, date, 
     )
 
 
+# NIH ChestX-ray14 (Data_Entry_2017_v2020.csv) fractions of 112,120 images; no uncertain labels
+NIH_PREVALENCE: dict[str, tuple[float, float]] = {
+    "Infiltration": (0.177, 0.0),
+    "Effusion": (0.119, 0.0),
+    "Atelectasis": (0.103, 0.0),
+    "Nodule": (0.056, 0.0),
+    "Mass": (0.052, 0.0),
+    "Pneumothorax": (0.047, 0.0),
+    "Consolidation": (0.042, 0.0),
+    "Pleural_Thickening": (0.030, 0.0),
+    "Cardiomegaly": (0.025, 0.0),
+    "Emphysema": (0.022, 0.0),
+    "Edema": (0.021, 0.0),
+    "Fibrosis": (0.015, 0.0),
+    "Pneumonia": (0.013, 0.0),
+    "Hernia": (0.002, 0.0),
+}
+NIH_HEADER = [  # as the real file spells it: the bracketed pairs hold a comma, so they are four CSV fields
+    "Image Index",
+    "Finding Labels",
+    "Follow-up #",
+    "Patient ID",
+    "Patient Age",
+    "Patient Gender",
+    "View Position",
+    "OriginalImage[Width",
+    "Height]",
+    "OriginalImagePixelSpacing[x",
+    "y]",
+]
+NIH_ARCHIVES = 12  # images_001 ... images_012, each unpacking to images/
+# the phantom finding that draws each NIH label (the others share their CheXpert name)
+_NIH_DRAWN_AS = {
+    "Effusion": "Pleural Effusion",
+    "Infiltration": "Lung Opacity",
+    "Mass": "Lung Lesion",
+    "Nodule": "Lung Lesion",
+    "Pleural_Thickening": "Pleural Other",
+}
+
+
+def _synth_nih(out: Path, n: int, size: int, seed: int) -> Path:
+    """Data_Entry_2017_v2020.csv, images_001..012/images/<Image Index>.png (square 8-bit, ~1% RGBA as in the
+    real set), and the official train_val_list.txt / test_list.txt (patient-disjoint, ~23% test)."""
+    rng = _rng(seed, 21)
+    images = []  # (patient, follow-up)
+    patient = 0
+    while len(images) < n:
+        patient += 1
+        visits = min(int(rng.geometric(0.45)), n - len(images))
+        images += [(patient, fu) for fu in range(visits)]
+    hf = {"Edema": 0.6, "Effusion": 0.45, "Cardiomegaly": 0.5}
+    states = sample_labels(rng, n, names=NIH, prevalence=NIH_PREVALENCE, heart_failure=hf, clear=None)
+    test_patients = {p for p in range(1, patient + 1) if rng.random() < 0.23}
+    per_archive = -(-n // NIH_ARCHIVES)
+    rows, train_val, test = [], [], []
+    sex_of = {p: ("M" if rng.random() < 0.56 else "F") for p in range(1, patient + 1)}
+    age_of = {p: int(rng.integers(1, 90)) for p in range(1, patient + 1)}
+    for i, (p, fu) in enumerate(images):
+        name = f"{p:08d}_{fu:03d}.png"
+        found = sorted(NIH[j] for j in np.flatnonzero(states[i] == 1))
+        img_rng = _rng(seed, 22, i)
+        view = "PA" if img_rng.random() < 0.6 else "AP"
+        w0 = int(img_rng.integers(2500, 3056))
+        spacing = "0.143" if img_rng.random() < 0.7 else "0.168"
+        age = min(age_of[p] + fu // 4, 95)
+        rows.append([name, "|".join(found) or "No Finding", fu, p, age, sex_of[p], view, w0, w0, spacing, spacing])
+        (test if p in test_patients else train_val).append(name)
+        strengths = {_NIH_DRAWN_AS.get(f, f): 1.0 for f in found}
+        img = draw_frontal(img_rng, size, size, strengths)
+        folder = out / f"images_{i // per_archive + 1:03d}" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        pil = Image.fromarray(np.rint(img * 255).astype(np.uint8))
+        (pil.convert("RGBA") if img_rng.random() < 0.01 else pil).save(folder / name)
+    _write_csv(out / "Data_Entry_2017_v2020.csv", NIH_HEADER, rows)
+    (out / "train_val_list.txt").write_text("".join(f"{x}\n" for x in train_val))
+    (out / "test_list.txt").write_text("".join(f"{x}\n" for x in test))
+    return out
+
+
+LAYOUTS = {
+    "chexpert": lambda out, n, size, seed: _synth_chexpert(out, n, size, seed),
+    "mimic-jpg": lambda out, n, size, seed: _synth_mimic(out, n, size, seed, "jpg"),
+    "mimic-dicom": lambda out, n, size, seed: _synth_mimic(out, n, size, seed, "dcm"),
+    "nih": _synth_nih,
+}
+
+
 def synthesize(layout: str, out, n: int, size: int = 256, seed: int = 0) -> Path:
     """Write a synthetic data set of ``n`` images in ``layout`` under ``out``; return the root to pass to
-    ``cxrdist shard --root`` (``out/CheXpert-v1.0-small`` for chexpert, ``out`` for MIMIC)."""
+    ``cxrdist shard --root`` (``out/CheXpert-v1.0-small`` for chexpert, ``out`` for MIMIC and NIH)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if n < 1:
@@ -909,6 +1037,4 @@ def synthesize(layout: str, out, n: int, size: int = 256, seed: int = 0) -> Path
         raise ValueError(f"size must be at least 16 pixels, not {size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if layout == "chexpert":
-        return _synth_chexpert(out, n, size, seed)
-    return _synth_mimic(out, n, size, seed, "jpg" if layout == "mimic-jpg" else "dcm")
+    return LAYOUTS[layout](out, n, size, seed)

@@ -71,3 +71,19 @@ def learnable_shards(tmp_path_factory) -> dict:
         min_shards=8,
         source="chexpert",
     )
+
+
+@pytest.fixture(scope="session")
+def nih_shards(tmp_path_factory) -> dict:
+    """~400 NIH ChestX-ray14-layout images (Data_Entry_2017_v2020.csv + images_0NN/images/) packed at 32 px."""
+    return _pack(
+        tmp_path_factory.mktemp("nih"),
+        "nih",
+        layout="nih",
+        n=400,
+        size=64,
+        pack_size=32,
+        samples_per_shard=40,
+        min_shards=4,
+        source="nih",
+    )

@@ -13,8 +13,9 @@ import pytest
 
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
-from cxrdist.sources import COLUMNS, MASK_COLUMNS, SourceTable, build_table
+from cxrdist.sources import SourceTable, build_table, label_columns
 from cxrdist.sources.split import patient_split
+from cxrdist.sources.table import table_columns
 
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *OBSERVATIONS]
 MIMIC_META_HEADER = [
@@ -94,10 +95,10 @@ def row(t: SourceTable, key: str) -> pd.Series:
 # --- CheXpert -------------------------------------------------------------------------------------------
 def test_chexpert_columns_keys_paths_and_values(chexpert_root):
     t = build_table("chexpert", chexpert_root, views="all")
-    assert list(t.df.columns) == list(COLUMNS)
+    assert list(t.df.columns) == table_columns(OBSERVATIONS)
     assert t.source == "chexpert" and t.root == chexpert_root.resolve() and t.views == "all"
     assert {str(t.df[c].dtype) for c in OBSERVATIONS} == {"float32"}
-    assert {str(t.df[c].dtype) for c in MASK_COLUMNS} == {"int8"}
+    assert {str(t.df[c].dtype) for c in label_columns(OBSERVATIONS)[1]} == {"int8"}
     assert t.df["age"].dtype == np.float64
     r = row(t, "patient00001_study1_view1_frontal")
     assert r["path"] == "train/patient00001/study1/view1_frontal.jpg"
@@ -247,7 +248,7 @@ def make_mimic(root: Path, *, ext: str = "jpg", gz: bool = False) -> Path:
 def test_mimic_table_maps_labels_by_name(tmp_path, gz):
     root = make_mimic(tmp_path / "mimic", gz=gz)
     t = build_table("mimic", root, views="all")
-    assert list(t.df.columns) == list(COLUMNS)
+    assert list(t.df.columns) == table_columns(OBSERVATIONS)
     d, s, st, _ = MIMIC_IMAGES[0]
     r = row(t, d)
     assert r["path"] == f"files/p10/p10000032/s50414267/{d}.jpg"

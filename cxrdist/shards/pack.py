@@ -29,7 +29,7 @@ import numpy as np
 from cxrdist import log
 from cxrdist.atomic import atomic_write_json, fsync_dir
 from cxrdist.errors import UserError
-from cxrdist.labels import OBSERVATIONS
+from cxrdist.labels import describe, set_name
 from cxrdist.shards.manifest import DRY_RUN_MANIFEST, MANIFEST, SHARD_NAME, SPLITS, VERSION, shard_name, write_manifest
 from cxrdist.shards.verify import file_sha256
 
@@ -90,14 +90,21 @@ class ShardTask:
 TEXT_COLUMNS = ("key", "path", "patient_id", "study_id", "view", "sex")
 
 
-def make_tasks(df, plan, *, out: Path, root: Path, size: int, encoding: str, source: str) -> list[ShardTask]:
+def make_tasks(table, plan, *, out: Path, size: int, encoding: str) -> list[ShardTask]:
     """One task per planned shard, with a fingerprint of everything that goes into its bytes."""
+    df, root = table.df, table.root
     text = {c: df[c].to_numpy(dtype=object) for c in TEXT_COLUMNS}
     age_all = df["age"].to_numpy(np.float64)
-    labels_all = df[list(OBSERVATIONS)].to_numpy(np.float32)
-    mask_all = df[[f"mask:{o}" for o in OBSERVATIONS]].to_numpy(np.int8)
+    labels_all, mask_all = table.labels(), table.masks()
     params = json.dumps(
-        {"version": VERSION, "source": source, "root": str(root), "size": int(size), "encoding": encoding},
+        {
+            "version": VERSION,
+            "source": table.source,
+            "root": str(root),
+            "size": int(size),
+            "encoding": encoding,
+            "labels": list(table.label_names),
+        },
         sort_keys=True,
     ).encode()
     tasks = []
@@ -361,14 +368,15 @@ def _tidy(out: Path, planned: dict[str, str]) -> tuple[dict[str, dict], list[str
 
 
 # --- the manifest ------------------------------------------------------------------------------------
-def _split_summary(df, rows: np.ndarray) -> dict:
-    labels = df[list(OBSERVATIONS)].to_numpy(np.float64)[rows]
-    mask = df[[f"mask:{o}" for o in OBSERVATIONS]].to_numpy(np.float64)[rows]
+def _split_summary(table, rows: np.ndarray) -> dict:
+    labels = table.labels().astype(np.float64)[rows]
+    mask = table.masks().astype(np.float64)[rows]
     pos, den = (labels * mask).sum(axis=0), mask.sum(axis=0)
+    names = table.label_names
     return {
         "samples": int(len(rows)),
-        "patients": len(set(df["patient_id"].to_numpy(dtype=object)[rows])),
-        "prevalence": {o: (round(float(p / d), 6) if d > 0 else None) for o, p, d in zip(OBSERVATIONS, pos, den)},
+        "patients": len(set(table.df["patient_id"].to_numpy(dtype=object)[rows])),
+        "prevalence": {o: (round(float(p / d), 6) if d > 0 else None) for o, p, d in zip(names, pos, den)},
     }
 
 
@@ -393,7 +401,7 @@ def build_manifest(
         rows = np.concatenate([r for _, r in entries]) if entries else np.zeros(0, dtype=np.int64)
         if failed:
             rows = rows[~np.isin(keys[rows], list(failed))]
-        summary = _split_summary(df, rows)
+        summary = _split_summary(table, rows)
         if dry:
             summary["shards"] = [{"name": n, "samples": int(len(r)), "bytes": None, "sha256": None} for n, r in entries]
         else:
@@ -408,7 +416,9 @@ def build_manifest(
         "version": VERSION,
         "source": table.source,
         "root": str(Path(table.root).resolve()),
-        "labels": list(OBSERVATIONS),
+        "labels": list(table.label_names),
+        "label_set": set_name(table.label_names),
+        "labels_missing": list(table.labels_missing),
         "policy": table.policy,
         "split": table.split,
         "views": table.views,
@@ -445,6 +455,9 @@ def _print_summary(console, m: dict, out: Path) -> None:
             "-" if m["dry_run"] else f"{mb:,.1f}",
         )
     console.print(t)
+    console.print(f"labels: {describe(m['labels'])}")
+    if m["labels_missing"]:
+        console.print(f"[yellow]{m['source']} provides no {', '.join(m['labels_missing'])}[/]: masked out everywhere")
     gap = m["split_info"].get("max_prevalence_gap")
     if gap is not None:
         console.print(f"split {m['split']}: largest label prevalence difference between splits {gap:.4f}")
@@ -471,8 +484,10 @@ def pack(
     seed=0,
     min_shards=None,
     quiet=False,
+    labels=None,
 ) -> dict | None:
-    """Pack a dataset into WebDataset shards; returns the manifest (also written to ``out/manifest.json``)."""
+    """Pack a dataset into WebDataset shards; returns the manifest (also written to ``out/manifest.json``).
+    ``labels``: a label set's name or a file of names (``labels.resolve``); default the source's own."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -494,7 +509,7 @@ def pack(
         raise UserError(f"min_shards must be at least 1 (got {min_shards})")
     console = log.console(quiet=quiet)
     t0 = time.perf_counter()
-    table = build_table(source, root, views=views, policy=policy, split=split, seed=seed)
+    table = build_table(source, root, views=views, policy=policy, split=split, seed=seed, labels=labels)
     plan = plan_shards(table.df, seed=seed, samples_per_shard=samples_per_shard, min_shards=min_shards)
     out = Path(out).expanduser()
     try:
@@ -512,7 +527,7 @@ def pack(
         _maybe_strict(strict, m, path)
         return m
 
-    tasks = make_tasks(table.df, plan, out=out, root=table.root, size=size, encoding=encoding, source=source)
+    tasks = make_tasks(table, plan, out=out, size=size, encoding=encoding)
     planned = {t.name: t.fingerprint for t in tasks}
     kept, stale = _tidy(out, planned)
     todo = [t for t in tasks if t.name not in kept]
@@ -527,6 +542,7 @@ def pack(
             "root": str(table.root),
             "size": size,
             "encoding": encoding,
+            "labels": list(table.label_names),
             "seed": seed,
             "shards": [{"name": t.name, "fingerprint": t.fingerprint, "keys": t.keys} for t in tasks],
         },
@@ -638,14 +654,17 @@ def synth_shards(
     raw_size: int,
     size: int,
     layout: str = "chexpert",
-    source: str = "chexpert",
+    source: str | None = None,
     name: str = "synth",
     **pack_options,
 ) -> tuple[Path, Path]:
     """A synthetic dataset in a real layout (``cxrdist synth``) packed with the default recipe: what the
-    benchmarks, gpu-check and the tests train on. Returns (dataset root, shard folder ``work/<name>-shards``)."""
+    benchmarks, gpu-check and the tests train on. ``source`` defaults to the one whose format ``layout``
+    writes. Returns (dataset root, shard folder ``work/<name>-shards``)."""
+    from cxrdist.sources import for_layout
     from cxrdist.synth import synthesize
 
+    source = source or for_layout(layout).name
     root = synthesize(layout=layout, out=Path(work) / f"{name}-src", n=n, size=raw_size, seed=0)
     out = Path(work) / f"{name}-shards"
     pack(source=source, root=root, out=out, size=size, **{"quiet": True, "min_shards": 1, **pack_options})

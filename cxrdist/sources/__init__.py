@@ -1,12 +1,33 @@
-"""Dataset sources -> the one sample table (docs/ARCHITECTURE.md, "The sample table")."""
+"""Dataset sources -> the one sample table (docs/ARCHITECTURE.md, "The sample table").
+
+Adding a dataset is one module here (a reader that registers a ``registry.Source``) plus its import below
+and its ``cxrdist synth`` layout; nothing else in cxrdist names it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cxrdist.sources.table import COLUMNS, MASK_COLUMNS, SourceTable, check_choices, finish
+# registration order is the order help lists them in
+from cxrdist.sources import (
+    chexpert,  # noqa: F401, I001
+    mimic,  # noqa: F401
+    nih,  # noqa: F401
+)
+from cxrdist.sources.registry import REGISTRY, Source, for_layout, get, names, register
+from cxrdist.sources.table import SourceTable, check_choices, finish, label_columns
 
-__all__ = ["build_table", "SourceTable", "COLUMNS", "MASK_COLUMNS"]
+__all__ = [
+    "build_table",
+    "SourceTable",
+    "label_columns",
+    "REGISTRY",
+    "Source",
+    "for_layout",
+    "get",
+    "names",
+    "register",
+]
 
 
 def build_table(
@@ -17,19 +38,18 @@ def build_table(
     policy: str = "u-zeros",
     split: str = "patient",
     seed: int = 0,
-    image_ext: str | None = None,
+    labels: str | tuple[str, ...] | None = None,
+    **options,
 ) -> SourceTable:
-    """Read a CheXpert or MIMIC-CXR dataset's CSVs into the sample table: one row per image, labels by
-    name with the uncertainty policy applied, views filtered, every row in train/val/test. Touches no
-    image (MIMIC's extension probe only checks which files exist)."""
-    check_choices(source, views, policy, split)
+    """Read a dataset's CSVs into the sample table: one row per image, the chosen labels by name with the
+    uncertainty policy applied, views filtered, every row in train/val/test. Touches no image.
+
+    ``labels``: a label set's name, a file of names, or the names; default the source's own. Labels the
+    source cannot provide (neither the name nor its counterpart, ``labels.SAME_FINDING``) are masked out
+    everywhere and listed in the table's notes. ``options`` go to the source's reader (MIMIC: ``image_ext``).
+    """
+    src = get(source)
+    check_choices(views, policy, split)
     root = Path(root).expanduser()
-    if source == "chexpert":
-        from cxrdist.sources.chexpert import read_chexpert
-
-        raw = read_chexpert(root, official=split == "official")
-    else:
-        from cxrdist.sources.mimic import read_mimic
-
-        raw = read_mimic(root, official=split == "official", image_ext=image_ext)
-    return finish(raw, root=root, source=source, views=views, policy=policy, split=split, seed=seed)
+    raw = src.read(root, official=split == "official", **options)
+    return finish(raw, source=src, root=root, labels=labels, views=views, policy=policy, split=split, seed=seed)

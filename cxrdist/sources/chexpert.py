@@ -16,6 +16,7 @@ import pandas as pd
 
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
+from cxrdist.sources.registry import Source, register
 from cxrdist.sources.table import STR, RawRows, clean_small, normalise_sex, read_csv_checked, row_sources, strings
 
 REQUIRED: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + OBSERVATIONS
@@ -109,4 +110,16 @@ def read_chexpert(root: Path, *, official: bool = False) -> RawRows:
         if official
         else ""
     )
-    return RawRows(df=out, counts=counts, skipped=skipped, official_note=note)
+    return RawRows(df=out, counts=counts, skipped=skipped, labels=OBSERVATIONS, official_note=note)
+
+
+register(
+    Source(
+        name="chexpert",
+        labels=OBSERVATIONS,
+        read=read_chexpert,
+        root="the dataset folder holding train.csv and valid.csv (e.g. .../CheXpert-v1.0-small)",
+        official="valid.csv -> val; train.csv split patient-wise 90/10 into train/test",
+        synth_layouts=("chexpert",),
+    )
+)

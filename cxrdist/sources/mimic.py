@@ -16,6 +16,7 @@ import pandas as pd
 
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
+from cxrdist.sources.registry import Source, register
 from cxrdist.sources.table import RawRows, clean_small, read_csv_checked, strings
 
 PREFIX = "mimic-cxr-2.0.0-"
@@ -36,11 +37,6 @@ def find_csv(root: Path, stem: str) -> Path:
         f"{root}: no {PREFIX}{stem}.csv or .csv.gz: the MIMIC-CXR root is the folder holding "
         f"files/ and the {PREFIX}*.csv files"
     )
-
-
-def _ids(s: pd.Series) -> np.ndarray:
-    """Identifier text (StringDType): stripped; '' for missing."""
-    return strings(s)
 
 
 def _detect_ext(root: Path, stems: pd.Series, image_ext: str | None, notes: list[str]) -> str:
@@ -70,7 +66,7 @@ def read_mimic(root: Path, *, official: bool = False, image_ext: str | None = No
     meta, lines, bad = read_csv_checked(meta_path, META_REQUIRED, text=META_REQUIRED)
     skipped += bad
     counts = [(f"images in {meta_path.name}", len(meta) + len(bad))]
-    dicom, subject, study = _ids(meta["dicom_id"]), _ids(meta["subject_id"]), _ids(meta["study_id"])
+    dicom, subject, study = strings(meta["dicom_id"]), strings(meta["subject_id"]), strings(meta["study_id"])
     ok = (dicom != "") & (np.strings.str_len(subject) >= 2) & (study != "")
     if not ok.all():
         for i in np.flatnonzero(~ok):
@@ -93,7 +89,7 @@ def read_mimic(root: Path, *, official: bool = False, image_ext: str | None = No
     # labels: one row per study; the first row of a repeated study wins
     lab, lab_lines, bad = read_csv_checked(labels_path, LABELS_REQUIRED, text=("subject_id", "study_id"))
     skipped += bad
-    lab["study_id"] = _ids(lab["study_id"]).astype(object)
+    lab["study_id"] = strings(lab["study_id"]).astype(object)
     lab["_lsrc"] = [f"{labels_path.name}:{n}" for n in lab_lines]
     dup = lab["study_id"].duplicated(keep="first").to_numpy()
     if dup.any():
@@ -132,7 +128,7 @@ def read_mimic(root: Path, *, official: bool = False, image_ext: str | None = No
         sp, _, bad = read_csv_checked(split_path, SPLIT_REQUIRED, text=SPLIT_REQUIRED)
         skipped += bad
         names = pd.Series(clean_small(sp["split"])).str.lower().map(SPLIT_MAP).to_numpy(object)
-        sp = pd.Series(names, index=_ids(sp["dicom_id"]).astype(object))
+        sp = pd.Series(names, index=strings(sp["dicom_id"]).astype(object))
         sp = sp[~sp.index.duplicated(keep="first")]
         off = sp.reindex(out["key"].to_numpy()).to_numpy(object)
         has = pd.notna(off)
@@ -141,4 +137,16 @@ def read_mimic(root: Path, *, official: bool = False, image_ext: str | None = No
         out["_official"] = off
         out = out.loc[has].reset_index(drop=True)
         note = f"official: {split_path.name} (train/validate/test -> train/val/test)"
-    return RawRows(df=out, counts=counts, skipped=skipped, notes=notes, official_note=note)
+    return RawRows(df=out, counts=counts, skipped=skipped, labels=OBSERVATIONS, notes=notes, official_note=note)
+
+
+register(
+    Source(
+        name="mimic",
+        labels=OBSERVATIONS,
+        read=read_mimic,
+        root=f"the folder holding files/ and the {PREFIX}metadata/chexpert/split .csv[.gz] files",
+        official=f"{PREFIX}split.csv's train/validate/test",
+        synth_layouts=("mimic-jpg", "mimic-dicom"),
+    )
+)

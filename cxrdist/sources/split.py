@@ -2,7 +2,7 @@
 
 ``patient_split`` draws K seeded patient permutations (vectorised: per-patient row and positive counts,
 one cumulative sum and one small matrix product per candidate), cuts each at the row fractions, and keeps
-the candidate whose largest prevalence difference between splits (over the 14 labels) is smallest. No
+the candidate whose largest prevalence difference between splits (over the labels) is smallest. No
 patient is in two splits; the result depends only on the seed and the data (patients are ordered by id).
 """
 
@@ -93,13 +93,20 @@ def patient_split(
 
 
 def assign_splits(
-    patient_ids: pd.Series, positives: np.ndarray, *, method: str, seed: int = 0, official: pd.Series | None = None
+    patient_ids: pd.Series,
+    positives: np.ndarray,
+    *,
+    method: str,
+    seed: int = 0,
+    official: pd.Series | None = None,
+    rest: tuple[float, float, float] = (0.9, 0.0, 0.1),
 ) -> tuple[np.ndarray, dict]:
     """Split codes (0 train, 1 val, 2 test) for every row, and a description.
 
     ``method="patient"``: patient-wise 80/10/10 over all rows. ``method="official"``: rows whose
-    ``official`` is set keep it (MIMIC's split.csv, CheXpert's valid.csv); the other rows (CheXpert's
-    train.csv) are split patient-wise 90/10 into train/test; a patient with any official row goes wholly to
+    ``official`` is set keep it (MIMIC's split.csv, CheXpert's valid.csv, NIH's test_list.txt); the other rows
+    (CheXpert's train.csv, NIH's train_val_list.txt) are split patient-wise by the source's ``rest``
+    fractions (CheXpert 90/0/10 train/val/test, NIH 90/10/0); a patient with any official row goes wholly to
     that row's split, so no patient is in two splits.
     """
     patient_ids = pd.Series(patient_ids).reset_index(drop=True).astype(str)
@@ -114,12 +121,10 @@ def assign_splits(
     have = ~np.isnan(fixed)
     out[have] = fixed[have].astype(np.int8)
     info = {"method": "official", "seed": int(seed)}
-    rest = ~have
-    if rest.any():
-        sub, sub_info = patient_split(
-            patient_ids[rest], np.asarray(positives)[rest], fractions=(0.9, 0.0, 0.1), seed=seed
-        )
-        out[rest] = sub
+    open_ = ~have
+    if open_.any():
+        sub, sub_info = patient_split(patient_ids[open_], np.asarray(positives)[open_], fractions=rest, seed=seed)
+        out[open_] = sub
         info["unassigned_rows_split"] = {k: sub_info[k] for k in ("fractions", "candidates", "max_prevalence_gap")}
     info["patients_per_split"] = {n: int(patient_ids[out == i].nunique()) for i, n in enumerate(SPLIT_NAMES)}
     return out, info

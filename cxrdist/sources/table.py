@@ -1,10 +1,10 @@
 """The one sample table: what every source reader produces and what shards and the file loaders consume.
 
-A reader (``chexpert.read_chexpert``, ``mimic.read_mimic``) returns ``RawRows``: one row per image with
-identity columns and the 14 *raw* label cells as text, addressed by observation name. ``finish`` then does
-the source-independent work, all vectorised: label validation (bad rows -> ``skipped``), duplicate keys,
-the patient split, the view filter and the uncertainty policy, and returns the ``SourceTable`` of the
-contract in docs/ARCHITECTURE.md.
+A reader (each source's ``read``) returns ``RawRows``: one row per image with identity columns and the *raw*
+label cells of the source's own label set, addressed by name. ``finish`` then does the source-independent
+work, all vectorised: label validation (bad rows -> ``skipped``), duplicate keys, the patient split, the view
+filter, the uncertainty policy and the chosen label set (``--labels``), and returns the ``SourceTable`` of
+the contract in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -17,20 +17,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxrdist import labels as label_sets
 from cxrdist.errors import UserError
-from cxrdist.labels import OBSERVATIONS, POLICIES, apply_policy
+from cxrdist.labels import POLICIES, apply_policy
 from cxrdist.sources.split import SPLIT_NAMES, assign_splits
 
-SOURCES = ("chexpert", "mimic")
 VIEW_CHOICES = ("frontal", "all")
 SPLIT_CHOICES = ("patient", "official")
 # `views="frontal"` keeps posteroanterior and anteroposterior projections only. MIMIC's "AP AXIAL"
 # (a lordotic/axial AP, ~0.1% of MIMIC) is deliberately NOT kept: it is neither the poster's PA nor AP.
 FRONTAL_VIEWS = ("PA", "AP")
 
-MASK_COLUMNS: tuple[str, ...] = tuple(f"mask:{o}" for o in OBSERVATIONS)
 META_COLUMNS: tuple[str, ...] = ("key", "path", "patient_id", "study_id", "view", "sex", "age")
-COLUMNS: tuple[str, ...] = META_COLUMNS + OBSERVATIONS + MASK_COLUMNS + ("split",)
+
+
+def label_columns(names) -> tuple[list[str], list[str]]:
+    """The table's label columns and mask columns (``mask:<name>``) for a label set."""
+    return list(names), [f"mask:{n}" for n in names]
+
+
+def table_columns(names) -> list[str]:
+    lab, mask = label_columns(names)
+    return [*META_COLUMNS, *lab, *mask, "split"]
 
 
 @dataclass
@@ -45,26 +53,29 @@ class SourceTable:
     policy: str
     split: str
     views: str = "frontal"
+    label_names: tuple[str, ...] = label_sets.CHEXPERT
     split_info: dict = field(default_factory=dict)  # method, seed, fractions, max prevalence gap, note
     notes: list[str] = field(default_factory=list)  # e.g. how the image extension was chosen
+    labels_missing: tuple[str, ...] = ()  # chosen labels the source cannot provide (masked out everywhere)
 
     def labels(self) -> np.ndarray:
-        return self.df[list(OBSERVATIONS)].to_numpy(np.float32)
+        return self.df[label_columns(self.label_names)[0]].to_numpy(np.float32)
 
     def masks(self) -> np.ndarray:
-        return self.df[list(MASK_COLUMNS)].to_numpy(np.int8)
+        return self.df[label_columns(self.label_names)[1]].to_numpy(np.int8)
 
 
 @dataclass
 class RawRows:
     """A reader's output. ``df`` columns: key, path, patient_id, study_id, view (upper-case, '' blank),
-    sex (M/F/U), age (float), the 14 observations (raw cells: float, text or NaN), ``_file`` + ``_line``
+    sex (M/F/U), age (float), the source's ``labels`` (raw cells: float, text or NaN), ``_file`` + ``_line``
     (where a row came from: ``train.csv`` + 17, or an image path + 0), optionally ``_lsrc`` (where its
     labels came from, appended to label reasons) and ``_official`` (train/val/test; NaN: patient-wise)."""
 
     df: pd.DataFrame
     counts: list[tuple[str, int]]
     skipped: list[dict]
+    labels: tuple[str, ...]
     notes: list[str] = field(default_factory=list)
     official_note: str = ""
 
@@ -148,10 +159,10 @@ def normalise_sex(s: pd.Series) -> np.ndarray:
 
 
 def parse_label_cells(cells: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Raw label cells (N x 14, by name; float or text) -> (float64 values, NaN blank; bad N x 14)."""
+    """Raw label cells (N x L, by name; float or text) -> (float64 values, NaN blank; bad N x L)."""
     values = np.full(cells.shape, np.nan, dtype=np.float64)
     bad = np.zeros(cells.shape, dtype=bool)
-    for j, name in enumerate(OBSERVATIONS):
+    for j, name in enumerate(cells.columns):
         col = cells[name]
         if pd.api.types.is_numeric_dtype(col.dtype):
             num = col.to_numpy(np.float64)
@@ -178,25 +189,39 @@ def cell_text(v) -> str:
 
 
 # --- the source-independent part ---------------------------------------------------------------------
-def finish(raw: RawRows, *, root: Path, source: str, views: str, policy: str, split: str, seed: int) -> SourceTable:
-    df = raw.df.reset_index(drop=True)
-    counts = list(raw.counts)
-    skipped = list(raw.skipped)
+def choose_labels(spec, source) -> tuple[tuple[str, ...], list[str | None]]:
+    """``--labels`` against what the source provides -> (chosen names, the source's column for each or None).
 
-    # 1. labels: unknown values send the row to `skipped` (reason names the first bad cell)
-    values, bad_cells = parse_label_cells(df[list(OBSERVATIONS)])
-    bad = bad_cells.any(axis=1)
-    if bad.any():
-        idx = np.flatnonzero(bad)
-        first = bad_cells[idx].argmax(axis=1)
-        srcs = row_sources(df, idx)
-        lsrcs = df["_lsrc"].to_numpy()[idx] if "_lsrc" in df else [None] * len(idx)
-        for i, j, src, ls in zip(idx, first, srcs, lsrcs):
-            name = OBSERVATIONS[j]
-            reason = f"unknown label value '{cell_text(df.at[i, name])}' in {name}"
-            skipped.append({"source": src, "reason": reason + (f" ({ls})" if isinstance(ls, str) else "")})
+    A chosen name is taken from the source's column of that name or of its counterpart
+    (``labels.SAME_FINDING``: Effusion <-> Pleural Effusion). A name no label set knows is a typo: refused,
+    listing what the source has. A known name the source lacks gets None (masked out everywhere)."""
+    native = source.labels
+    if spec is None:
+        names = native
+    else:
+        names = label_sets.resolve(spec) if isinstance(spec, str) else tuple(spec)
+    cols = [label_sets.counterpart(n, native) for n in names]
+    known = {n for s in label_sets.LABEL_SETS.values() for n in s}
+    unknown = [n for n, c in zip(names, cols) if c is None and n not in known]
+    if unknown:
+        raise UserError(
+            f"--labels: {source.name} has no label {', '.join(map(repr, unknown))}; it has {', '.join(native)}"
+        )
+    return tuple(names), cols
 
-    # 2. duplicate keys (the first occurrence wins)
+
+def _skip_bad_labels(df, bad_cells, names, skipped) -> None:
+    """One ``skipped`` entry per row with an unknown label value (the reason names its first bad cell)."""
+    idx = np.flatnonzero(bad_cells.any(axis=1))
+    first = bad_cells[idx].argmax(axis=1)
+    lsrcs = df["_lsrc"].to_numpy()[idx] if "_lsrc" in df else [None] * len(idx)
+    for i, j, src, ls in zip(idx, first, row_sources(df, idx), lsrcs):
+        reason = f"unknown label value '{cell_text(df.at[i, names[j]])}' in {names[j]}"
+        skipped.append({"source": src, "reason": reason + (f" ({ls})" if isinstance(ls, str) else "")})
+
+
+def _duplicates(df, bad, skipped) -> np.ndarray:
+    """Rows whose key an earlier (valid) row holds, each listed in ``skipped``; the first occurrence wins."""
     live = df["key"].where(~pd.Series(bad))  # bad rows do not claim a key
     dup = (live.duplicated(keep="first") & live.notna()).to_numpy()
     if dup.any():
@@ -206,14 +231,35 @@ def finish(raw: RawRows, *, root: Path, source: str, views: str, policy: str, sp
         for i, src in zip(idx, row_sources(df, idx)):
             k = df.at[i, "key"]
             skipped.append({"source": src, "reason": f"duplicate key {k} (first at {row_sources(df, [first[k]])[0]})"})
-    keep = ~bad & ~dup
+    return dup
+
+
+def finish(
+    raw: RawRows, *, source, root: Path, labels=None, views: str, policy: str, split: str, seed: int
+) -> SourceTable:
+    names, cols = choose_labels(labels, source)
+    df = raw.df.reset_index(drop=True)
+    counts = list(raw.counts)
+    skipped = list(raw.skipped)
+
+    # 1. labels: unknown values send the row to `skipped`
+    values, bad_cells = parse_label_cells(df[list(raw.labels)])
+    bad = bad_cells.any(axis=1)
+    if bad.any():
+        _skip_bad_labels(df, bad_cells, list(raw.labels), skipped)
+
+    # 2. duplicate keys
+    keep = ~bad & ~_duplicates(df, bad, skipped)
     df, values = df.loc[keep].reset_index(drop=True), values[keep]
     counts.append(("valid rows", int(len(df))))
 
     # 3. split: over all valid rows, before the view filter and independent of the uncertainty policy
-    #    (balanced on raw positives), so one seed gives every patient the same split for any --views/--policy
+    #    (balanced on the source's raw positives), so one seed gives every patient the same split for any
+    #    --views/--policy/--labels
     official = df["_official"] if "_official" in df else None
-    split_col, info = assign_splits(df["patient_id"], values == 1.0, method=split, seed=seed, official=official)
+    split_col, info = assign_splits(
+        df["patient_id"], values == 1.0, method=split, seed=seed, official=official, rest=source.official_rest
+    )
     if split == "official" and raw.official_note:
         info["note"] = raw.official_note
 
@@ -223,35 +269,41 @@ def finish(raw: RawRows, *, root: Path, source: str, views: str, policy: str, sp
         counts.append((f"frontal views ({', '.join(FRONTAL_VIEWS)})", int(keep.sum())))
         df, values, split_col = df.loc[keep].reset_index(drop=True), values[keep], split_col[keep]
 
-    # 5. uncertainty policy and the contract's columns
-    labels, mask = apply_policy(values, policy)
+    # 5. uncertainty policy, then the chosen labels (a label the source lacks: masked out everywhere)
+    lab, mask = apply_policy(values, policy)
+    index = {n: j for j, n in enumerate(raw.labels)}
     out = {c: df[c].to_numpy(dtype=object) for c in ("key", "path", "patient_id", "study_id", "view", "sex")}
     out["age"] = pd.to_numeric(df["age"], errors="coerce").to_numpy(np.float64)
-    for j, name in enumerate(OBSERVATIONS):
-        out[name] = labels[:, j]
-    for j, name in enumerate(MASK_COLUMNS):
-        out[name] = mask[:, j]
+    lab_cols, mask_cols = label_columns(names)
+    for name, col, mcol in zip(lab_cols, cols, mask_cols):
+        out[name] = lab[:, index[col]] if col else np.zeros(len(df), np.float32)
+        out[mcol] = mask[:, index[col]] if col else np.zeros(len(df), np.int8)
     out["split"] = np.asarray(SPLIT_NAMES, dtype=object)[split_col]
-    table = pd.DataFrame(out, columns=list(COLUMNS))
+    table = pd.DataFrame(out, columns=table_columns(names))
     for c in ("key", "path", "patient_id", "study_id", "view", "sex", "split"):
         table[c] = table[c].astype(str)
+    missing = tuple(n for n, c in zip(names, cols) if c is None)
+    notes = list(raw.notes)
+    if missing:
+        notes.append(f"{source.name} provides no {', '.join(missing)}: masked out (mask 0) in every sample")
     return SourceTable(
         df=table,
         counts=counts,
         skipped=skipped,
         root=Path(root).resolve(),
-        source=source,
+        source=source.name,
         policy=policy,
         split=split,
         views=views,
+        label_names=names,
         split_info=info,
-        notes=list(raw.notes),
+        notes=notes,
+        labels_missing=missing,
     )
 
 
-def check_choices(source: str, views: str, policy: str, split: str) -> None:
+def check_choices(views: str, policy: str, split: str) -> None:
     for what, value, choices in (
-        ("source", source, SOURCES),
         ("views", views, VIEW_CHOICES),
         ("policy", policy, POLICIES),
         ("split", split, SPLIT_CHOICES),
