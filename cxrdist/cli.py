@@ -40,6 +40,7 @@ def cmd_shard(a) -> int:
         strict=a.strict,
         seed=a.seed,
         min_shards=a.min_shards,
+        labels=a.labels,
     )
     return 0 if manifest is not None else 1
 
@@ -65,7 +66,7 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     from cxrdist.evaluate import evaluate_run
 
-    result = evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint)
+    result = evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint, shards=a.shards, map_labels=a.map_labels)
     print(json.dumps({k: result[k] for k in ("auc_mean", "accuracy_mean", "n")}, indent=1))
     return 0
 
@@ -106,19 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cxrdist {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR JPG/DICOM)")
-    s.add_argument("--layout", choices=("chexpert", "mimic-jpg", "mimic-dicom"), required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--n", type=int, default=1000, help="images")
-    s.add_argument("--size", type=int, default=256, help="image side in pixels (before aspect jitter)")
+    from cxrdist import sources
+    from cxrdist.labels import LABEL_SETS
+    from cxrdist.synth import LAYOUTS
+
+    s = sub.add_parser("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR, NIH)")
+    s.add_argument("--layout", choices=tuple(LAYOUTS), required=True)
+    s.add_argument("--out", type=Path, required=True, metavar="DIR")
+    s.add_argument("--n", type=int, default=1000, metavar="N", help="images")
+    s.add_argument("--size", type=int, default=256, metavar="PX", help="image side in pixels (before aspect jitter)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("shard", help="preprocess a dataset into WebDataset shards with a manifest")
-    s.add_argument("--source", choices=("chexpert", "mimic"), required=True)
-    s.add_argument("--root", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--source", choices=sources.names(), required=True)
+    s.add_argument(
+        "--root",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="; ".join(f"{n}: {sources.get(n).root}" for n in sources.names()),
+    )
+    s.add_argument("--out", type=Path, required=True, metavar="DIR")
+    s.add_argument(
+        "--labels",
+        default=None,
+        metavar="SET|FILE",
+        help=f"the label set the shards carry: {' | '.join(LABEL_SETS)} | a file of names, one per line "
+        "(default: the source's own; a label the source lacks is masked out everywhere)",
+    )
+    s.add_argument("--size", type=int, default=256, metavar="PX")
     s.add_argument("--encoding", choices=("jpg", "png16"), default="jpg")
     s.add_argument("--views", choices=("frontal", "all"), default="frontal")
     s.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY)
@@ -146,12 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
-    s.add_argument("--run", type=Path, required=True)
+    s.add_argument("--run", type=Path, required=True, metavar="DIR")
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--checkpoint", default="best", help="best | last | a path")
+    s.add_argument(
+        "--shards", type=Path, default=None, metavar="DIR", help="another shard folder (default: the run's own)"
+    )
+    s.add_argument(
+        "--map-labels",
+        action="store_true",
+        help="score a model on shards with another label set over the findings both hold "
+        "(e.g. CheXpert's Pleural Effusion on NIH's Effusion)",
+    )
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("predict", help="print the 14 probabilities for DICOM, JPEG or PNG files")
+    s = sub.add_parser("predict", help="print the checkpoint's label probabilities for DICOM, JPEG or PNG files")
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("--json", action="store_true")
     s.add_argument("files", nargs="+", type=Path)

@@ -332,8 +332,14 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def destroy() -> None:
+def destroy(sync: bool = False) -> None:
+    """Tear the process groups down. ``sync``: meet the other ranks in a barrier first, for callers that know
+    every rank gets here (a finished run, not a failed one, where a barrier would wait for a dead peer until
+    the timeout). Without it, 2-rank gloo exits on torch 2.14 abort now and then ("terminate called without
+    an active exception"; a plain DDP script: 2 of 74 exits without the barrier, 0 of 90 with it)."""
     import torch
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if sync and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()

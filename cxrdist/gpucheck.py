@@ -37,6 +37,7 @@ from torch import nn
 
 from cxrdist import dist
 from cxrdist.config import TrainConfig
+from cxrdist.labels import NUM_CLASSES  # the poster's head: random targets for the checks
 
 GOAL_IPS = 1600  # densenetblur121d, 224 px, bf16 + channels_last, one H100/H200 (timm: 789 on an RTX 3090)
 MODEL = "densenetblur121d"
@@ -118,7 +119,7 @@ def tiny_step(backend, ctx: Ctx, size: int | None = None):
     s = size or ctx.size
     fmt = torch.channels_last if backend.cfg.run.channels_last else torch.contiguous_format
     x = torch.randn(ctx.batch, 1, s, s, device=ctx.device).contiguous(memory_format=fmt)
-    y = (torch.rand(ctx.batch, 14, device=ctx.device) < 0.3).float()
+    y = (torch.rand(ctx.batch, NUM_CLASSES, device=ctx.device) < 0.3).float()
     return backend.train_step(lambda m: nn.functional.binary_cross_entropy_with_logits(m(x).float(), y))
 
 
@@ -614,7 +615,7 @@ def run(dry: bool, out_dir: Path, only: list[str] | None = None) -> dict:
             report["checks"].append(
                 {"name": name, "status": status, "summary": summary, "seconds": round(secs, 1), "details": details}
             )
-        dist.destroy()
+        dist.destroy(sync=True)
     report["seconds"] = round(time.perf_counter() - t_all, 1)
     report["passed"] = all(c["status"] != "FAIL" for c in report["checks"])
     (out_dir / "gpucheck.json").write_text(json.dumps(report, indent=1, default=str) + "\n")

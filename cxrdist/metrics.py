@@ -12,8 +12,6 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from cxrdist.labels import OBSERVATIONS
-
 AGE_BANDS = ((0, 40, "0-40"), (40, 60, "40-60"), (60, 80, "60-80"), (80, 200, "80+"))
 
 
@@ -22,10 +20,11 @@ def _mean(values) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def label_metrics(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict:
-    """probs/labels/mask: N x 14. Returns auc/accuracy per label, their means, and n."""
+def label_metrics(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray, names) -> dict:
+    """probs/labels/mask: N x L, columns named by ``names``. Returns auc/accuracy per label, their means,
+    and n. A label masked out everywhere (one its source lacks) has both undefined."""
     auc, acc = {}, {}
-    for j, name in enumerate(OBSERVATIONS):
+    for j, name in enumerate(names):
         keep = mask[:, j] > 0
         y, p = labels[keep, j], probs[keep, j]
         acc[name] = float(((p >= 0.5) == (y >= 0.5)).mean()) if len(y) else None
@@ -40,7 +39,7 @@ def label_metrics(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> di
     }
 
 
-def subgroup_metrics(probs, labels, mask, sex, age) -> dict:
+def subgroup_metrics(probs, labels, mask, sex, age, names) -> dict:
     """Mean AUC per sex and age band (CheXclusion reports these gaps)."""
     groups = {"sex:M": sex == 1.0, "sex:F": sex == 0.0}
     for lo, hi, name in AGE_BANDS:
@@ -50,18 +49,19 @@ def subgroup_metrics(probs, labels, mask, sex, age) -> dict:
         sel = np.asarray(sel, dtype=bool)
         if sel.sum() == 0:
             continue
-        m = label_metrics(probs[sel], labels[sel], mask[sel])
+        m = label_metrics(probs[sel], labels[sel], mask[sel], names)
         out[name] = {"n": int(sel.sum()), "auc_mean": m["auc_mean"], "accuracy_mean": m["accuracy_mean"]}
     return out
 
 
-def evaluate_arrays(keys: list[str], probs, labels, mask, sex, age) -> dict:
+def evaluate_arrays(keys: list[str], names, probs, labels, mask, sex, age) -> dict:
     """The full evaluation record; checks that every key is there exactly once."""
     if len(set(keys)) != len(keys):
         dup = len(keys) - len(set(keys))
         raise RuntimeError(f"evaluation saw {dup} samples more than once; the eval loader must be exact-once")
-    result = label_metrics(probs, labels, mask)
-    result["subgroups"] = subgroup_metrics(probs, labels, mask, sex, age)
+    result = label_metrics(probs, labels, mask, names)
+    result["labels"] = list(names)
+    result["subgroups"] = subgroup_metrics(probs, labels, mask, sex, age, names)
     return result
 
 

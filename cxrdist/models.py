@@ -1,4 +1,4 @@
-"""The poster's DenseNet-121 variants (Table 2), from timm, for the 14 CheXpert observations.
+"""The poster's DenseNet-121 variants (Table 2), from timm, with a head for the shard folder's label set.
 
 - ``densenet121``: one 7x7 stem convolution, max-pool downsampling.
 - ``densenet121d``: timm's DenseNet-121 with ``stem_type='deep'`` (three 3x3 convolutions).
@@ -19,7 +19,7 @@ from timm.layers import BlurPool2d
 from torch import nn
 
 from cxrdist.errors import UserError
-from cxrdist.labels import NUM_CLASSES
+from cxrdist.labels import NUM_CLASSES, checkpoint_labels
 
 VARIANTS: dict[str, dict] = {
     "densenet121": dict(stem_type=""),
@@ -110,3 +110,18 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int = 1) -> No
 
 def count_blur_filters(model: nn.Module) -> int:
     return sum(isinstance(m, BlurPool2d) for m in model.modules())
+
+
+def model_from_client(client: dict) -> nn.Module:
+    """The (untrained) model a checkpoint's client state describes: its config's architecture and a head for
+    the label set it was trained on."""
+    from cxrdist.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(client["config"])
+    return build_model(
+        cfg.model.name,
+        num_classes=len(checkpoint_labels(client)),
+        in_chans=cfg.model.in_chans,
+        fuse_demographics=cfg.model.fuse_demographics,
+        drop_rate=cfg.model.drop_rate,
+    )

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from cxrdist import log
+from cxrdist.runfolder import RunFolder, RunSummary
 
 STRAGGLER_THRESHOLD = 0.10  # a rank >= 10% slower than the median rank
 LOADER_BOUND_THRESHOLD = 0.20  # data wait > 20% of the step time
@@ -48,6 +48,7 @@ COLUMNS = [
     "nodes",
     "device",
     "precision",
+    "labels",
     "batch_per_rank",
     "epochs",
     "epoch_time_s",
@@ -74,49 +75,6 @@ COLUMNS = [
 # --- loading --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, problems: list[str]) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        problems.append(f"{path.name} is unreadable ({e.__class__.__name__}: {e})")
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"{path.name} is not a JSON object")
-        return {}
-    return data
-
-
-def _read_jsonl(path: Path, problems: list[str]) -> list[dict]:
-    records, bad = [], 0
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        problems.append(f"{path.name} is unreadable ({e})")
-        return []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            bad += 1  # a line cut short when the rank was killed
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-        else:
-            bad += 1
-    if bad:
-        problems.append(f"{path.parent.name}/{path.name}: {bad} unreadable line(s) skipped")
-    return records
-
-
-def _rank_of(path: Path) -> int | None:
-    stem = path.stem
-    return int(stem[4:]) if stem.startswith("rank") and stem[4:].isdigit() else None
-
-
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """One run folder -> ``{name, path, summary, config, status, world_size, steps, epochs, ranks, problems}``.
 
@@ -125,34 +83,23 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     same way: ``status`` is the summary's, or ``incomplete`` when there is no summary; ``problems`` lists what
     is missing. Never raises for a missing or partial folder.
     """
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
+    run_dir = folder.path
     problems: list[str] = []
     if not run_dir.is_dir():
         problems.append(f"run folder {run_dir} does not exist")
-    summary = _read_json(run_dir / "summary.json", problems)
-    if run_dir.is_dir() and not (run_dir / "summary.json").exists():
+    summary = folder.read_summary(problems)
+    if run_dir.is_dir() and not folder.summary_path.exists():
         problems.append("no summary.json (the run did not finish)")
-
-    config: dict = {}
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.exists():
-        try:
-            config = yaml.safe_load(cfg_path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            problems.append(f"config.yaml is unreadable ({e.__class__.__name__})")
-    if not config and isinstance(summary.get("config"), dict):
-        config = summary["config"]
+    summary = summary or RunSummary()
+    config = folder.read_config(problems) or summary.config
 
     ranks: dict[int, dict[str, pd.DataFrame]] = {}
-    tdir = run_dir / "telemetry"
-    files = sorted(tdir.glob("rank*.jsonl"), key=lambda p: (_rank_of(p) is None, _rank_of(p) or 0))
+    files = folder.telemetry_files()
     if run_dir.is_dir() and not files:
         problems.append("no telemetry (telemetry/rank*.jsonl missing)")
-    for f in files:
-        rank = _rank_of(f)
-        if rank is None:
-            continue
-        recs = _read_jsonl(f, problems)
+    for rank in files:
+        recs = folder.records(rank, problems)
         steps = pd.DataFrame([r for r in recs if r.get("event") == "step"])
         epochs = pd.DataFrame([r for r in recs if r.get("event") == "epoch"])
         for df in (steps, epochs):
@@ -160,7 +107,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
                 df["rank"] = rank
         ranks[rank] = {"steps": steps, "epochs": epochs}
 
-    world = _int(summary.get("world_size"))
+    world = _int(summary.world_size)
     if world is None:
         dist = config.get("dist") or {}
         world = _int(dist.get("nproc")) if (_int(dist.get("nproc")) or 1) > 1 else None
@@ -175,7 +122,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         frames = [v[kind] for v in ranks.values() if not v[kind].empty]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    status = summary.get("status") or "incomplete"
+    status = summary.status
     return {
         "name": run_dir.name,
         "path": run_dir,
@@ -258,17 +205,16 @@ def run_row(run: dict) -> dict[str, Any]:
     dist, data = cfg.get("dist") or {}, cfg.get("data") or {}
     optim, runc = cfg.get("optim") or {}, cfg.get("run") or {}
     world = run["world_size"]
-    nodes = _int(s.get("nodes"))
+    nodes = _int(s.nodes)
     if nodes is None and not steps.empty and "host" in steps:
         nodes = int(steps["host"].nunique())
     device = str(
-        s.get("device")
-        or (steps["device"].iloc[0] if "device" in steps and not steps.empty else runc.get("device", ""))
+        s.device or (steps["device"].iloc[0] if "device" in steps and not steps.empty else runc.get("device", ""))
     )
-    gpus = _int(s.get("gpus"))
+    gpus = _int(s.gpus)
 
     # avg time per epoch: the summary's epochs, else the slowest rank's epoch record per epoch
-    sum_epochs = [e for e in (s.get("epochs") or []) if isinstance(e, dict)]
+    sum_epochs = s.epochs
     epoch_time = _mean(e.get("time_s") for e in sum_epochs)
     if math.isnan(epoch_time) and not epochs.empty and "epoch_time_s" in epochs:
         epoch_time = _mean(epochs.assign(t=_col(epochs, "epoch_time_s")).groupby("epoch")["t"].max())
@@ -290,18 +236,19 @@ def run_row(run: dict) -> dict[str, Any]:
     data_wait = 100.0 * dt / st if st > 0 else math.nan
 
     last = sum_epochs[-1] if sum_epochs else {}
-    test = s.get("test") or {}
+    test = s.test or {}
     pct = lambda v: 100.0 * _num(v)  # noqa: E731
     return {
         "run": run["name"],
-        "backend": s.get("backend") or dist.get("backend", ""),
-        "format": s.get("format") or data.get("format", ""),
-        "layout": _layout(world, nodes, device, gpus, s.get("backend_info") or {}),
-        "_info": s.get("backend_info") or {},
+        "backend": s.backend or dist.get("backend", ""),
+        "format": s.format or data.get("format", ""),
+        "layout": _layout(world, nodes, device, gpus, s.backend_info),
+        "_info": s.backend_info,
         "world_size": world,
         "nodes": nodes,
         "device": device,
-        "precision": s.get("precision") or runc.get("precision", ""),
+        "precision": s.precision or runc.get("precision", ""),
+        "labels": s.labels or "chexpert",  # summaries before label sets: CheXpert's
         "batch_per_rank": _int(optim.get("batch_size")),
         "epochs": len(sum_epochs) or (int(epochs["epoch"].nunique()) if "epoch" in epochs else 0),
         "epoch_time_s": epoch_time,
@@ -319,8 +266,8 @@ def run_row(run: dict) -> dict[str, Any]:
         "test_auc_pct": pct(test.get("auc_mean")),
         "test_acc_pct": pct(test.get("accuracy_mean")),
         "status": run["status"],
-        "restarts": _int(s.get("restarts")) or 0,
-        "reason": "; ".join(([f"error: {s['error']}"] if s.get("error") else []) + run["problems"]),
+        "restarts": _int(s.restarts) or 0,
+        "reason": "; ".join(([f"error: {s.error}"] if s.error else []) + run["problems"]),
         "path": str(run["path"]),
         "_gpus": gpus,
     }
@@ -330,7 +277,7 @@ def run_flags(run: dict) -> list[str]:
     """Stragglers, loader-bound, and what is missing or failed, each a sentence naming the run."""
     name, flags = run["name"], []
     if run["status"] not in ("completed",):
-        err = run["summary"].get("error")
+        err = run["summary"].error
         flags.append(f"{name}: status {run['status']}" + (f": {err}" if err else ""))
     flags += [f"{name}: {p}" for p in run["problems"]]
     steps = run["steps"]
@@ -420,6 +367,7 @@ DISPLAY = [
     ("Format", "format", "", ""),
     ("Layout", "layout", "", ""),
     ("Precision", "precision", "", ""),
+    ("Labels", "labels", "", ""),
     ("Batch/rank", "batch_per_rank", "d", ""),
     ("Epoch (min)", "epoch_time_min", ".2f", ""),
     ("Epoch (s)", "epoch_time_s", ".1f", ""),
@@ -457,7 +405,7 @@ def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
     lines = [
         "# cxrdist backend comparison",
         "",
-        "Epoch times are averages over the run's epochs; AUC and accuracy are means over the 14 labels in "
+        "Epoch times are averages over the run's epochs; AUC and accuracy are means over each run's labels in "
         "percent (val: last epoch). Speed-up is by epoch time over the single-device run of the same "
         "format; efficiency = speed-up / devices.",
         "",
@@ -586,7 +534,7 @@ def _plot_epoch_time(df: pd.DataFrame, path: Path, colours: dict[str, int]) -> N
 
 def _rank_peaks(run: dict) -> dict[int, float]:
     peaks: dict[int, float] = {}
-    for e in run["summary"].get("epochs") or []:
+    for e in run["summary"].epochs:
         for r, mb in ((e or {}).get("mem_peak_mb") or {}).items():
             if _int(r) is not None and not math.isnan(_num(mb)):
                 peaks[_int(r)] = max(peaks.get(_int(r), 0.0), _num(mb))
@@ -615,9 +563,7 @@ def _plot_memory(runs: list[dict], path: Path) -> None:
                 seen.add(r)
             ticks.append(i)
             s = run["summary"]
-            labels.append(
-                f"{run['name']}\n({s.get('backend') or (run['config'].get('dist') or {}).get('backend', '?')})"
-            )
+            labels.append(f"{run['name']}\n({s.backend or (run['config'].get('dist') or {}).get('backend', '?')})")
         ax.set_xticks(ticks, labels, fontsize="small")
         ax.set_ylabel("peak memory per rank (MB)")
         ax.legend(title="rank", fontsize="small")
@@ -650,6 +596,7 @@ def build_report(
             layout="",
             device="",
             precision="",
+            labels="",
             speedup_ref="",
             status="skipped",
             reason=s.get("reason", ""),
@@ -668,6 +615,11 @@ def build_report(
 
     flags = [f for r in loaded for f in run_flags(r)]
     flags += [f"{r['run']}: skipped: {r['reason']}" for r in rows if r["status"] == "skipped"]
+    sets = sorted({r["labels"] for r in rows if r["status"] != "skipped"})
+    if len(sets) > 1:
+        flags.append(
+            f"the runs were trained on different label sets ({', '.join(sets)}): their AUC means differ in kind"
+        )
 
     plots = ["throughput.png", "epoch_time.png", "memory.png"]
     _plot_throughput(loaded, out / plots[0])

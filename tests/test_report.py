@@ -12,6 +12,7 @@ import yaml
 
 from cxrdist.engine.backends import backend_class
 from cxrdist.report import build_report, load_run
+from cxrdist.runfolder import RunSummary
 
 T0 = 1_700_000_000.0
 
@@ -313,7 +314,7 @@ def test_load_run_marks_incomplete_and_missing(tmp_path):
     )  # killed mid-write
     (run / "telemetry" / "rank1.jsonl").write_text("")
     loaded = load_run(run)
-    assert loaded["status"] == "incomplete" and loaded["summary"] == {}
+    assert loaded["status"] == "incomplete" and loaded["summary"] == RunSummary()
     assert loaded["world_size"] == 3 and len(loaded["steps"]) == 2
     problems = " ".join(loaded["problems"])
     assert "no summary.json" in problems and "1 unreadable line" in problems

@@ -92,6 +92,9 @@ def test_ddp_two_ranks_equal_batches_and_exact_once_eval(tiny_shards, tmp_path):
     assert [r["step"] for r in steps0] == [r["step"] for r in steps1]  # the same number of batches per rank
     manifest = json.loads((tiny_shards["shards"] / "manifest.json").read_text())
     assert summary["test"]["n"] == manifest["splits"]["test"]["samples"]  # each test sample exactly once
+    # identical initial weights, then each rank its own random stream (dropout), all kept for a resume
+    rng = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ indices only; eval yields every sample once across ranks (the last batch of a ra
 from __future__ import annotations
 
 import functools
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cxrdist.data.stream import batch_generator, collate, iterate, read_shard_list
+from cxrdist.data.stream import batch_generator, collate, iterate, read_shard_list, sample_meta
 from cxrdist.errors import UserError
 from cxrdist.shards.tario import iter_shard
 
@@ -47,7 +46,10 @@ def _index(shard_dir: str, split: str, stamp: float) -> tuple[dict, tuple[tuple[
         for name, key, members in iter_shard(shard, wanted=frozenset({"json"})):
             if "json" not in members:
                 raise FileError(f"{name}: sample {key} has no .json")
-            items.append((key, json.loads(members["json"])))
+            try:
+                items.append((key, sample_meta(members["json"], len(manifest["labels"]))))
+            except ValueError as e:
+                raise FileError(f"{name}: sample {key} is unreadable: {e}") from None
     return manifest, tuple(items)
 
 

@@ -43,7 +43,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrdist.errors import UserError
-from cxrdist.labels import NUM_CLASSES
 from cxrdist.shards.manifest import IMAGE_EXTS
 from cxrdist.shards.tario import RawSample, Shard, ShardError, iter_shard
 
@@ -147,8 +146,9 @@ def collate(keys: list[str], images: list[np.ndarray], metas: list[dict]) -> dic
     stack = np.stack(images)[:, None]
     if stack.dtype == np.uint16:
         stack = stack.astype(np.int32)
-    labels = np.asarray([m["labels"] for m in metas], dtype=np.float32).reshape(len(metas), NUM_CLASSES)
-    mask = np.asarray([m["mask"] for m in metas], dtype=np.float32).reshape(len(metas), NUM_CLASSES)
+    # L from the samples themselves: the manifest's label count is checked where samples are read
+    labels = np.asarray([m["labels"] for m in metas], dtype=np.float32).reshape(len(metas), -1)
+    mask = np.asarray([m["mask"] for m in metas], dtype=np.float32).reshape(len(metas), -1)
     age = np.asarray([np.nan if m.get("age") is None else m["age"] for m in metas], dtype=np.float32)
     sex = np.asarray([sex_code(m.get("sex")) for m in metas], dtype=np.float32)
     return {
@@ -161,7 +161,29 @@ def collate(keys: list[str], images: list[np.ndarray], metas: list[dict]) -> dic
     }
 
 
-def decode_batch(raw: list[RawSample]) -> dict[str, Any]:
+def sample_meta(raw: bytes, n_labels: int) -> dict:
+    """A sample's ``.json``, checked against the manifest's label count: ``labels`` and ``mask`` are
+    ``n_labels`` numbers each, labels in [0, 1], mask 0 or 1. Raises ValueError saying what is wrong."""
+    m = json.loads(raw)
+    if not isinstance(m, dict):
+        raise ValueError("its .json is not an object")
+    for k in ("labels", "mask"):
+        v = m.get(k)
+        if not isinstance(v, list) or len(v) != n_labels:
+            have = f"{len(v)} entries" if isinstance(v, list) else "none"
+            raise ValueError(f"{k} has {have}; the manifest names {n_labels} labels")
+    try:
+        labels, mask = np.asarray(m["labels"], np.float64), np.asarray(m["mask"], np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("labels and mask must be numbers") from None
+    if not np.isin(mask, (0.0, 1.0)).all():
+        raise ValueError(f"mask values must be 0 or 1, not {sorted(set(mask.tolist()) - {0.0, 1.0})[:3]}")
+    if not ((labels >= 0.0) & (labels <= 1.0)).all():  # NaN fails this too
+        raise ValueError("label values must lie in [0, 1]")
+    return m
+
+
+def decode_batch(raw: list[RawSample], n_labels: int) -> dict[str, Any]:
     from cxrdist import imaging
 
     keys, images, metas = [], [], []
@@ -169,7 +191,7 @@ def decode_batch(raw: list[RawSample]) -> dict[str, Any]:
         try:
             ext = next(e for e in IMAGE_EXTS if e in members)
             images.append(imaging.decode(members[ext], ext))
-            metas.append(json.loads(members["json"]))
+            metas.append(sample_meta(members["json"], n_labels))
         except StopIteration:
             raise ShardError(f"{shard}: sample {key} has no .jpg or .png image") from None
         except KeyError:
@@ -225,10 +247,12 @@ class ShardStream(IterableDataset):
         start_batch: int,
         shuffle_buffer: int,
         batches_per_rank: int,
+        n_labels: int,
         augment: torch.nn.Module | None = None,
     ):
         super().__init__()
         self.shards = list(shards)
+        self.n_labels = n_labels
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.workers = max(1, workers)  # logical workers per rank (1 for the in-process loader)
         self.train, self.seed = train, seed
@@ -282,14 +306,14 @@ class ShardStream(IterableDataset):
         raw = _shuffled_passes(share, min(self.shuffle_buffer, share.samples), rng)
         raw = itertools.islice(raw, skip * bs, mine * bs)  # resume: drop raw samples, decode nothing
         for j, chunk in enumerate(_chunks(raw, bs), start=skip):
-            yield self._finish(decode_batch(chunk), logical + W * j)
+            yield self._finish(decode_batch(chunk, self.n_labels), logical + W * j)
 
     def _eval(self, logical: int) -> Iterator[dict[str, Any]]:
         share = self.share(logical)
         n = 0
         for j, chunk in enumerate(_chunks(iter_share(share), self.batch_size)):
             n += len(chunk)
-            yield self._finish(decode_batch(chunk), logical + self.workers * j)
+            yield self._finish(decode_batch(chunk, self.n_labels), logical + self.workers * j)
         if n != share.samples:
             raise ShardError(
                 f"a loader worker read {n} samples where the manifest plans {share.samples} from {share.names()}"
@@ -456,6 +480,7 @@ def make_loader(
         start_batch=start_batch,
         shuffle_buffer=shuffle_buffer,
         batches_per_rank=batches_per_rank,
+        n_labels=len(manifest["labels"]),
         augment=augment,
     )
     if train:

@@ -16,6 +16,7 @@ import time
 import torch
 
 from cxrdist import dist, log
+from cxrdist.labels import NUM_CLASSES  # the poster's head: random targets for timing
 
 # frontal images after the poster's preprocessing: what one epoch has to push through
 EPOCH_IMAGES = {"chexpert": 212_498, "mimic": 356_225}
@@ -181,7 +182,7 @@ def _worker(spec: dict) -> None:
     x = torch.randn(spec["batch"], 1, spec["image_size"], spec["image_size"], device=device).contiguous(
         memory_format=fmt
     )
-    y = (torch.rand(spec["batch"], 14, device=device) < 0.3).float()
+    y = (torch.rand(spec["batch"], NUM_CLASSES, device=device) < 0.3).float()
 
     def loss_fn(model):
         return torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
@@ -208,7 +209,7 @@ def _worker(spec: dict) -> None:
         ),
         flush=True,
     )
-    dist.destroy()
+    dist.destroy(sync=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def _bare(spec: dict) -> None:
     x = torch.randn(spec["batch"], 1, spec["image_size"], spec["image_size"], device=device).contiguous(
         memory_format=fmt
     )
-    y = (torch.rand(spec["batch"], 14, device=device) < 0.3).float()
+    y = (torch.rand(spec["batch"], NUM_CLASSES, device=device) < 0.3).float()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])
 
     def step():

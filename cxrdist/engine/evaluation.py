@@ -11,8 +11,8 @@ from cxrdist.models import uses_demographics
 
 
 @torch.no_grad()
-def predict_loader(module, loader, prepare, autocast) -> dict:
-    """Run the (unwrapped) model over this rank's share; returns numpy arrays + keys."""
+def predict_loader(module, loader, prepare, autocast, n_labels: int) -> dict:
+    """Run the (unwrapped) model over this rank's share; returns numpy arrays (N x ``n_labels``) + keys."""
     was_training = module.training
     module.eval()
     fuse = uses_demographics(module)
@@ -28,14 +28,27 @@ def predict_loader(module, loader, prepare, autocast) -> dict:
             out[k].append(batch[k].numpy())
     module.train(was_training)
     for k in ("prob", "labels", "mask"):
-        out[k] = np.concatenate(out[k]) if out[k] else np.zeros((0, 14), np.float32)
+        out[k] = np.concatenate(out[k]) if out[k] else np.zeros((0, n_labels), np.float32)
     for k in ("sex", "age"):
         out[k] = np.concatenate(out[k]) if out[k] else np.zeros((0,), np.float32)
     return out
 
 
-def gather_and_score(part: dict, expected: int | None = None) -> dict:
+def select(part: dict, pairs: list[tuple[int, int]]) -> dict:
+    """Keep (model output column, shard label column) pairs: scoring one label set's model on another's
+    shards over the findings both hold (``labels.overlap``)."""
+    out_cols, lab_cols = [a for a, _ in pairs], [b for _, b in pairs]
+    return {
+        **part,
+        "prob": part["prob"][:, out_cols],
+        "labels": part["labels"][:, lab_cols],
+        "mask": part["mask"][:, lab_cols],
+    }
+
+
+def gather_and_score(part: dict, names, expected: int | None = None) -> dict:
     """All ranks' predictions to rank 0 (ordered by key), scored there, result broadcast to all ranks.
+    ``names``: the label of each column.
 
     ``expected``: the split's sample count from the manifest; a mismatch is an error, never a silently
     partial evaluation.
@@ -48,7 +61,7 @@ def gather_and_score(part: dict, expected: int | None = None) -> dict:
     result = None
     if not distributed or tdist.get_rank() == 0:
         try:
-            result = _score(parts, expected)
+            result = _score(parts, names, expected)
         except RuntimeError as e:  # every rank must learn it, not wait in the broadcast until the timeout
             result = {"error": str(e)}
     if distributed:
@@ -60,7 +73,7 @@ def gather_and_score(part: dict, expected: int | None = None) -> dict:
     return result
 
 
-def _score(parts: list[dict], expected: int | None) -> dict:
+def _score(parts: list[dict], names, expected: int | None) -> dict:
     keys = [k for p in parts for k in p["key"]]
     if expected is not None and len(keys) != expected:
         raise RuntimeError(f"evaluation saw {len(keys)} samples, the manifest lists {expected}")
@@ -68,4 +81,4 @@ def _score(parts: list[dict], expected: int | None) -> dict:
     order = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")
     keys = [keys[i] for i in order]
     cat = {k: v[order] for k, v in cat.items()}
-    return metrics.evaluate_arrays(keys, cat["prob"], cat["labels"], cat["mask"], cat["sex"], cat["age"])
+    return metrics.evaluate_arrays(keys, names, cat["prob"], cat["labels"], cat["mask"], cat["sex"], cat["age"])

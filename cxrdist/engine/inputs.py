@@ -48,6 +48,7 @@ class Loaders:
         self.cfg, self.env, self.device, self.batch_size = cfg, env, device, batch_size
         self.folder = Path(cfg.data.shards)
         self.manifest = load_manifest(self.folder)
+        self.labels: tuple[str, ...] = tuple(self.manifest["labels"])  # the model head's outputs, in order
         where = cfg.data.augment
         if where == "auto":
             where = "device" if device.type == "cuda" else "worker"
@@ -119,5 +120,5 @@ class Loaders:
             "size": self.manifest["size"],
             "encoding": self.manifest["encoding"],
             "image_size": self.cfg.data.image_size,
-            "labels": list(self.manifest["labels"]),
+            "labels": list(self.labels),
         }

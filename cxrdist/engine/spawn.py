@@ -7,17 +7,16 @@ ends the job instead of leaving the rest blocked in a collective.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from cxrdist import dist
 from cxrdist.config import TrainConfig, config_to_argv
+from cxrdist.runfolder import RunFolder
 
 SPAWNED = "CXRDIST_SPAWNED"  # set in the ranks this launcher starts: they train instead of spawning again
 
@@ -79,8 +78,8 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
         for s, handler in previous.items():
             signal.signal(s, handler)
     codes = [p.returncode for p in procs]
-    summary_path = Path(cfg.run.out) / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    found = RunFolder(cfg.run.out).read_summary()
+    summary = found.to_dict() if found else {}
     if any(codes):
         if failed_at is None:  # every rank ended between two polls
             print(f"cxrdist train: rank(s) exited with code(s) {codes}", file=sys.stderr)

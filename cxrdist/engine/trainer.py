@@ -13,7 +13,6 @@ consistent checkpoint, and then global rank 0 hands the signal to the handler th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -26,13 +25,14 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 
 from cxrdist import cpus, dist, log
-from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.engine.backends import Backend, get_backend, validate_config
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
 from cxrdist.errors import UserError
+from cxrdist.labels import check_same, checkpoint_labels, set_name
 from cxrdist.models import build_model, uses_demographics
+from cxrdist.runfolder import RunFolder, RunSummary, TrainState
 from cxrdist.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -67,14 +67,14 @@ def launch(cfg: TrainConfig) -> dict:
                 "use one or the other (drop --nproc, or start a single task)"
             )
         # a single process, also a one-task srun step (`srun --pty bash`): start the ranks here
-        preflight(cfg, replace(env, world_size=cfg.dist.nproc, local_world_size=cfg.dist.nproc), same_view=True)
+        check_run(cfg, replace(env, world_size=cfg.dist.nproc, local_world_size=cfg.dist.nproc), same_view=True)
         return spawn_local(cfg)
     if env.rank == 0:
-        preflight(cfg, env)
+        check_run(cfg, env)
     return train(cfg)
 
 
-def preflight(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> None:
+def check_run(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> None:
     """Options, hardware and data checks that must fail before a rank is started."""
     cfg.validate()
     validate_config(cfg)
@@ -83,8 +83,7 @@ def preflight(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> N
     from cxrdist.engine.inputs import check_inputs
 
     check_inputs(cfg)
-    ckpts = Path(cfg.run.out) / "checkpoints"
-    if not cfg.run.resume and ckpts.is_dir() and any(ckpts.iterdir()):
+    if not cfg.run.resume and RunFolder(cfg.run.out).has_checkpoints():
         raise ConfigError(
             f"{cfg.run.out} already holds checkpoints: pass --resume to continue it, or choose another --out"
         )
@@ -106,11 +105,14 @@ def train(cfg: TrainConfig) -> dict:
     backend = get_backend(cfg, env, device)
     backend.init_distributed()
     trainer = Trainer(cfg, env, device, backend)
+    finished = False
     try:
-        return trainer.fit()
+        summary = trainer.fit()
+        finished = True  # every rank: fit() ends on all of them together (completed or an agreed stop)
+        return summary
     finally:
         trainer.close()
-        dist.destroy()
+        dist.destroy(sync=finished)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class Trainer:
 
         self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
         self.run_dir = Path(cfg.run.out)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = RunFolder(self.run_dir).checkpoints
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
@@ -158,27 +160,17 @@ class Trainer:
             pretrained=cfg.model.pretrained or None,
             fuse_demographics=cfg.model.fuse_demographics,
             drop_rate=cfg.model.drop_rate,
+            num_classes=len(self.loaders.labels),
         )
+        # identical initial weights above; from here each rank draws its own dropout masks
+        torch.manual_seed(cfg.run.seed + 1 + env.rank)
         backend.setup(model, self.total_steps)
         self.fuse = uses_demographics(backend.module)
         self.memory_format = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
         self.ctrl_group = (
             dist.control_group(cfg.dist.timeout_s, separate=device.type == "cuda") if env.distributed else None
         )
-        self.state = {
-            "epoch": 0,
-            "step_in_epoch": 0,
-            "global_step": 0,
-            "history": [],
-            "restarts": 0,
-            "best_auc": None,
-            "hosts": None,
-            "epoch_loss_sum": 0.0,
-            "epoch_steps": 0,
-            "epoch_carried": [0.0, 0],
-            "saves": 0,
-            "geometry": self.geometry(),
-        }
+        self.state = TrainState(geometry=self.geometry())
         self.telemetry = Telemetry(
             self.run_dir,
             rank=env.rank,
@@ -211,22 +203,27 @@ class Trainer:
         loaded = self.backend.load(self.ckpt_dir, "last")
         if loaded is None:
             return  # a first attempt launched with --resume (a requeue-able job): start fresh
-        if loaded.get("geometry", self.state["geometry"]) != self.state["geometry"]:
+        check_same(
+            self.loaders.labels,
+            checkpoint_labels(loaded),
+            what=f"--resume: {self.ckpt_dir}",
+            against=f"{self.cfg.data.shards}/manifest.json",
+        )
+        if loaded.get("geometry", self.state.geometry) != self.state.geometry:
             raise ConfigError(
                 f"--resume: {self.ckpt_dir} was written with {loaded['geometry']}, this run has "
-                f"{self.state['geometry']}; resume with the same ranks and batch size"
+                f"{self.state.geometry}; resume with the same ranks and batch size"
             )
-        for k in self.state:
-            if k != "hosts":  # a requeued job may land on other nodes
-                self.state[k] = loaded.get(k, self.state[k])
-        self.state["restarts"] += 1
-        ckpt.set_rng_state(loaded.get("rng", {}))
+        self.state.restore(loaded)  # all but the hosts: a requeued job may land on other nodes
+        self.state.restarts += 1
+        rng = loaded.get("rng", {})
+        ckpt.set_rng_state(rng[self.env.rank] if isinstance(rng, list) else rng)  # per rank (older: one)
         self.telemetry.write(
             {
                 "event": "resume",
-                "epoch": self.state["epoch"],
-                "step_in_epoch": self.state["step_in_epoch"],
-                "restarts": self.state["restarts"],
+                "epoch": self.state.epoch,
+                "step_in_epoch": self.state.step_in_epoch,
+                "restarts": self.state.restarts,
             }
         )
 
@@ -239,20 +236,34 @@ class Trainer:
         }
 
     def checkpoint(self, tag: str = "last") -> None:
-        self.state["saves"] += 1
-        if self.state["step_in_epoch"]:  # mid-epoch: what a resumed epoch must add to its time and images
-            self.state["epoch_carried"] = list(self.telemetry.epoch_progress())
+        self.state.saves += 1
+        if self.state.step_in_epoch:  # mid-epoch: what a resumed epoch must add to its time and images
+            self.state.epoch_carried = list(self.telemetry.epoch_progress())
         self.backend.sync_buffers()
         if not self.backend.weights_finite():  # never overwrite the last good checkpoint with a diverged model
             raise NonFiniteLoss(
-                f"the weights became non-finite by step {self.state['global_step']}; stopped. "
+                f"the weights became non-finite by step {self.state.global_step}; stopped. "
                 f"The last good checkpoint is kept in {self.ckpt_dir}"
             )
         self.backend.save(
             self.ckpt_dir,
             tag,
-            {**self.state, "rng": ckpt.rng_state(), "config": self.cfg.to_dict(), "data": self.loaders.meta()},
+            {
+                **self.state.to_dict(),
+                "rng": self.rng_states(),
+                "config": self.cfg.to_dict(),
+                "data": self.loaders.meta(),
+            },
         )
+
+    def rng_states(self) -> list[dict]:
+        """Every rank's generator states (they differ: per-rank dropout), so a resume continues each one."""
+        mine = ckpt.rng_state()
+        if not self.env.distributed:
+            return [mine]
+        out = [None] * self.env.world_size
+        tdist.all_gather_object(out, mine, group=self.ctrl_group)
+        return out
 
     # -- one step ----------------------------------------------------------------------------------
     def prepare(self, batch, train: bool, step: int = 0):
@@ -282,7 +293,7 @@ class Trainer:
 
     # -- epochs ------------------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> str:
-        start = self.state["step_in_epoch"]
+        start = self.state.step_in_epoch
         loader = self.loaders.train(epoch, start_batch=start)
         self.backend.reset_peak_memory()
         self.telemetry.start_epoch(
@@ -290,7 +301,7 @@ class Trainer:
             self.cfg.optim.epochs,
             self.steps_per_epoch,
             done=start,
-            carried=tuple(self.state["epoch_carried"]) if start else (0.0, 0),
+            carried=tuple(self.state.epoch_carried) if start else (0.0, 0),
         )
         loss_sum = torch.zeros((), device=self.device)
         window = torch.zeros((), device=self.device)
@@ -300,17 +311,17 @@ class Trainer:
         for i in range(start, self.steps_per_epoch):
             batch = next(it)
             t_data = time.perf_counter()
-            x = self.prepare(batch, train=True, step=self.state["global_step"])
+            x = self.prepare(batch, train=True, step=self.state.global_step)
             loss = self.backend.train_step(self.loss_fn(x, batch))
             loss_sum += loss
             window += loss
             window_n += 1
             steps += 1
-            self.state["global_step"] += 1
-            self.state["step_in_epoch"] = i + 1
+            self.state.global_step += 1
+            self.state.step_in_epoch = i + 1
             now = time.perf_counter()
             last = i + 1 == self.steps_per_epoch or bool(
-                self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps
+                self.cfg.run.max_steps and self.state.global_step >= self.cfg.run.max_steps
             )
             record = self.telemetry.step(
                 epoch=epoch,
@@ -334,35 +345,35 @@ class Trainer:
                         f"The last good checkpoint is kept in {self.ckpt_dir}"
                     )
                 if stop:
-                    self.state["epoch_loss_sum"] += loss_sum.item()
-                    self.state["epoch_steps"] += steps
+                    self.state.epoch_loss_sum += loss_sum.item()
+                    self.state.epoch_steps += steps
                     return "preempted"
-            if self.cfg.run.checkpoint_every and self.state["global_step"] % self.cfg.run.checkpoint_every == 0:
+            if self.cfg.run.checkpoint_every and self.state.global_step % self.cfg.run.checkpoint_every == 0:
                 self.checkpoint("last")
-            if self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps:
+            if self.cfg.run.max_steps and self.state.global_step >= self.cfg.run.max_steps:
                 break
-        self.state["epoch_loss_sum"] += loss_sum.item()
-        self.state["epoch_steps"] += steps
+        self.state.epoch_loss_sum += loss_sum.item()
+        self.state.epoch_steps += steps
         return "done"
 
     def evaluate(self, split: str) -> dict:
         self.backend.sync_buffers()
         loader = self.loaders.eval(split)
-        part = predict_loader(
-            self.backend.eval_model(), loader, lambda b: self.prepare(b, train=False), self.backend.autocast
-        )
-        return gather_and_score(part, expected=self.loaders.samples(split))
+        labels = self.loaders.labels
+        prepare = lambda b: self.prepare(b, train=False)
+        part = predict_loader(self.backend.eval_model(), loader, prepare, self.backend.autocast, len(labels))
+        return gather_and_score(part, labels, expected=self.loaders.samples(split))
 
     def end_epoch(self, epoch: int) -> None:
-        train_loss = self.state["epoch_loss_sum"] / max(1, self.state["epoch_steps"])
-        self.state["epoch_loss_sum"], self.state["epoch_steps"] = 0.0, 0
+        train_loss = self.state.epoch_loss_sum / max(1, self.state.epoch_steps)
+        self.state.epoch_loss_sum, self.state.epoch_steps = 0.0, 0
         record = self.telemetry.end_epoch(epoch, {"train_loss": train_loss})
         val = self.evaluate("val")
         records = [record]
         if self.env.distributed:
             records = [None] * self.env.world_size
             tdist.all_gather_object(records, record, group=self.ctrl_group)
-        self.state["history"].append(
+        self.state.history.append(
             {
                 "epoch": epoch + 1,
                 "time_s": max(r["epoch_time_s"] for r in records),
@@ -378,20 +389,20 @@ class Trainer:
                 },
             }
         )
-        self.state["epoch"], self.state["step_in_epoch"] = epoch + 1, 0
+        self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
         self.checkpoint("last")
         auc = val["auc_mean"]
-        if auc is not None and (self.state["best_auc"] is None or auc > self.state["best_auc"]):
-            self.state["best_auc"] = auc
+        if auc is not None and (self.state.best_auc is None or auc > self.state.best_auc):
+            self.state.best_auc = auc
             self.checkpoint("best")
         self.write_summary("running")
 
     def fit(self) -> dict:
-        self.state["hosts"] = self.gather_hosts()
+        self.state.hosts = self.gather_hosts()
         self.resume()
         status, test = "completed", None
         try:
-            for epoch in range(self.state["epoch"], self.cfg.optim.epochs):
+            for epoch in range(self.state.epoch, self.cfg.optim.epochs):
                 if self.run_epoch(epoch) == "preempted":
                     status = "preempted"
                     break
@@ -399,7 +410,7 @@ class Trainer:
                 if self.agree(float(self.stop.raised))[0]:  # the signal came during evaluation/saving
                     status = "preempted"
                     break
-                if self.cfg.run.max_steps and self.state["global_step"] >= self.cfg.run.max_steps:
+                if self.cfg.run.max_steps and self.state.global_step >= self.cfg.run.max_steps:
                     break
             if status == "completed" and self.cfg.run.eval_test:
                 test = self.evaluate("test")
@@ -409,7 +420,7 @@ class Trainer:
         if status == "preempted":
             self.checkpoint("last")
             self.telemetry.write(
-                {"event": "preempted", "epoch": self.state["epoch"], "step_in_epoch": self.state["step_in_epoch"]}
+                {"event": "preempted", "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch}
             )
         summary = self.write_summary(status, test=test)
         if status == "preempted" and self.env.is_main:
@@ -426,32 +437,33 @@ class Trainer:
         return hosts
 
     def write_summary(self, status: str, test: dict | None = None, error: str | None = None) -> dict:
-        summary = {
-            "backend": self.cfg.dist.backend,
-            "backend_info": type(self.backend).info(),
-            "world_size": self.env.world_size,
-            "nodes": self.env.num_nodes,
-            "hosts": self.state["hosts"],
-            "device": self.device.type,
-            "gpus": self.env.world_size * self.backend.devices_per_process() if self.device.type == "cuda" else 0,
-            "device_name": dist.device_name(self.device),
-            "format": self.cfg.data.format,
-            "precision": self.cfg.run.precision,
-            "tf32": dist.tf32_convolutions(self.device),
-            "channels_last": self.backend.channels_last,
-            "config": self.cfg.to_dict(),
-            "restarts": self.state["restarts"],
-            "status": status,
-            "global_step": self.state["global_step"],
-            "steps_per_epoch": self.steps_per_epoch,
-            "epochs": self.state["history"],
-            "test": test,
-            "best_val_auc_mean": self.state["best_auc"],
-            **({"error": error} if error else {}),
-        }
+        summary = RunSummary(
+            status=status,
+            backend=self.cfg.dist.backend,
+            backend_info=type(self.backend).info(),
+            world_size=self.env.world_size,
+            nodes=self.env.num_nodes,
+            hosts=self.state.hosts,
+            device=self.device.type,
+            gpus=self.env.world_size * self.backend.devices_per_process() if self.device.type == "cuda" else 0,
+            device_name=dist.device_name(self.device),
+            format=self.cfg.data.format,
+            precision=self.cfg.run.precision,
+            labels=set_name(self.loaders.labels),
+            tf32=dist.tf32_convolutions(self.device),
+            channels_last=self.backend.channels_last,
+            config=self.cfg.to_dict(),
+            restarts=self.state.restarts,
+            global_step=self.state.global_step,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=self.state.history,
+            test=test,
+            best_val_auc_mean=self.state.best_auc,
+            error=error,
+        )
         if self.env.is_main:
-            atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=1).encode())
-        return summary
+            RunFolder(self.run_dir).write_summary(summary)
+        return summary.to_dict()
 
     def close(self) -> None:
         self.stop.restore()

@@ -55,4 +55,4 @@ for _ in range(steps):
     losses.append(loss.item())
 if env.rank == 0:
     print("LOSSES " + json.dumps(losses), flush=True)
-dist.destroy()
+dist.destroy(sync=True)

@@ -167,16 +167,9 @@ class FSDPBackend(Backend):
         if folder is None or not (folder / CLIENT).is_file():
             return None
         client = ckpt.load(folder / CLIENT)
-        from cxrdist.config import TrainConfig
-        from cxrdist.models import build_model
+        from cxrdist.models import model_from_client
 
-        cfg = TrainConfig.from_dict(client["config"])
-        model = build_model(
-            cfg.model.name,
-            in_chans=cfg.model.in_chans,
-            fuse_demographics=cfg.model.fuse_demographics,
-            drop_rate=cfg.model.drop_rate,
-        )
+        model = model_from_client(client)
         sd = {"model": model.state_dict()}
         dcp.load(sd, checkpoint_id=str(folder), no_dist=True)
         return sd["model"], client
