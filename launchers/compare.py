@@ -44,16 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="launchers/compare.py",
-        parents=[launch_parser(add_help=False)],
+        parents=[launch_parser(add_help=False, backend_flag=False)],  # one backend per run: --backends
         allow_abbrev=False,
         description="Run one training per backend x input format with identical settings, then compare "
         "accuracy, AUC and time per epoch (cxrdist report).",
         epilog="Everything after `--` is a `cxrdist train` option shared by every run (not --backend/--format: "
         "use --backends/--formats). --out after `--` names the sweep folder.",
     )
-    for action in p._actions:  # one backend per run comes from --backends
-        if action.dest == "backend":
-            action.help = argparse.SUPPRESS
     from cxrdist.config import FORMATS
     from cxrdist.engine.backends import names
 
@@ -106,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     i = argv.index("--") if "--" in argv else len(argv)
     launcher_argv, train_argv = argv[:i], argv[i + 1 :]
+    if "--backend" in launcher_argv:  # not a flag of this parser: say what to use instead of argparse's "unrecognized"
+        print("compare: error: compare.py takes --backends (a comma list), not --backend", file=sys.stderr)
+        return 2
     args = get_args_parser().parse_args(launcher_argv)
     try:
-        if "--backend" in launcher_argv:
-            raise UserError("compare.py takes --backends (a comma list), not --backend")
         for flag in ("--backend", "--format", "--nproc"):
             if flag in train_argv:
                 raise UserError(

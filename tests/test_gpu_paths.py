@@ -399,5 +399,5 @@ def test_defaults_fit_a_two_cpu_node_partition(slurm_cluster, tmp_path):
         args = launch.get_args_parser().parse_args(
             ["--nodes", "2", "--gpus", "0", "--tasks-per-node", str(tasks), "--backend", "ddp", "--cluster", "slurm"]
         )
-        p = launch.plan(args, cfg)
+        p = launch.plan.plan(args, cfg)
         assert (p.cpus_per_task, p.nodes, p.tasks_per_node) == (want, 2, tasks), p

@@ -75,7 +75,8 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
-def run_to_end(sub, timeout: float = 150) -> tuple[int, str]:
+# hang guards, not speed checks: a loaded 2-core machine runs the 2-node job at 1-3 img/s per rank
+def run_to_end(sub, timeout: float = 300) -> tuple[int, str]:
     out = io.StringIO()
     rc = launch.wait(sub, stream=True, out=out, poll_s=0.5, timeout_s=timeout)
     return rc, out.getvalue()
@@ -212,7 +213,7 @@ def ddp_reference(slurm_cluster, tiny_shards, tmp_path_factory):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(420)
 def test_ddp_across_two_nodes(ddp_reference):
     sub, rc, log = ddp_reference["sub"], ddp_reference["rc"], ddp_reference["log"]
     assert rc == 0, log

@@ -1,0 +1,5 @@
+import sys
+
+from cxrdist.launch.cli import main
+
+sys.exit(main())
