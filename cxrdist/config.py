@@ -104,7 +104,22 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        """A config.yaml, read with ``yaml.safe_load`` (a ``!!python/...`` tag is refused, never built);
+        any problem is one ConfigError naming the file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{path}: not a readable cxrdist config ({first})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a cxrdist config (a YAML mapping of option groups)")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def validate(self) -> None:
         """Checks that need no hardware and no backend (the backends' own: engine.backends.validate_config)."""
