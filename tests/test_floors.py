@@ -33,6 +33,7 @@ FLOORS = {  # module prefix -> floor (the longest matching prefix wins)
     "cxrdist.log": 1,
     "cxrdist.atomic": 1,
     "cxrdist.errors": 1,
+    "cxrdist.contain": 1,
     "cxrdist": 1,
 }
 

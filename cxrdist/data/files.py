@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cxrdist.data.stream import batch_generator, collate, iterate, read_shard_list, sample_meta
+from cxrdist.contain import OUTSIDE, Outside, escapes, within
+from cxrdist.data.stream import batch_generator, collate, iterate, read_shard_list
 from cxrdist.errors import UserError
+from cxrdist.shards.manifest import sample_meta
 from cxrdist.shards.tario import iter_shard
 
 FORMATS = ("jpeg", "dicom")
@@ -75,7 +77,10 @@ class FileDataset(Dataset):
 
         batch_index, i = item
         key, meta = self.items[i]
-        path = self.root / meta["source"]
+        try:
+            path = within(self.root, str(meta.get("source", "")))
+        except Outside:
+            raise FileError(f"sample {key}: its source {meta.get('source')!r} is {OUTSIDE} ({self.root})") from None
         try:
             img = imaging.fit_square(imaging.read_image(path), self.size)
         except FileNotFoundError:
@@ -198,9 +203,10 @@ def make_file_loader(
             f"source root {root} is not a folder: give --source-root (the dataset the shards in "
             f"{manifest_dir} were packed from)"
         )
-    if items and not (root / items[0][1]["source"]).exists():
+    first = str(items[0][1].get("source", "")) if items else ""
+    if first and not escapes(first) and not (root / first).exists():  # an escaping one fails when read
         raise UserError(
-            f"{root / items[0][1]['source']} does not exist: is {root} the dataset the shards in "
+            f"{root / first} does not exist: is {root} the dataset the shards in "
             f"{manifest_dir} were packed from? (give --source-root)"
         )
     from cxrdist.imaging import DICOM_SUFFIXES

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import json
 import random
 import re
 from collections.abc import Iterable, Iterator
@@ -43,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrdist.errors import UserError
-from cxrdist.shards.manifest import IMAGE_EXTS
+from cxrdist.shards.manifest import IMAGE_EXTS, sample_meta
 from cxrdist.shards.tario import RawSample, Shard, ShardError, iter_shard
 
 SEX_CODE = {"M": 1.0, "F": 0.0}  # anything else (U, '', None) -> 0.5
@@ -159,28 +158,6 @@ def collate(keys: list[str], images: list[np.ndarray], metas: list[dict]) -> dic
         "sex": torch.from_numpy(sex),
         "key": list(keys),
     }
-
-
-def sample_meta(raw: bytes, n_labels: int) -> dict:
-    """A sample's ``.json``, checked against the manifest's label count: ``labels`` and ``mask`` are
-    ``n_labels`` numbers each, labels in [0, 1], mask 0 or 1. Raises ValueError saying what is wrong."""
-    m = json.loads(raw)
-    if not isinstance(m, dict):
-        raise ValueError("its .json is not an object")
-    for k in ("labels", "mask"):
-        v = m.get(k)
-        if not isinstance(v, list) or len(v) != n_labels:
-            have = f"{len(v)} entries" if isinstance(v, list) else "none"
-            raise ValueError(f"{k} has {have}; the manifest names {n_labels} labels")
-    try:
-        labels, mask = np.asarray(m["labels"], np.float64), np.asarray(m["mask"], np.float64)
-    except (TypeError, ValueError):
-        raise ValueError("labels and mask must be numbers") from None
-    if not np.isin(mask, (0.0, 1.0)).all():
-        raise ValueError(f"mask values must be 0 or 1, not {sorted(set(mask.tolist()) - {0.0, 1.0})[:3]}")
-    if not ((labels >= 0.0) & (labels <= 1.0)).all():  # NaN fails this too
-        raise ValueError("label values must lie in [0, 1]")
-    return m
 
 
 def decode_batch(raw: list[RawSample], n_labels: int) -> dict[str, Any]:

@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_signal(since_failure_s: float | None, grace_s: float) -> int | None:
+    """What the other ranks get once one rank has failed: nothing during ``grace_s`` (they may be writing
+    their summary), then SIGTERM, and SIGKILL after a second grace period (a stopped or wedged rank ignores
+    SIGTERM: without the kill the launcher would wait forever)."""
+    if since_failure_s is None or since_failure_s <= grace_s:
+        return None
+    return signal.SIGTERM if since_failure_s <= 2 * grace_s else signal.SIGKILL
+
+
 def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
     n = cfg.dist.nproc
     threads = max(1, dist.cpu_count() // n)
@@ -60,10 +69,11 @@ def spawn_local(cfg: TrainConfig, grace_s: float = 10.0) -> dict:
                     f"stopping the other ranks",
                     file=sys.stderr,
                 )
-            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            sig = stop_signal(None if failed_at is None else time.monotonic() - failed_at, grace_s)
+            if sig is not None:
                 for p in procs:
                     if p.poll() is None:
-                        p.terminate()
+                        p.send_signal(sig)
             time.sleep(0.2)
     except KeyboardInterrupt:
         for p in procs:

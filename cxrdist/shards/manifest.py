@@ -8,17 +8,18 @@ patients, prevalence, shards[{name, samples, bytes, sha256}]}``, ``skipped[{sour
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+import numpy as np
+
 from cxrdist.atomic import atomic_write_json
+from cxrdist.contain import shard_name_problem
 from cxrdist.errors import UserError
 
 MANIFEST = "manifest.json"
 DRY_RUN_MANIFEST = "manifest.dry-run.json"
 VERSION = 1
 SPLITS = ("train", "val", "test")
-SHARD_NAME = re.compile(r"^(train|val|test)-(\d{6})\.tar$")
 REQUIRED_FIELDS = (
     "version",
     "source",
@@ -82,6 +83,31 @@ def read_manifest(dir) -> dict:
     return m
 
 
+def shard_list_problems(m: dict) -> list[str]:
+    """What is wrong with the shard lists themselves (no file is opened): a name that is not a plain
+    ``{split}-NNNNNN.tar`` of its split, a shard listed twice or in two splits, split totals that disagree
+    with their shards' counts."""
+    problems, seen = [], {}
+    for split in SPLITS:
+        entry = m["splits"][split]
+        total = 0
+        for s in entry.get("shards", []):
+            name = s.get("name") if isinstance(s, dict) else s
+            why = shard_name_problem(name, split)
+            if why:
+                problems.append(f"{MANIFEST}: split {split}: {why}")
+                continue
+            if name in seen:
+                problems.append(f"{MANIFEST}: {name} is listed twice (in {seen[name]} and {split})")
+            seen[name] = split
+            total += int(s.get("samples") or 0)
+        if total != entry.get("samples"):
+            problems.append(
+                f"{MANIFEST}: split {split} lists shards of {total} samples in all, but says {entry.get('samples')}"
+            )
+    return problems
+
+
 def load_manifest(dir, *, splits=SPLITS) -> dict:
     """Load and check a shard folder: the manifest, every listed shard present, ``splits`` non-empty.
 
@@ -93,6 +119,10 @@ def load_manifest(dir, *, splits=SPLITS) -> dict:
         raise ManifestError(
             f"{d / MANIFEST}: written by `cxrdist shard --dry-run` (no shards): run it without --dry-run"
         )
+    problems = shard_list_problems(m)
+    if problems:
+        more = f" (and {len(problems) - 1} more: run `cxrdist verify {d}`)" if len(problems) > 1 else ""
+        raise ManifestError(f"{d}/{problems[0]}{more}")
     for split in splits:
         if split_samples(m, split) == 0:
             raise ManifestError(
@@ -112,10 +142,38 @@ def load_manifest(dir, *, splits=SPLITS) -> dict:
 def shard_paths(manifest: dict, dir, split: str) -> list[Path]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return [Path(dir) / s["name"] for s in manifest["splits"][split].get("shards", [])]
+    paths = []
+    for s in manifest["splits"][split].get("shards", []):
+        why = shard_name_problem(s["name"], split)  # whoever calls this, nothing outside the folder is opened
+        if why:
+            raise ManifestError(f"{Path(dir) / MANIFEST}: split {split}: {why}")
+        paths.append(Path(dir) / s["name"])
+    return paths
 
 
 def split_samples(manifest: dict, split: str) -> int:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     return int(manifest["splits"][split].get("samples", 0))
+
+
+def sample_meta(raw: bytes, n_labels: int) -> dict:
+    """A sample's ``.json``, checked against the manifest's label count: ``labels`` and ``mask`` are
+    ``n_labels`` numbers each, labels in [0, 1], mask 0 or 1. Raises ValueError saying what is wrong."""
+    m = json.loads(raw)
+    if not isinstance(m, dict):
+        raise ValueError("its .json is not an object")
+    for k in ("labels", "mask"):
+        v = m.get(k)
+        if not isinstance(v, list) or len(v) != n_labels:
+            have = f"{len(v)} entries" if isinstance(v, list) else "none"
+            raise ValueError(f"{k} has {have}; the manifest names {n_labels} labels")
+    try:
+        labels, mask = np.asarray(m["labels"], np.float64), np.asarray(m["mask"], np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("labels and mask must be numbers") from None
+    if not np.isin(mask, (0.0, 1.0)).all():
+        raise ValueError(f"mask values must be 0 or 1, not {sorted(set(mask.tolist()) - {0.0, 1.0})[:3]}")
+    if not ((labels >= 0.0) & (labels <= 1.0)).all():  # NaN fails this too
+        raise ValueError("label values must lie in [0, 1]")
+    return m

@@ -28,9 +28,10 @@ import numpy as np
 
 from cxrdist import log
 from cxrdist.atomic import atomic_write_json, fsync_dir
+from cxrdist.contain import OUTSIDE, SHARD_NAME, Outside, within
 from cxrdist.errors import UserError
 from cxrdist.labels import describe, set_name
-from cxrdist.shards.manifest import DRY_RUN_MANIFEST, MANIFEST, SHARD_NAME, SPLITS, VERSION, shard_name, write_manifest
+from cxrdist.shards.manifest import DRY_RUN_MANIFEST, MANIFEST, SPLITS, VERSION, shard_name, write_manifest
 from cxrdist.shards.verify import file_sha256
 
 PLAN = ".plan.json"
@@ -205,8 +206,10 @@ def pack_shard(task: ShardTask) -> dict:
         writer = TarWriter(hw, encoder=False, mtime=TAR_MTIME)
         for i, (key, rel) in enumerate(zip(task.keys, task.paths)):
             try:
-                img = imaging.read_image(root / rel)
+                img = imaging.read_image(within(root, rel))  # a symlink out of the dataset: Outside
                 ext, data = imaging.encode(imaging.fit_square(img, task.size), task.encoding)
+            except Outside:
+                skipped.append({"key": key, "source": rel, "reason": OUTSIDE})
             except imaging.UnusableImage as e:
                 skipped.append({"key": key, "source": rel, "reason": str(e) or "unusable image"})
             except OSError as e:

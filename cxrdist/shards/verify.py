@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from cxrdist.shards.manifest import IMAGE_EXTS, SHARD_NAME, SPLITS, read_manifest
+from cxrdist.contain import SHARD_NAME, shard_name_problem
+from cxrdist.shards.manifest import IMAGE_EXTS, SPLITS, read_manifest, sample_meta, shard_list_problems
 from cxrdist.shards.tario import ShardError, members, split_name
 
 
@@ -23,11 +24,12 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def count_samples(path: Path) -> tuple[int, list[str]]:
-    """(samples, problems) from the member names of a tar, by the one tar reader's key / extension rule
-    (``tario.split_name``); nothing is read but headers. Raises ShardError when the tar is unreadable."""
+def count_samples(path: Path, n_labels: int | None = None) -> tuple[int, list[str]]:
+    """(samples, problems) from the members of a tar, by the one tar reader's key / extension rule
+    (``tario.split_name``): headers, and with ``n_labels`` each ``.json`` checked as the loader checks it
+    (``manifest.sample_meta``); images are not decoded. Raises ShardError when the tar is unreadable."""
     problems: list[str] = []
-    samples, current, exts = 0, None, set()
+    samples, current, exts, seen = 0, None, set(), set()
 
     def close_sample():
         if current is None:
@@ -37,7 +39,7 @@ def count_samples(path: Path) -> tuple[int, list[str]]:
         if not exts & set(IMAGE_EXTS):
             problems.append(f"sample {current} has no image (.jpg/.png)")
 
-    for fname, _ in members(path, read=lambda fname: False):
+    for fname, data in members(path, read=lambda fname: n_labels is not None and fname.endswith(".json")):
         split = split_name(fname)
         if split is None:
             problems.append(f"member {fname!r} has no key.extension name")
@@ -45,11 +47,39 @@ def count_samples(path: Path) -> tuple[int, list[str]]:
         key, ext = split
         if key != current:
             close_sample()
+            if key in seen:
+                problems.append(f"key {key} appears twice (two samples of one key)")
+            seen.add(key)
             current, exts = key, set()
             samples += 1
         exts.add(ext)
+        if data is not None and ext == "json":
+            try:
+                sample_meta(data, n_labels)
+            except ValueError as e:
+                problems.append(f"sample {key}: {e}")
     close_sample()
     return samples, problems
+
+
+def _shard_problems(path: Path, s: dict, n_labels: int) -> list[str]:
+    name = path.name
+    if not path.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    digest, size = file_sha256(path)
+    if s.get("bytes") is not None and size != s["bytes"]:
+        problems.append(f"{name}: {size} bytes, manifest says {s['bytes']}")
+    if digest != s.get("sha256"):
+        problems.append(f"{name}: sha256 mismatch")
+    try:
+        n, inner = count_samples(path, n_labels)
+    except ShardError as e:
+        return problems + [f"{name}: unreadable tar: {str(e).removeprefix(name + ': ')}"]
+    problems += [f"{name}: {p}" for p in inner]
+    if n != s.get("samples"):
+        problems.append(f"{name}: {n} samples, manifest says {s.get('samples')}")
+    return problems
 
 
 def verify(dir) -> list[str]:
@@ -59,35 +89,15 @@ def verify(dir) -> list[str]:
     problems: list[str] = []
     if m.get("dry_run"):
         problems.append("manifest.json: written by --dry-run, no shards to verify")
+    problems += shard_list_problems(m)
     listed: set[str] = set()
     for split in SPLITS:
-        entry = m["splits"][split]
-        total = 0
-        for s in entry.get("shards", []):
-            name = s["name"]
+        for s in m["splits"][split].get("shards", []):
+            name = s.get("name") if isinstance(s, dict) else s
+            if shard_name_problem(name, split) or name in listed:
+                continue  # said above; a name that points elsewhere is never opened
             listed.add(name)
-            total += int(s.get("samples") or 0)
-            path = d / name
-            if not path.is_file():
-                problems.append(f"{name}: missing")
-                continue
-            digest, size = file_sha256(path)
-            if s.get("bytes") is not None and size != s["bytes"]:
-                problems.append(f"{name}: {size} bytes, manifest says {s['bytes']}")
-            if digest != s.get("sha256"):
-                problems.append(f"{name}: sha256 mismatch")
-            try:
-                n, inner = count_samples(path)
-            except ShardError as e:
-                problems.append(f"{name}: unreadable tar: {str(e).removeprefix(name + ': ')}")
-                continue
-            problems += [f"{name}: {p}" for p in inner]
-            if n != s.get("samples"):
-                problems.append(f"{name}: {n} samples, manifest says {s.get('samples')}")
-        if total != entry.get("samples"):  # the manifest disagrees with itself
-            problems.append(
-                f"manifest.json: split {split} lists shards of {total} samples in all, but says {entry.get('samples')}"
-            )
+            problems += _shard_problems(d / name, s, len(m["labels"]))
     for p in sorted(d.iterdir()):
         if SHARD_NAME.match(p.name) and p.name not in listed:
             problems.append(f"{p.name}: on disk but not in the manifest")

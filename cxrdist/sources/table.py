@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxrdist import labels as label_sets
+from cxrdist.contain import OUTSIDE, escapes
 from cxrdist.errors import UserError
 from cxrdist.labels import POLICIES, apply_policy
 from cxrdist.sources.split import SPLIT_NAMES, assign_splits
@@ -134,7 +135,41 @@ def read_csv_checked(
     blank = df.isna().all(axis=1).to_numpy()
     if blank.any():
         df, lines = df.loc[~blank].reset_index(drop=True), lines[~blank]
+    # pandas fills a row with too few fields with NaN, which reads as "not mentioned": a truncated last line
+    # would lose its positives without a word, so such rows are skipped like rows with too many
+    fields = field_counts(path)
+    width = int(fields[0]) if len(fields) else 0
+    got = fields[np.minimum(lines, len(fields)) - 1] if len(fields) else np.zeros(0, np.int64)
+    short = got < width
+    if short.any():
+        skipped += [
+            {"source": f"{name}:{ln}", "reason": f"unreadable row: {n} fields, the header has {width}"}
+            for ln, n in zip(lines[short], got[short])
+        ]
+        df, lines = df.loc[~short].reset_index(drop=True), lines[~short]
     return df, lines, skipped
+
+
+def field_counts(path: Path) -> np.ndarray:
+    """Fields on each physical line of a CSV (index 0 is the header), counted in C: commas per line with
+    numpy; only a file holding quotes (a quoted comma) goes through the csv module."""
+    import csv
+    import gzip
+    import io
+
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    if b'"' in raw:
+        return np.asarray([len(r) for r in csv.reader(io.StringIO(raw.decode(errors="replace")))], np.int64)
+    buf = np.frombuffer(raw, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    starts = np.concatenate([[0], ends + 1])
+    if len(starts) and starts[-1] >= len(buf):
+        starts = starts[:-1]  # the file ends with a newline
+    if not len(starts):
+        return np.zeros(0, np.int64)
+    return np.add.reduceat(buf == 44, starts, dtype=np.int64) + 1
 
 
 def strings(s) -> np.ndarray:
@@ -248,12 +283,20 @@ def finish(
     if bad.any():
         _skip_bad_labels(df, bad_cells, list(raw.labels), skipped)
 
-    # 2. duplicate keys
+    # 2. paths that leave the root (absolute, or climbing with ..): dropped before any file is opened, one
+    #    reason for all, so the skip list never tells whether a file exists elsewhere
+    outside = ~bad & np.fromiter((escapes(p) for p in df["path"].astype(str)), bool, len(df))
+    if outside.any():
+        idx = np.flatnonzero(outside)
+        skipped += [{"source": src, "reason": OUTSIDE} for src in row_sources(df, idx)]
+        bad = bad | outside
+
+    # 3. duplicate keys
     keep = ~bad & ~_duplicates(df, bad, skipped)
     df, values = df.loc[keep].reset_index(drop=True), values[keep]
     counts.append(("valid rows", int(len(df))))
 
-    # 3. split: over all valid rows, before the view filter and independent of the uncertainty policy
+    # 4. split: over all valid rows, before the view filter and independent of the uncertainty policy
     #    (balanced on the source's raw positives), so one seed gives every patient the same split for any
     #    --views/--policy/--labels
     official = df["_official"] if "_official" in df else None
@@ -263,13 +306,13 @@ def finish(
     if split == "official" and raw.official_note:
         info["note"] = raw.official_note
 
-    # 4. view filter
+    # 5. view filter
     if views == "frontal":
         keep = df["view"].isin(FRONTAL_VIEWS).to_numpy()
         counts.append((f"frontal views ({', '.join(FRONTAL_VIEWS)})", int(keep.sum())))
         df, values, split_col = df.loc[keep].reset_index(drop=True), values[keep], split_col[keep]
 
-    # 5. uncertainty policy, then the chosen labels (a label the source lacks: masked out everywhere)
+    # 6. uncertainty policy, then the chosen labels (a label the source lacks: masked out everywhere)
     lab, mask = apply_policy(values, policy)
     index = {n: j for j, n in enumerate(raw.labels)}
     out = {c: df[c].to_numpy(dtype=object) for c in ("key", "path", "patient_id", "study_id", "view", "sex")}

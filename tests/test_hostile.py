@@ -1,0 +1,297 @@
+"""Hostile inputs (issue 13, part 1): nothing is read outside where it belongs. Every hostile file is built
+here: CSV paths that climb out of the dataset root or follow a symlink out of it, manifests whose shard names
+point elsewhere, shard samples whose `source` leaves the source root."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cxrdist.contain import OUTSIDE, Outside, escapes, shard_name_problem, within
+from cxrdist.shards.manifest import ManifestError, load_manifest
+from cxrdist.shards.pack import pack
+from cxrdist.shards.verify import verify
+from cxrdist.synth import synthesize
+
+
+def test_escapes_and_within_rules(tmp_path):
+    for bad in ("", "/etc/passwd", "../x.jpg", "a/../../x.jpg", "a\\..\\x.jpg", "a\x00b", ".", "a/.."):
+        assert escapes(bad), bad
+    for ok in ("train/p1/s1/v1.jpg", "a/./b.jpg", "a/b/../c.jpg", "images_001/images/00000001_000.png"):
+        assert not escapes(ok), ok
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    (root / "a" / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (root / "a" / "in.jpg").write_bytes(b"x")
+    (root / "a" / "inner.jpg").symlink_to(root / "a" / "in.jpg")
+    assert within(root, "a/in.jpg") == (root / "a" / "in.jpg").resolve()
+    assert within(root, "a/inner.jpg") == (root / "a" / "in.jpg").resolve()  # a link that stays inside
+    for bad in ("a/link.jpg", "../secret.jpg", str(tmp_path / "secret.jpg")):
+        with pytest.raises(Outside, match=OUTSIDE):
+            within(root, bad)
+
+
+def test_shard_name_rule():
+    assert shard_name_problem("train-000001.tar", "train") is None
+    assert "listed under split 'val'" in shard_name_problem("train-000001.tar", "val")
+    for bad in ("/tmp/train-000001.tar", "../train-000001.tar", "train-1.tar", "x/train-000001.tar", 7):
+        assert "is not a shard name" in shard_name_problem(bad, "train")
+
+
+@pytest.fixture
+def chexpert(tmp_path) -> Path:
+    root = synthesize("chexpert", tmp_path / "src", n=60, size=32)
+    outside = tmp_path / "outside_secret"
+    outside.mkdir()
+    Image.new("L", (32, 32), 255).save(outside / "secret.jpg")
+    return root
+
+
+def test_csv_paths_that_leave_the_root_are_skipped_with_one_reason(chexpert, tmp_path):
+    root = chexpert
+    link = root / "train" / "patient00001" / "study1" / "view9_frontal.jpg"
+    link.symlink_to(tmp_path / "outside_secret" / "secret.jpg")  # a symlink out of the dataset
+    row = "Male,60,Frontal,AP," + "1.0," * 13 + "1.0\n"
+    climb = "CheXpert-v1.0-small/train/patient00001/study1/../../../../outside_secret/secret.jpg"
+    absent = "CheXpert-v1.0-small/train/patient00001/study1/../../../../outside_secret/absent.jpg"
+    with open(root / "train.csv", "a") as f:
+        for path in (climb, absent, "CheXpert-v1.0-small/train/patient00001/study1/view9_frontal.jpg"):
+            f.write(f"{path},{row}")
+    out = tmp_path / "shards"
+    m = pack("chexpert", root, out, size=32, workers=1, min_shards=1, quiet=True)
+    # the same words whether the outside file exists or not: the climbing rows are dropped from the table
+    # (train.csv:<line>) before anything is opened, the symlink when it is opened (its path)
+    outside = [s for s in m["skipped"] if s["reason"] == OUTSIDE]
+    assert len(outside) == 3 and not any("secret" in s["reason"] or "absent" in s["reason"] for s in m["skipped"])
+    assert sorted(s["source"] for s in outside)[-1] == "train/patient00001/study1/view9_frontal.jpg"
+    for tar in out.glob("*.tar"):
+        with tarfile.open(tar) as tf:
+            for member in tf.getmembers():
+                if member.name.endswith(".json"):
+                    src = json.load(tf.extractfile(member))["source"]
+                    assert ".." not in src and "view9" not in src
+
+
+def test_mimic_ids_that_climb_out_are_skipped(tmp_path):
+    import pandas as pd
+
+    root = synthesize("mimic-jpg", tmp_path / "mimic", n=30, size=32)
+    meta = root / "mimic-cxr-2.0.0-metadata.csv.gz"
+    df = pd.read_csv(meta, dtype=str)
+    df.loc[0, "dicom_id"] = "../../../../../etc/passwd"
+    df.to_csv(meta, index=False, compression="gzip")
+    m = pack("mimic", root, tmp_path / "shards", size=32, workers=1, min_shards=1, quiet=True, dry_run=True)
+    assert [s["reason"] for s in m["skipped"]].count(OUTSIDE) == 1
+
+
+@pytest.fixture
+def shards(chexpert, tmp_path) -> Path:
+    out = tmp_path / "shards"
+    pack("chexpert", chexpert, out, size=32, workers=1, min_shards=1, quiet=True)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("/etc/passwd", "is not a shard name"),
+        ("../../elsewhere/train-000000.tar", "is not a shard name"),
+        ("val-000000.tar", "is listed under split 'train'"),
+    ],
+)
+def test_manifest_shard_names_that_point_elsewhere_are_refused(shards, name, message):
+    mpath = shards / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["splits"]["train"]["shards"][0]["name"] = name
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(shards)
+    problems = verify(shards)
+    assert any(message in p for p in problems), problems
+
+
+def rewrite_json(tar: Path, change, only_first: bool = True) -> None:
+    """Rewrite the .json of a shard's first sample (or all) with ``change(meta)``, keeping the tar valid."""
+    with tarfile.open(tar) as tf:
+        items = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    buf, done = io.BytesIO(), False
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for member, data in items:
+            if member.name.endswith(".json") and not (only_first and done):
+                meta = json.loads(data)
+                change(meta)
+                data = json.dumps(meta).encode()
+                member.size, done = len(data), True
+            out.addfile(member, io.BytesIO(data))
+    tar.write_bytes(buf.getvalue())
+
+
+def edit_manifest(shards: Path, change) -> None:
+    """Apply ``change(manifest)``, then re-record every shard's bytes and sha256 (a consistent forgery)."""
+    import hashlib
+
+    mpath = shards / "manifest.json"
+    m = json.loads(mpath.read_text())
+    change(m)
+    for split in m["splits"].values():
+        for s in split["shards"]:
+            path = shards / s["name"]
+            if path.is_file():
+                s["bytes"], s["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    mpath.write_text(json.dumps(m))
+
+
+def test_a_sample_source_outside_the_source_root_is_not_read(shards, chexpert, tmp_path):
+    from cxrdist.data.files import FileError, make_file_loader
+
+    rewrite_json(next(shards.glob("train-*.tar")), lambda m: m.update(source="../outside_secret/secret.jpg"))
+    edit_manifest(shards, lambda m: None)
+    loader = make_file_loader(shards, "train", "jpeg", batch_size=4, workers=0, train=False, source_root=str(chexpert))
+    with pytest.raises(FileError, match=OUTSIDE):
+        for _ in loader:
+            pass
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(labels=[2.0] * len(m["labels"])), "label values must lie in [0, 1]"),
+        (lambda m: m.update(mask=[7] * len(m["mask"])), "mask values must be 0 or 1, not [7.0]"),
+        (lambda m: m.update(labels=[float("nan")] * len(m["labels"])), "label values must lie in [0, 1]"),
+        (lambda m: m.update(labels=m["labels"][:3]), "labels has 3 entries; the manifest names 14 labels"),
+    ],
+)
+def test_bad_label_and_mask_values_are_named_by_verify_and_the_loader(shards, change, message):
+    from cxrdist.data.stream import make_loader
+    from cxrdist.shards.tario import ShardError
+
+    tar = next(shards.glob("val-*.tar"))
+    rewrite_json(tar, change)
+    edit_manifest(shards, lambda m: None)
+    problems = verify(shards)
+    assert any(p.startswith(f"{tar.name}: sample ") and message in p for p in problems), problems
+    with pytest.raises(ShardError, match=rf"{tar.name}: sample \S+ is unreadable: .*{message[:20]}"):
+        for _ in make_loader(shards, "val", batch_size=4, workers=0, train=False):
+            pass
+
+
+def test_shards_listed_twice_or_in_two_splits_and_wrong_totals_are_refused(shards):
+    def twice(m):
+        m["splits"]["train"]["shards"].append(dict(m["splits"]["train"]["shards"][0]))
+
+    edit_manifest(shards, twice)
+    with pytest.raises(ManifestError, match=r"train-000000\.tar is listed twice \(in train and train\)"):
+        load_manifest(shards)
+    assert any("listed twice" in p for p in verify(shards))
+
+    def in_val_too(m):
+        m["splits"]["train"]["shards"].pop()
+        m["splits"]["test"]["shards"].append(dict(m["splits"]["val"]["shards"][0]))
+        m["splits"]["test"]["samples"] += m["splits"]["val"]["shards"][0]["samples"]
+
+    edit_manifest(shards, in_val_too)
+    with pytest.raises(ManifestError, match=r"val-000000\.tar.* is listed under split 'test'"):
+        load_manifest(shards)
+
+    def fix_and_miscount(m):
+        m["splits"]["test"]["shards"].pop()
+        m["splits"]["test"]["samples"] += 1  # the totals no longer add up
+
+    edit_manifest(shards, fix_and_miscount)
+    with pytest.raises(ManifestError, match=r"split test lists shards of \d+ samples in all, but says"):
+        load_manifest(shards)
+
+
+def test_a_key_repeated_inside_a_shard_is_named_by_verify(shards):
+    tar = next(shards.glob("train-*.tar"))
+    with tarfile.open(tar) as tf:
+        items = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for member, data in items + items[:2]:  # the first sample again at the end
+            out.addfile(member, io.BytesIO(data))
+    tar.write_bytes(buf.getvalue())
+    key = items[0][0].name.split(".")[0]
+    edit_manifest(shards, lambda m: None)
+    assert any(f"key {key} appears twice" in p for p in verify(shards))
+
+
+def test_a_config_with_python_tags_is_refused_in_one_line(tmp_path):
+    from cxrdist.config import ConfigError, TrainConfig
+
+    marker = tmp_path / "ran"
+    bad = tmp_path / "config.yaml"
+    bad.write_text(f'run: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError, match=r"config\.yaml: not a readable cxrdist config \(could not determine a "):
+        TrainConfig.load(bad)
+    assert not marker.exists()
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="not a cxrdist config"):
+        TrainConfig.load(bad)
+    bad.write_text("optim: {batch: 8}\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml: config group 'optim' has unknown keys: \['batch'\]"):
+        TrainConfig.load(bad)
+
+
+def test_a_row_with_too_few_fields_is_skipped_not_read_as_negatives(chexpert):
+    from cxrdist.sources import build_table
+
+    lines = (chexpert / "train.csv").read_text().splitlines()
+    cut = ",".join(lines[-1].split(",")[:8])  # a truncated download's last line: 8 of 19 fields
+    (chexpert / "train.csv").write_text("\n".join(lines[:-1] + [cut]) + "\n")
+    t = build_table("chexpert", chexpert, views="all")
+    n = len(lines)
+    assert {"source": f"train.csv:{n}", "reason": "unreadable row: 8 fields, the header has 19"} in t.skipped
+    assert cut.split(",")[0].split("/", 1)[1] not in set(t.df["path"])
+
+
+def test_the_local_launcher_escalates_to_sigkill():
+    import signal
+
+    from cxrdist.engine.spawn import stop_signal
+
+    assert stop_signal(None, 10) is None and stop_signal(5, 10) is None
+    assert stop_signal(10.5, 10) == signal.SIGTERM and stop_signal(20.5, 10) == signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_does_not_hang_the_local_launcher(tiny_shards, tmp_path):
+    """One rank SIGSTOPped: its peer times out in the collective, and the launcher ends the job within the
+    timeout and two grace periods (SIGTERM does not reach a stopped process; SIGKILL does)."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    argv = ["--shards", tiny_shards["shards"], "--out", tmp_path / "stuck", "--backend", "ddp", "--nproc", "2"]
+    argv += ["--epochs", "50", "--timeout", "20", "--model", "densenet121", "--image-size", "32"]
+    argv += ["--batch-size", "8", "--workers", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxrdist.cli", "train", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    telemetry = tmp_path / "stuck" / "telemetry" / "rank1.jsonl"
+    deadline = time.monotonic() + 300
+    while not (telemetry.exists() and '"step"' in telemetry.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    rank1 = [c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1"]
+    assert rank1, "rank 1 should be running"
+    t0 = time.monotonic()
+    rank1[0].suspend()
+    try:
+        _, err = proc.communicate(timeout=150)
+    finally:
+        if rank1[0].is_running():
+            rank1[0].kill()
+    took = time.monotonic() - t0
+    assert proc.returncode != 0 and "exited with code" in err, err[-2000:]
+    assert took < 20 + 2 * 10 + 45, f"the launcher took {took:.0f} s to end the job"
