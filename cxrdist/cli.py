@@ -74,13 +74,17 @@ def cmd_eval(a) -> int:
 def cmd_predict(a) -> int:
     from cxrdist.evaluate import predict_files
 
-    predict_files(a.checkpoint, a.files, as_json=a.json)
-    return 0
+    results = predict_files(a.checkpoint, a.files, as_json=a.json)
+    return 1 if results and all("error" in r for r in results) else 0  # nothing predicted is a failure
 
 
 def cmd_report(a) -> int:
+    from cxrdist.errors import UserError
     from cxrdist.report import build_report
 
+    missing = [str(r) for r in a.runs if not Path(r).exists()]
+    if missing:
+        raise UserError(f"no such run folder: {', '.join(missing)}")
     build_report(a.runs, out=a.out)
     return 0
 
@@ -107,11 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cxrdist {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add(name, **kw):  # each subcommand refuses abbreviations too (`train --batch 8` is not --batch-size)
+        return sub.add_parser(name, allow_abbrev=False, **kw)
+
     from cxrdist import sources
     from cxrdist.labels import LABEL_SETS
     from cxrdist.synth import LAYOUTS
 
-    s = sub.add_parser("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR, NIH)")
+    s = add("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR, NIH)")
     s.add_argument("--layout", choices=tuple(LAYOUTS), required=True)
     s.add_argument("--out", type=Path, required=True, metavar="DIR")
     s.add_argument("--n", type=int, default=1000, metavar="N", help="images")
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("shard", help="preprocess a dataset into WebDataset shards with a manifest")
+    s = add("shard", help="preprocess a dataset into WebDataset shards with a manifest")
     s.add_argument("--source", choices=sources.names(), required=True)
     s.add_argument(
         "--root",
@@ -155,15 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="fail when any input is skipped")
     s.set_defaults(func=cmd_shard)
 
-    s = sub.add_parser("verify", help="re-hash and re-count every shard against the manifest")
+    s = add("verify", help="re-hash and re-count every shard against the manifest")
     s.add_argument("dir", type=Path)
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("train", help="train a model on shards under one of the distributed backends")
+    s = add("train", help="train a model on shards under one of the distributed backends")
     add_train_args(s)
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    s = add("eval", help="evaluate a run's checkpoint on a split")
     s.add_argument("--run", type=Path, required=True, metavar="DIR")
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--checkpoint", default="best", help="best | last | a path")
@@ -178,18 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("predict", help="print the checkpoint's label probabilities for DICOM, JPEG or PNG files")
+    s = add("predict", help="print the checkpoint's label probabilities for DICOM, JPEG or PNG files")
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("--json", action="store_true")
     s.add_argument("files", nargs="+", type=Path)
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("report", help="tables, csv and plots comparing runs (the poster's Tables 3 and 4)")
+    s = add("report", help="tables, csv and plots comparing runs (the poster's Tables 3 and 4)")
     s.add_argument("runs", nargs="+", type=Path)
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("bench", help="measure loader / packing / training-step ratios in one run")
+    s = add("bench", help="measure loader / packing / training-step ratios in one run")
     s.add_argument("what", choices=("loader", "pack", "step", "trainer"))
     s.add_argument("--out", type=Path)
     s.add_argument("--quick", action="store_true", help="fewer iterations (for tests)")

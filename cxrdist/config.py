@@ -20,6 +20,9 @@ MODELS = ("densenet121", "densenet121d", "densenetblur121d")
 FORMATS = ("shards", "jpeg", "dicom")
 
 
+MIN_IMAGE_SIZE = 32
+
+
 @dataclass
 class DataConfig:
     shards: str = ""  # shard folder (manifest.json + {split}-NNNNNN.tar)
@@ -124,6 +127,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Checks that need no hardware and no backend (the backends' own: engine.backends.validate_config)."""
         errors = []
+        if self.data.image_size < MIN_IMAGE_SIZE:
+            errors.append(f"--image-size must be at least {MIN_IMAGE_SIZE} (DenseNet halves it 5 times)")
+        if self.run.out and Path(self.run.out).exists() and not Path(self.run.out).is_dir():
+            errors.append(f"--out {self.run.out} is a file, not a run folder")
         if self.run.precision not in PRECISIONS:
             errors.append(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.model.name not in MODELS:

@@ -64,6 +64,8 @@ def evaluate_run(
     """Score a run's checkpoint on ``split`` of its own shards, or of ``shards`` (another folder, perhaps
     another dataset); writes ``RUN/eval_<split>.json`` (``eval_<split>@<folder>.json`` for other shards)."""
     run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"--run {run}: no such run folder")
     cfg = TrainConfig.load(run / "config.yaml")
     if shards is not None:
         cfg = replace(cfg, data=replace(cfg.data, shards=str(shards)))
@@ -116,6 +118,9 @@ def predict_files(checkpoint: Path, files: list[Path], as_json: bool = False) ->
     augment = Augment(meta["image_size"], train=False, in_chans=cfg.model.in_chans)
     results = []
     for f in files:
+        if Path(f).is_dir():
+            results.append({"file": str(f), "error": "a folder, not an image file"})
+            continue
         try:
             arr = load_for_model(f, meta["size"], meta["encoding"])
         except UnusableImage as e:

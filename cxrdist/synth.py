@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxrdist.errors import UserError
 from cxrdist.labels import NIH, OBSERVATIONS
 
 __all__ = [
@@ -1030,11 +1031,11 @@ def synthesize(layout: str, out, n: int, size: int = 256, seed: int = 0) -> Path
     """Write a synthetic data set of ``n`` images in ``layout`` under ``out``; return the root to pass to
     ``cxrdist shard --root`` (``out/CheXpert-v1.0-small`` for chexpert, ``out`` for MIMIC and NIH)."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        raise UserError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if n < 1:
-        raise ValueError(f"n must be at least 1, not {n}")
+        raise UserError(f"n must be at least 1, not {n}")
     if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, not {size}")
+        raise UserError(f"size must be at least 16 pixels, not {size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return LAYOUTS[layout](out, n, size, seed)

@@ -295,3 +295,58 @@ def test_a_stopped_rank_does_not_hang_the_local_launcher(tiny_shards, tmp_path):
     took = time.monotonic() - t0
     assert proc.returncode != 0 and "exited with code" in err, err[-2000:]
     assert took < 20 + 2 * 10 + 45, f"the launcher took {took:.0f} s to end the job"
+
+
+def cxrdist_cli(*args, cwd=None):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def one_line_error(proc, *words: str) -> None:
+    """Exit 2, one line on stderr, no traceback, naming what is wrong."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
+def test_user_mistakes_are_one_line_exit_2(tmp_path, shards):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    train = ["train", "--shards", shards, "--backend", "single", "--model", "densenet121", "--workers", "0"]
+    one_line_error(
+        cxrdist_cli(*train, "--image-size", "7", "--out", tmp_path / "r"), "--image-size must be at least 32"
+    )
+    one_line_error(cxrdist_cli(*train, "--out", a_file), f"--out {a_file} is a file")
+    abbrev = cxrdist_cli(*train, "--batch", "8", "--out", tmp_path / "r")
+    assert abbrev.returncode == 2 and "unrecognized arguments: --batch 8" in abbrev.stderr
+    one_line_error(cxrdist_cli("eval", "--run", tmp_path / "nope"), "no such run folder")
+    one_line_error(cxrdist_cli("report", tmp_path / "nope", "--out", tmp_path / "rep"), "no such run folder")
+    one_line_error(cxrdist_cli("synth", "--layout", "nih", "--out", tmp_path / "s", "--n", "0"), "n must be at least 1")
+    one_line_error(cxrdist_cli("synth", "--layout", "nih", "--out", tmp_path / "s", "--size", "-5"), "at least 16")
+    cx = tmp_path / "empty" / "CheXpert-v1.0-small"
+    cx.mkdir(parents=True)
+    header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(__import__("cxrdist.labels").labels.CHEXPERT)
+    for name in ("train.csv", "valid.csv"):
+        (cx / name).write_text(header + "\n")
+    one_line_error(
+        cxrdist_cli("shard", "--source", "chexpert", "--root", cx, "--out", tmp_path / "o"), "no usable rows"
+    )
+
+
+def test_predict_fails_when_no_file_could_be_read(tiny_shards, tmp_path):
+    from runs import train
+
+    run = tmp_path / "run"
+    train("--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--max-steps", "1",
+          "--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0")  # fmt: skip
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    proc = cxrdist_cli("predict", "--checkpoint", run, "--json", folder, tmp_path / "missing.png")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [r["error"] for r in json.loads(proc.stdout)]
+    assert errors[0] == "a folder, not an image file" and "missing" not in errors[0]

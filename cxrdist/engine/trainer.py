@@ -242,8 +242,7 @@ class Trainer:
         self.backend.sync_buffers()
         if not self.backend.weights_finite():  # never overwrite the last good checkpoint with a diverged model
             raise NonFiniteLoss(
-                f"the weights became non-finite by step {self.state.global_step}; stopped. "
-                f"The last good checkpoint is kept in {self.ckpt_dir}"
+                f"the weights became non-finite by step {self.state.global_step}; stopped. {self.kept()}"
             )
         self.backend.save(
             self.ckpt_dir,
@@ -255,6 +254,12 @@ class Trainer:
                 "data": self.loaders.meta(),
             },
         )
+
+    def kept(self) -> str:
+        """What a stopped run leaves to resume from, in words (only a checkpoint that is there)."""
+        if RunFolder(self.run_dir).has_checkpoints():
+            return f"The last good checkpoint is kept in {self.ckpt_dir}"
+        return "No checkpoint was written before it (lower --lr, or --checkpoint-every N)"
 
     def rng_states(self) -> list[dict]:
         """Every rank's generator states (they differ: per-rank dropout), so a resume continues each one."""
@@ -341,8 +346,7 @@ class Trainer:
                 window_n = 0
                 if bad:
                     raise NonFiniteLoss(
-                        f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. "
-                        f"The last good checkpoint is kept in {self.ckpt_dir}"
+                        f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. {self.kept()}"
                     )
                 if stop:
                     self.state.epoch_loss_sum += loss_sum.item()

@@ -502,6 +502,7 @@ def pack(
 
     from cxrdist.imaging import ENCODINGS
     from cxrdist.sources import build_table
+    from cxrdist.sources.table import no_rows_message
 
     if encoding not in ENCODINGS:
         raise UserError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
@@ -513,6 +514,8 @@ def pack(
     console = log.console(quiet=quiet)
     t0 = time.perf_counter()
     table = build_table(source, root, views=views, policy=policy, split=split, seed=seed, labels=labels)
+    if table.df.empty:  # e.g. --views frontal on a folder of laterals
+        raise UserError(no_rows_message(root, table.counts, table.skipped))
     plan = plan_shards(table.df, seed=seed, samples_per_shard=samples_per_shard, min_shards=min_shards)
     out = Path(out).expanduser()
     try:

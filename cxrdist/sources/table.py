@@ -295,6 +295,8 @@ def finish(
     keep = ~bad & ~_duplicates(df, bad, skipped)
     df, values = df.loc[keep].reset_index(drop=True), values[keep]
     counts.append(("valid rows", int(len(df))))
+    if df.empty:  # a header-only CSV, or every row skipped: say so now, not at `cxrdist train`
+        raise UserError(no_rows_message(root, counts, skipped))
 
     # 4. split: over all valid rows, before the view filter and independent of the uncertainty policy
     #    (balanced on the source's raw positives), so one seed gives every patient the same split for any
@@ -343,6 +345,11 @@ def finish(
         notes=notes,
         labels_missing=missing,
     )
+
+
+def no_rows_message(root, counts, skipped) -> str:
+    first = f"; first skipped: {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
+    return f"{root}: no usable rows ({' → '.join(f'{step} {n:,}' for step, n in counts)}){first}"
 
 
 def check_choices(views: str, policy: str, split: str) -> None:
