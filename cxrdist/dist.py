@@ -341,5 +341,8 @@ def destroy(sync: bool = False) -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if sync and torch.distributed.get_world_size() > 1:
-            torch.distributed.barrier()
+            try:
+                torch.distributed.barrier()
+            except RuntimeError:  # a peer already gone: nothing left to settle with it
+                pass
         torch.distributed.destroy_process_group()

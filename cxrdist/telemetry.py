@@ -173,9 +173,10 @@ class Telemetry:
     def epoch_progress(self) -> tuple[float, int]:
         return time.perf_counter() - self._epoch_start, self._epoch_images
 
-    def end_epoch(self, epoch: int, extra: dict | None = None) -> dict:
+    def end_epoch(self, epoch: int, extra: dict | None = None, write: bool = True) -> dict:
+        """The epoch record (written now, or by the caller once the epoch has been evaluated)."""
         epoch_time = time.perf_counter() - self._epoch_start
-        return self.write(
+        record = (
             {
                 "event": "epoch",
                 "epoch": epoch,
@@ -186,6 +187,7 @@ class Telemetry:
                 **(extra or {}),
             }
         )
+        return self.write(record) if write else record
 
     def close(self) -> None:
         if self.progress is not None:

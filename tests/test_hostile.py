@@ -350,3 +350,36 @@ def test_predict_fails_when_no_file_could_be_read(tiny_shards, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [r["error"] for r in json.loads(proc.stdout)]
     assert errors[0] == "a folder, not an image file" and "missing" not in errors[0]
+
+
+@pytest.mark.slow
+def test_a_failing_evaluation_keeps_the_epoch_and_says_failed(tiny_shards, tmp_path):
+    import shutil
+
+    import torch
+
+    from runs import records, summary, train
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards["shards"], shards)
+    good = (shards / "manifest.json").read_text()
+
+    def off_by_one(m):  # val says one sample more than its shard holds (the totals agree with each other)
+        m["splits"]["val"]["samples"] += 1
+        m["splits"]["val"]["shards"][0]["samples"] += 1
+
+    edit_manifest(shards, off_by_one)
+    run = tmp_path / "run"
+    args = ["--shards", shards, "--out", run, "--backend", "single", "--epochs", "1", "--model", "densenet121"]
+    args += ["--image-size", "32", "--batch-size", "8", "--workers", "0"]
+    failed = train(*args, check=False)
+    assert failed.returncode != 0
+    s = summary(run)
+    assert s["status"] == "failed" and "val-000000.tar" in s["error"], s.get("error")
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 0 and saved["step_in_epoch"] == s["steps_per_epoch"]  # the epoch's training kept
+    (shards / "manifest.json").write_text(good)
+    train(*args, "--resume")
+    s = summary(run)
+    assert s["status"] == "completed" and s["global_step"] == s["steps_per_epoch"]  # no step trained twice
+    assert len(records(run, 0, "epoch")) == 1

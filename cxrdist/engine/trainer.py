@@ -108,7 +108,9 @@ def train(cfg: TrainConfig) -> dict:
     finished = False
     try:
         summary = trainer.fit()
-        finished = True  # every rank: fit() ends on all of them together (completed or an agreed stop)
+        # completed: every rank got here together. Not a preempted run: its rank 0 has already torn its
+        # group down to hand the signal to submitit, so a barrier would wait for a peer that is gone
+        finished = summary.get("status") == "completed"
         return summary
     finally:
         trainer.close()
@@ -370,9 +372,13 @@ class Trainer:
 
     def end_epoch(self, epoch: int) -> None:
         train_loss = self.state.epoch_loss_sum / max(1, self.state.epoch_steps)
+        record = self.telemetry.end_epoch(epoch, {"train_loss": train_loss}, write=False)
+        # the epoch's training is saved before it is evaluated: an evaluation that fails (a bad val shard)
+        # costs the evaluation only; a resume replays no step of this epoch and evaluates it again
+        self.checkpoint("last")
         self.state.epoch_loss_sum, self.state.epoch_steps = 0.0, 0
-        record = self.telemetry.end_epoch(epoch, {"train_loss": train_loss})
         val = self.evaluate("val")
+        record = self.telemetry.write(record)
         records = [record]
         if self.env.distributed:
             records = [None] * self.env.world_size
@@ -421,6 +427,9 @@ class Trainer:
         except NonFiniteLoss as e:
             self.write_summary("failed", error=str(e))
             raise UserError(str(e)) from e
+        except Exception as e:  # any other failure: the run folder says so, and what it was
+            self.write_summary("failed", error=f"{type(e).__name__}: {e}")
+            raise
         if status == "preempted":
             self.checkpoint("last")
             self.telemetry.write(
