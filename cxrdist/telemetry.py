@@ -176,17 +176,15 @@ class Telemetry:
     def end_epoch(self, epoch: int, extra: dict | None = None, write: bool = True) -> dict:
         """The epoch record (written now, or by the caller once the epoch has been evaluated)."""
         epoch_time = time.perf_counter() - self._epoch_start
-        record = (
-            {
-                "event": "epoch",
-                "epoch": epoch,
-                "epoch_time_s": epoch_time,
-                "images": self._epoch_images,
-                "images_per_s": self._epoch_images / max(epoch_time, 1e-9),
-                **self.memory_fn(),
-                **(extra or {}),
-            }
-        )
+        record = {
+            "event": "epoch",
+            "epoch": epoch,
+            "epoch_time_s": epoch_time,
+            "images": self._epoch_images,
+            "images_per_s": self._epoch_images / max(epoch_time, 1e-9),
+            **self.memory_fn(),
+            **(extra or {}),
+        }
         return self.write(record) if write else record
 
     def close(self) -> None:

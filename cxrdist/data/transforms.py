@@ -5,10 +5,11 @@
 scale: the poster's Fig. 2) and applies all of them with ONE ``F.affine_grid`` + ``F.grid_sample`` that also
 resamples to ``image_size`` (packed 256 -> trained 224 costs nothing extra), then per-sample brightness and
 contrast. Evaluation only resizes (antialiased) when the sizes differ. The per-sample parameters are drawn
-by :meth:`Augment.draw` from a ``torch.Generator`` (the trainer and the workers pass CPU generators seeded
-per batch, so a resumed step redraws the same parameters, and the worker path and the device path draw the
-same numbers for the same seed), then applied by the same code on whatever device the batch lives; given
-the same parameters (``forward(x, params=...)``) the CPU and GPU outputs agree to float rounding.
+by :meth:`Augment.draw` from a CPU ``torch.Generator`` seeded per batch (so a resumed step redraws the same
+parameters): the workers seed from (seed, epoch, rank, batch), the trainer's device path from (seed, step,
+rank), so a run augmented on the device draws other parameters than one augmented in workers. The same code
+applies them on whatever device the batch lives; given the same parameters (``forward(x, params=...)``) the
+CPU and GPU outputs agree to float rounding.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ other PHI can reach a shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -566,7 +567,7 @@ def pack(
     workers = max(1, min(int(workers), len(todo)))
     if todo:
         _warm_imports()
-    with WorkerPool(workers) if workers > 1 else _nullpool() as pool:
+    with WorkerPool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         start = time.perf_counter()
         with Progress(
             TextColumn("packing"),
@@ -595,14 +596,6 @@ def pack(
     _print_summary(console, m, out)
     _maybe_strict(strict, m, path)
     return m
-
-
-class _nullpool:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _is_dry(path: Path) -> bool:
