@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cxrdist",
         allow_abbrev=False,
-        description="Multi-label chest X-ray classification on GPU clusters: datasets (CheXpert, MIMIC-CXR) to "
-        "WebDataset shards, training under single / DataParallel / DDP / DeepSpeed / FSDP with per-rank "
-        "throughput and memory, evaluation, prediction, backend comparison reports and benchmarks.",
+        description="Multi-label chest X-ray classification on GPU clusters: datasets (CheXpert, MIMIC-CXR, "
+        "NIH ChestX-ray14) to WebDataset shards, training under single / DataParallel / DDP / DeepSpeed / FSDP "
+        "with per-rank throughput and memory, evaluation, prediction, backend comparison reports and benchmarks.",
         epilog="Set-up and the SLURM launcher: see README.md (python launchers/submit.py --help).",
     )
     p.add_argument("--version", action="version", version=f"cxrdist {__version__}")
@@ -148,12 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--views", choices=("frontal", "all"), default="frontal")
     s.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY)
     s.add_argument("--split", choices=("patient", "official"), default="patient")
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--workers", type=int, default=2, metavar="N")
+    s.add_argument("--samples-per-shard", type=int, default=1000, metavar="N")
     s.add_argument(
         "--min-shards",
         type=int,
         default=None,
+        metavar="N",
         help="at least this many shards per split, so ranks x loader workers <= shards "
         "(default 128: 64 GPUs x 2 workers)",
     )
