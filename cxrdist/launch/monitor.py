@@ -85,6 +85,7 @@ def wait(
     """Block until the job ends; stream state changes and progress; 0 when every rank completed."""
     out = out or sys.stdout
     run = RunFolder(sub.run_dir)
+    epochs = None
 
     def say(msg: str) -> None:
         if stream:
@@ -105,7 +106,8 @@ def wait(
             ran = ran or state == "RUNNING"
         rec = run.last_record()
         if rec is not None:
-            epochs = (run.read_config().get("optim") or {}).get("epochs") or 0  # written by rank 0 at start
+            if epochs is None:  # config.yaml is written by rank 0 before its first record: read it once
+                epochs = (run.read_config().get("optim") or {}).get("epochs") or 0
             text = _describe(rec, epochs)
             if text != last_progress:
                 say(text)

@@ -285,7 +285,12 @@ def finish(
 
     # 2. paths that leave the root (absolute, or climbing with ..): dropped before any file is opened, one
     #    reason for all, so the skip list never tells whether a file exists elsewhere
-    outside = ~bad & np.fromiter((escapes(p) for p in df["path"].astype(str)), bool, len(df))
+    path = strings(df["path"])
+    dot, slash, back = (np.array(c, dtype=STR) for c in ("..", "/", "\\"))
+    odd = (path == "") | np.strings.startswith(path, slash) | (np.strings.find(path, dot) >= 0)
+    odd |= np.strings.find(path, back) >= 0  # the full rule only for these few, in Python (NUL: at opening)
+    outside = ~bad & odd
+    outside[outside] = [escapes(str(p)) for p in path[outside]]
     if outside.any():
         idx = np.flatnonzero(outside)
         skipped += [{"source": src, "reason": OUTSIDE} for src in row_sources(df, idx)]
