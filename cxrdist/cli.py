@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cxrdist import dist
+
+    return dist.leave(run_command(args))  # a rank with peers ends here (see dist.leave)
+
+
+def run_command(args) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:

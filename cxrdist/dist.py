@@ -292,8 +292,10 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_s: int = 300, a
     """
     import torch
 
+    global _PEERS
     if torch.distributed.is_initialized() or not (d.distributed or always):
         return
+    _PEERS = _PEERS or d.distributed
     export_env(d)
     _gloo_interface()
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -332,6 +334,9 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+_PEERS = False  # this process made a group with other processes (see leave)
+
+
 def destroy(sync: bool = False) -> None:
     """Tear the process groups down. ``sync``: meet the other ranks in a barrier first, for callers that know
     every rank gets here (a finished run, not a failed one, where a barrier would wait for a dead peer until
@@ -346,3 +351,23 @@ def destroy(sync: bool = False) -> None:
             except RuntimeError:  # a peer already gone: nothing left to settle with it
                 pass
         torch.distributed.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """End a process that was a rank with peers: flush, then ``os._exit(code)``, skipping the interpreter's
+    finalization. There, gloo's worker threads can abort the process after a clean finish (SIGABRT,
+    "terminate called without an active exception", now and then on torch 2.14): groups that FSDP's mesh or
+    DeepSpeed still reference outlive ``destroy_process_group`` and are freed during teardown with tensors
+    of their last works (pytorch/pytorch#179291). Any other process gets ``code`` back."""
+    if not _PEERS:
+        return code
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(code)

@@ -314,7 +314,7 @@ def iterate(loader: DataLoader, error: type[UserError]) -> Iterator[Any]:
     """Iterate a DataLoader; a worker's ``error`` comes out as one clean line, and (non-persistent loaders)
     the workers are shut down before it is raised (the re-raised exception's traceback would otherwise keep
     the DataLoader iterator, and its worker processes, alive in a reference cycle until some later garbage
-    collection). A persistent loader keeps its workers in ``loader._iterator`` until the process ends."""
+    collection). A persistent loader keeps its workers until ``ShardLoader.close()``."""
     it = iter(loader)
     message = None
     try:
@@ -368,6 +368,11 @@ class ShardLoader:
         self.length = self.stream.batches_per_rank - start_batch
         self.samples = self.length * self.batch_size
         return self
+
+    def close(self) -> None:
+        """Stop the persistent workers now: dropping the last reference to the DataLoader drops its
+        iterator, whose finaliser shuts the workers down and joins them (a rank may end with os._exit)."""
+        self._loader = None
 
     def dataloader(self) -> DataLoader:
         if self._loader is None or not self.persistent:

@@ -397,3 +397,4 @@ if __name__ == "__main__":
         _bare(json.loads(sys.argv[2]))
     else:
         _worker(json.loads(sys.argv[1]))
+    dist.leave(0)

@@ -102,6 +102,12 @@ class Loaders:
     def eval(self, split: str):
         return self._make(split, train=False)
 
+    def close(self) -> None:
+        """Shut the training loader's persistent workers down (before the process ends)."""
+        if self._train_loader is not None and hasattr(self._train_loader, "close"):
+            self._train_loader.close()
+        self._train_loader = None
+
     def steps_per_epoch(self) -> int:
         n = len(self.train(0))
         if n == 0:

@@ -481,3 +481,4 @@ class Trainer:
     def close(self) -> None:
         self.stop.restore()
         self.telemetry.close()
+        self.loaders.close()

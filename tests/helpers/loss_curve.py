@@ -56,3 +56,4 @@ for _ in range(steps):
 if env.rank == 0:
     print("LOSSES " + json.dumps(losses), flush=True)
 dist.destroy(sync=True)
+dist.leave(0)
