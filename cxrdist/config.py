@@ -18,6 +18,7 @@ from cxrdist.errors import UserError
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODELS = ("densenet121", "densenet121d", "densenetblur121d")
 FORMATS = ("shards", "jpeg", "dicom")
+SHA256_CHECKS = ("first", "every", "off")  # when the loader hashes shards (see engine.inputs)
 
 
 MIN_IMAGE_SIZE = 32
@@ -32,6 +33,7 @@ class DataConfig:
     workers: int = -1  # loader worker processes per rank (-1: auto, cxrdist.cpus.auto_workers)
     augment: str = "auto"  # auto (device on GPU, worker on CPU) | device | worker | none
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
+    check_sha256: str = "first"  # first (each split's first read in a process) | every (epoch) | off
 
 
 @dataclass
@@ -135,6 +137,8 @@ class TrainConfig:
             errors.append(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.model.name not in MODELS:
             errors.append(f"--model must be one of {', '.join(MODELS)}")
+        if self.data.check_sha256 not in SHA256_CHECKS:
+            errors.append(f"--check-sha256 must be one of {', '.join(SHA256_CHECKS)}")
         if self.data.format not in FORMATS:
             errors.append(f"--format must be one of {', '.join(FORMATS)}")
         if self.model.in_chans not in (1, 3):
@@ -183,6 +187,12 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ),
     ("--augment", "data.augment", str, "auto | device | worker | none"),
     ("--shuffle-buffer", "data.shuffle_buffer", int, "samples in each worker's shuffle buffer"),
+    (
+        "--check-sha256",
+        "data.check_sha256",
+        str,
+        "hash shards against the manifest: first (each split's first read: ~10%% of loader time), every, off",
+    ),
     ("--model", "model.name", str, "densenet121 | densenet121d | densenetblur121d"),
     ("--in-chans", "model.in_chans", int, "1 (grey) or 3 input channels"),
     ("--pretrained", "model.pretrained", str, "local checkpoint to start from"),

@@ -222,6 +222,55 @@ def test_a_key_repeated_inside_a_shard_is_named_by_verify(shards):
     assert any(f"key {key} appears twice" in p for p in verify(shards))
 
 
+def flip_a_jpeg_byte(tar: Path) -> None:
+    """Change one byte inside the first JPEG's data (the tar stays well-formed, its size the same)."""
+    data = bytearray(tar.read_bytes())
+    at = data.index(b"\xff\xd8") + 200
+    data[at] ^= 0xFF
+    tar.write_bytes(bytes(data))
+
+
+def test_a_shard_whose_bytes_differ_from_its_sha256_is_named_before_it_is_used(shards):
+    from cxrdist.data.stream import make_loader
+    from cxrdist.shards.tario import ShardError
+
+    tar = sorted(shards.glob("val-*.tar"))[0]
+    flip_a_jpeg_byte(tar)
+    assert f"{tar.name}: sha256 mismatch" in verify(shards)
+    batches = []
+    with pytest.raises(ShardError, match=rf"{tar.name}: sha256 mismatch"):
+        for b in make_loader(shards, "val", batch_size=1, workers=0, train=False):
+            batches.append(b)
+    assert batches == []  # not one sample of the damaged shard was handed out
+    assert sum(
+        len(b["key"]) for b in make_loader(shards, "val", batch_size=4, workers=0, train=False, check_sha256=False)
+    )
+    # the training loader hashes when its epoch asks for it (the trainer: the first epoch, --check-sha256)
+    with pytest.raises(ShardError, match="sha256 mismatch"):
+        for _ in make_loader(shards, "val", batch_size=2, workers=0, train=True):
+            pass
+
+
+@pytest.mark.parametrize(
+    "mode, reads",
+    [("first", [True, False, False]), ("every", [True, True, True]), ("off", [False, False, False])],
+)
+def test_check_sha256_decides_per_read_of_a_split(shards, tmp_path, mode, reads):
+    import torch
+
+    from cxrdist import dist
+    from cxrdist.config import TrainConfig
+    from cxrdist.engine.inputs import Loaders
+
+    cfg = TrainConfig()
+    cfg.data.shards, cfg.data.check_sha256, cfg.data.workers, cfg.run.out = str(shards), mode, 0, str(tmp_path / "r")
+    loaders = Loaders(cfg, dist.DistEnv(), torch.device("cpu"), batch_size=2)
+    loaders.steps_per_epoch()  # planning reads nothing and decides nothing
+    assert [loaders.train(e).stream.check_sha256 for e in range(3)] == reads
+    assert [loaders.eval("val").stream.check_sha256 for _ in range(3)] == reads
+    loaders.close()
+
+
 def test_a_config_with_python_tags_is_refused_in_one_line(tmp_path):
     from cxrdist.config import ConfigError, TrainConfig
 
@@ -322,6 +371,11 @@ def test_user_mistakes_are_one_line_exit_2(tmp_path, shards):
         cxrdist_cli(*train, "--image-size", "7", "--out", tmp_path / "r"), "--image-size must be at least 32"
     )
     one_line_error(cxrdist_cli(*train, "--out", a_file), f"--out {a_file} is a file")
+    if not __import__("torch").cuda.is_available():  # on a GPU machine --device cuda is no mistake
+        one_line_error(
+            cxrdist_cli(*train, "--device", "cuda", "--out", tmp_path / "r"), "--device cuda was asked", "--device cpu"
+        )
+    one_line_error(cxrdist_cli(*train, "--check-sha256", "sometimes", "--out", tmp_path / "r"), "--check-sha256 must")
     abbrev = cxrdist_cli(*train, "--batch", "8", "--out", tmp_path / "r")
     assert abbrev.returncode == 2 and "unrecognized arguments: --batch 8" in abbrev.stderr
     one_line_error(cxrdist_cli("eval", "--run", tmp_path / "nope"), "no such run folder")

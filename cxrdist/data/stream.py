@@ -21,8 +21,9 @@ uninterrupted run would have yielded from ``k`` on.
 Evaluation: no shuffling, no repetition; every sample of the split is yielded exactly once across all ranks
 and workers (each worker's last batch may be short); ``len()`` is exact from the manifest's shard counts.
 
-A truncated or damaged shard raises :class:`ShardError` naming the shard; a shard holding a different number
-of samples than the manifest says does too, so an epoch is never silently short.
+A truncated or damaged shard raises :class:`ShardError` naming the shard (its sha256 is checked before its
+first sample is used); a shard holding a different number of samples than the manifest says does too, so an
+epoch is never silently short.
 """
 
 from __future__ import annotations
@@ -91,22 +92,23 @@ def count_for(worker: int, total: int, workers: int) -> int:
     return max(0, (total - worker + workers - 1) // workers)
 
 
-def iter_share(share: Share) -> Iterator[RawSample]:
+def iter_share(share: Share, check_sha256: bool = True) -> Iterator[RawSample]:
     i = 0
     for shard in share.shards:
-        for sample in iter_shard(shard):
+        for sample in iter_shard(shard, check_sha256=check_sha256):
             if share.stride == 1 or i % share.stride == share.offset:
                 yield sample
             i += 1
 
 
-def _shuffled_passes(share: Share, bufsize: int, rng: random.Random) -> Iterator[RawSample]:
+def _shuffled_passes(share: Share, bufsize: int, rng: random.Random, check_sha256: bool) -> Iterator[RawSample]:
     """Endless passes over a share, each shuffled through the buffer and drained before the next one
-    starts: a worker whose quota fits its share yields each of its samples at most once per epoch."""
+    starts: a worker whose quota fits its share yields each of its samples at most once per epoch (the
+    shards are hashed in the first pass only)."""
     if share.samples == 0:
         raise ShardError(f"a loader worker was given no samples ({share.names() or 'no shards'})")
-    while True:
-        yield from _shuffle(iter_share(share), bufsize, rng)
+    for n in itertools.count():
+        yield from _shuffle(iter_share(share, check_sha256 and n == 0), bufsize, rng)
 
 
 def _shuffle(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -226,6 +228,7 @@ class ShardStream(IterableDataset):
         batches_per_rank: int,
         n_labels: int,
         augment: torch.nn.Module | None = None,
+        check_sha256: bool = True,
     ):
         super().__init__()
         self.shards = list(shards)
@@ -236,9 +239,9 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.batches_per_rank = batches_per_rank
         self.augment = augment
-        # (epoch, start_batch) in shared memory: persistent workers keep their copy of this object across
-        # epochs, and read the next epoch's plan from here when the DataLoader restarts them
-        self._plan = torch.tensor([epoch, start_batch], dtype=torch.int64).share_memory_()
+        # (epoch, start_batch, check_sha256) in shared memory: persistent workers keep their copy of this
+        # object across epochs, and read the next epoch's plan from here when the DataLoader restarts them
+        self._plan = torch.tensor([epoch, start_batch, int(check_sha256)], dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
@@ -248,8 +251,14 @@ class ShardStream(IterableDataset):
     def start_batch(self) -> int:
         return int(self._plan[1])
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    @property
+    def check_sha256(self) -> bool:
+        return bool(self._plan[2])
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, check_sha256: bool | None = None) -> None:
         self._plan[0], self._plan[1] = epoch, start_batch
+        if check_sha256 is not None:
+            self._plan[2] = int(check_sha256)
 
     # -- the plan, also used by the main process for len() --
     def share(self, logical: int) -> Share:
@@ -280,7 +289,7 @@ class ShardStream(IterableDataset):
             share = Share(tuple(shard_order(self.shards, seed=self.seed, epoch=self.epoch, train=True)))
         g = self.rank * W + logical
         rng = random.Random(f"cxrdist-samples:{self.seed}:{self.epoch}:{g}")
-        raw = _shuffled_passes(share, min(self.shuffle_buffer, share.samples), rng)
+        raw = _shuffled_passes(share, min(self.shuffle_buffer, share.samples), rng, self.check_sha256)
         raw = itertools.islice(raw, skip * bs, mine * bs)  # resume: drop raw samples, decode nothing
         for j, chunk in enumerate(_chunks(raw, bs), start=skip):
             yield self._finish(decode_batch(chunk, self.n_labels), logical + W * j)
@@ -288,7 +297,7 @@ class ShardStream(IterableDataset):
     def _eval(self, logical: int) -> Iterator[dict[str, Any]]:
         share = self.share(logical)
         n = 0
-        for j, chunk in enumerate(_chunks(iter_share(share), self.batch_size)):
+        for j, chunk in enumerate(_chunks(iter_share(share, self.check_sha256), self.batch_size)):
             n += len(chunk)
             yield self._finish(decode_batch(chunk, self.n_labels), logical + self.workers * j)
         if n != share.samples:
@@ -357,14 +366,15 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.length
 
-    def restart(self, epoch: int, start_batch: int = 0) -> ShardLoader:
-        """The same loader (and, when persistent, the same worker processes) for another training epoch."""
+    def restart(self, epoch: int, start_batch: int = 0, check_sha256: bool | None = None) -> ShardLoader:
+        """The same loader (and, when persistent, the same worker processes) for another training epoch
+        (``check_sha256``: hash the shards in it; None: as before)."""
         if not self.stream.train or not 0 <= start_batch <= self.stream.batches_per_rank:
             raise ValueError(
                 f"restart(epoch={epoch}, start_batch={start_batch}) on a loader planned for "
                 f"{self.stream.batches_per_rank} training batches"
             )
-        self.stream.set_epoch(epoch, start_batch)
+        self.stream.set_epoch(epoch, start_batch, check_sha256)
         self.length = self.stream.batches_per_rank - start_batch
         self.samples = self.length * self.batch_size
         return self
@@ -402,7 +412,8 @@ class ShardLoader:
 
 
 def read_shard_list(shard_dir: str | Path, split: str) -> tuple[dict, list[Shard]]:
-    """The manifest and its shards of ``split`` (paths, sample counts, sizes)."""
+    """The manifest and its shards of ``split`` (paths, sample counts, sizes and, to be checked as each is
+    read, hashes)."""
     from cxrdist.shards.manifest import load_manifest, shard_paths
 
     manifest = load_manifest(shard_dir, splits=(split,))
@@ -411,7 +422,13 @@ def read_shard_list(shard_dir: str | Path, split: str) -> tuple[dict, list[Shard
     shards = []
     for entry, path in zip(entries, paths, strict=True):
         shards.append(
-            Shard(name=entry["name"], path=str(path), samples=int(entry["samples"]), bytes=int(entry.get("bytes") or 0))
+            Shard(
+                name=entry["name"],
+                path=str(path),
+                samples=int(entry["samples"]),
+                bytes=int(entry.get("bytes") or 0),
+                sha256=str(entry.get("sha256") or ""),
+            )
         )
     return manifest, shards
 
@@ -432,8 +449,10 @@ def make_loader(
     augment: torch.nn.Module | None = None,
     pin_memory: bool = False,
     persistent: bool = False,
+    check_sha256: bool = True,
 ) -> ShardLoader:
-    """The shard loader of one rank for one epoch (see the module docstring for the rules)."""
+    """The shard loader of one rank for one epoch (see the module docstring for the rules); each shard's
+    sha256 is checked against the manifest before it is used (``check_sha256``; `bench loader` measures it)."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
         raise ValueError(
             f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} workers={workers}"
@@ -464,6 +483,7 @@ def make_loader(
         batches_per_rank=batches_per_rank,
         n_labels=len(manifest["labels"]),
         augment=augment,
+        check_sha256=check_sha256,
     )
     if train:
         length = batches_per_rank - start_batch

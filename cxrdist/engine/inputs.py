@@ -63,11 +63,21 @@ class Loaders:
             else cpus.auto_workers(dist.threads_per_rank(env), gpu=device.type == "cuda")
         )
         self._train_loader = None  # kept across epochs: its worker processes persist (shards)
+        self._hashed: set[str] = set()  # splits whose shards this process has hashed (--check-sha256 first)
 
     def augment(self, train: bool) -> Augment:
         return self._train_aug if train else self._eval_aug
 
-    def _make(self, split: str, *, train: bool, epoch: int = 0, start_batch: int = 0, augment=None):
+    def hash_now(self, split: str) -> bool:
+        """Whether this read of ``split`` checks each shard's sha256: every read, none, or (``first``, the
+        default: hashing costs ~10% of a worker's time at 256 px, `cxrdist bench loader`) the first read of
+        each split in this process, a resumed run's included (the shards may have changed in between)."""
+        mode = self.cfg.data.check_sha256
+        first = split not in self._hashed
+        self._hashed.add(split)
+        return mode == "every" or (mode == "first" and first)
+
+    def _make(self, split: str, *, train: bool, check_sha256: bool, epoch: int = 0, start_batch: int = 0, augment=None):
         common = dict(
             batch_size=self.batch_size,
             rank=self.env.rank,
@@ -84,7 +94,12 @@ class Loaders:
             from cxrdist.data.stream import make_loader
 
             return make_loader(
-                self.folder, split, shuffle_buffer=self.cfg.data.shuffle_buffer, persistent=train, **common
+                self.folder,
+                split,
+                shuffle_buffer=self.cfg.data.shuffle_buffer,
+                persistent=train,
+                check_sha256=check_sha256,
+                **common,
             )
         from cxrdist.data.files import make_file_loader
 
@@ -93,14 +108,19 @@ class Loaders:
         )
 
     def train(self, epoch: int, start_batch: int = 0):
+        return self._train(epoch, start_batch, self.hash_now("train"))
+
+    def _train(self, epoch: int, start_batch: int, check_sha256: bool):
         if self._train_loader is not None and hasattr(self._train_loader, "restart"):
-            return self._train_loader.restart(epoch, start_batch)
+            return self._train_loader.restart(epoch, start_batch, check_sha256)
         augment = self._train_aug if self.where == "worker" else None
-        self._train_loader = self._make("train", train=True, epoch=epoch, start_batch=start_batch, augment=augment)
+        self._train_loader = self._make(
+            "train", train=True, check_sha256=check_sha256, epoch=epoch, start_batch=start_batch, augment=augment
+        )
         return self._train_loader
 
     def eval(self, split: str):
-        return self._make(split, train=False)
+        return self._make(split, train=False, check_sha256=self.hash_now(split))
 
     def close(self) -> None:
         """Shut the training loader's persistent workers down (before the process ends)."""
@@ -109,7 +129,7 @@ class Loaders:
         self._train_loader = None
 
     def steps_per_epoch(self) -> int:
-        n = len(self.train(0))
+        n = len(self._train(0, 0, check_sha256=True))  # planning only: hashing is decided per epoch
         if n == 0:
             raise UserError(
                 f"{self.folder}: {split_samples(self.manifest, 'train')} training samples are fewer "

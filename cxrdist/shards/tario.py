@@ -12,6 +12,7 @@ slash, the extension the rest (``split_name``). Members without a dot are not pa
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import zlib
@@ -35,6 +36,7 @@ class Shard:
     path: str
     samples: int
     bytes: int = 0  # 0: unknown (no size check)
+    sha256: str = ""  # "": unknown or not to be checked
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -88,11 +90,14 @@ def members(
     *,
     name: str | None = None,
     expected_bytes: int = 0,
+    expected_sha256: str = "",
     read: Callable[[str], bool] = lambda fname: True,
 ) -> Iterator[tuple[str, bytes | None]]:
     """Yield ``(member name, data)`` for the regular files of a tar, in order (ustar, pax, GNU long names);
     ``data`` is copied out only where ``read(name)`` says so, else None. The file is memory-mapped and parsed
-    in place. Raises :class:`ShardError` naming the shard for a missing, truncated or damaged file."""
+    in place. Raises :class:`ShardError` naming the shard for a missing, truncated or damaged file, and,
+    given ``expected_sha256``, for one whose bytes hash otherwise: checked before the first member is
+    yielded, so nothing of a damaged shard is used (the pages hashed are the ones then parsed, from cache)."""
     name = name or Path(path).name
     try:
         with open(path, "rb") as f:
@@ -105,6 +110,11 @@ def members(
     except OSError as e:
         raise ShardError(f"{name}: unreadable: {e.strerror or e}") from None
     with mm:
+        if expected_sha256 and hashlib.sha256(mm).hexdigest() != expected_sha256:
+            raise ShardError(
+                f"{name}: sha256 mismatch: its bytes differ from the manifest's (damaged or replaced shard; "
+                f"run `cxrdist verify`)"
+            )
         yield from _parse_tar(mm, size, name, read)
 
 
@@ -113,6 +123,7 @@ def iter_tar(
     *,
     name: str | None = None,
     expected_bytes: int = 0,
+    expected_sha256: str = "",
     wanted: frozenset[str] | None = KNOWN_EXTS,
 ) -> Iterator[tuple[str, str, bytes | None]]:
     """Yield ``(key, ext, data)`` for the members of a tar that have a key.extension name; ``data`` is None
@@ -125,7 +136,8 @@ def iter_tar(
         split = split_name(fname)
         return split is not None and (wanted is None or split[1] in wanted)
 
-    for _fname, data in members(path, name=name, expected_bytes=expected_bytes, read=read):
+    found = members(path, name=name, expected_bytes=expected_bytes, expected_sha256=expected_sha256, read=read)
+    for _fname, data in found:
         if split is not None:
             yield split[0], split[1], data
 
@@ -172,13 +184,15 @@ def _parse_tar(mm: mmap.mmap, size: int, name: str, read: Callable[[str], bool])
 RawSample = tuple[str, str, dict[str, bytes]]  # (shard name, key, {ext: bytes})
 
 
-def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS) -> Iterator[RawSample]:
+def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS, check_sha256: bool = True) -> Iterator[RawSample]:
     """Raw samples of one shard (members grouped by key; only ``wanted`` extensions are read), checked
-    against the manifest's count."""
+    against the manifest's count and (``check_sha256``, when the shard has one) its hash."""
     count = 0
     key: str | None = None
     members: dict[str, bytes] = {}
-    for k, ext, data in iter_tar(shard.path, name=shard.name, expected_bytes=shard.bytes, wanted=wanted):
+    sha = shard.sha256 if check_sha256 else ""
+    found = iter_tar(shard.path, name=shard.name, expected_bytes=shard.bytes, expected_sha256=sha, wanted=wanted)
+    for k, ext, data in found:
         if k != key:
             if key is not None:
                 count += 1
