@@ -300,6 +300,24 @@ def test_a_row_with_too_few_fields_is_skipped_not_read_as_negatives(chexpert):
     assert cut.split(",")[0].split("/", 1)[1] not in set(t.df["path"])
 
 
+def test_unparseable_age_and_sex_cells_are_counted_in_the_manifest(chexpert, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from cxrdist.sources.table import parse_age
+
+    csv = chexpert / "train.csv"
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df.loc[[0, 1, 2], "Age"] = ["abc", "", "4o"]  # two unparseable, one blank (just missing)
+    df.loc[3, "Sex"] = "xyz"
+    df.to_csv(csv, index=False)
+    out = tmp_path / "counted"
+    pack("chexpert", chexpert, out, size=32, views="all", workers=1, min_shards=1, quiet=True)
+    assert json.loads((out / "manifest.json").read_text())["unparseable"] == {"Age": 2, "Sex": 1}
+    age, bad = parse_age(pd.Series(["058Y", "", "abcY", "61", None]), unit="Yy")  # NIH's Patient Age
+    assert bad == 1 and np.array_equal(age, [58, np.nan, np.nan, 61, np.nan], equal_nan=True)
+
+
 def test_the_local_launcher_escalates_to_sigkill():
     import signal
 

@@ -423,6 +423,7 @@ def build_manifest(
         "labels": list(table.label_names),
         "label_set": set_name(table.label_names),
         "labels_missing": list(table.labels_missing),
+        "unparseable": dict(table.unparseable),  # source column -> cells read as missing (e.g. Age "abc")
         "policy": table.policy,
         "split": table.split,
         "views": table.views,
@@ -462,6 +463,8 @@ def _print_summary(console, m: dict, out: Path) -> None:
     console.print(f"labels: {describe(m['labels'])}")
     if m["labels_missing"]:
         console.print(f"[yellow]{m['source']} provides no {', '.join(m['labels_missing'])}[/]: masked out everywhere")
+    for column, n in m["unparseable"].items():
+        console.print(f"[yellow]{n:,} {column} cell(s) unparseable[/]: read as missing (manifest: unparseable)")
     gap = m["split_info"].get("max_prevalence_gap")
     if gap is not None:
         console.print(f"split {m['split']}: largest label prevalence difference between splits {gap:.4f}")

@@ -17,7 +17,17 @@ import pandas as pd
 from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
 from cxrdist.sources.registry import Source, register
-from cxrdist.sources.table import STR, RawRows, clean_small, normalise_sex, read_csv_checked, row_sources, strings
+from cxrdist.sources.table import (
+    STR,
+    RawRows,
+    clean_small,
+    normalise_sex,
+    parse_age,
+    read_csv_checked,
+    row_sources,
+    strings,
+    unparseable_sex,
+)
 
 REQUIRED: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + OBSERVATIONS
 CSVS = ("train.csv", "valid.csv")
@@ -87,6 +97,7 @@ def read_chexpert(root: Path, *, official: bool = False) -> RawRows:
     appa = clean_small(df["AP/PA"], upper=True)
     view = np.where(fl == "LATERAL", np.where(np.isin(appa, ["LL", "RL"]), appa, "LATERAL"), appa)
 
+    age, bad_age = parse_age(df["Age"])
     out = pd.DataFrame(
         {
             "key": key.astype(object),
@@ -95,7 +106,7 @@ def read_chexpert(root: Path, *, official: bool = False) -> RawRows:
             "study_id": np.strings.add(np.strings.add(patient, slash), study).astype(object),
             "view": view.astype(object),
             "sex": normalise_sex(df["Sex"]),
-            "age": pd.to_numeric(df["Age"], errors="coerce").to_numpy(np.float64),
+            "age": age,
         }
     )
     for name in OBSERVATIONS:
@@ -110,7 +121,8 @@ def read_chexpert(root: Path, *, official: bool = False) -> RawRows:
         if official
         else ""
     )
-    return RawRows(df=out, counts=counts, skipped=skipped, labels=OBSERVATIONS, official_note=note)
+    bad = {"Age": bad_age, "Sex": unparseable_sex(df["Sex"])}
+    return RawRows(df=out, counts=counts, skipped=skipped, labels=OBSERVATIONS, official_note=note, unparseable=bad)
 
 
 register(

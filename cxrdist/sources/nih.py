@@ -22,7 +22,17 @@ import pandas as pd
 from cxrdist.errors import UserError
 from cxrdist.labels import NIH
 from cxrdist.sources.registry import Source, register
-from cxrdist.sources.table import STR, RawRows, clean_small, normalise_sex, read_csv_checked, row_sources, strings
+from cxrdist.sources.table import (
+    STR,
+    RawRows,
+    clean_small,
+    normalise_sex,
+    parse_age,
+    read_csv_checked,
+    row_sources,
+    strings,
+    unparseable_sex,
+)
 
 CSVS = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 REQUIRED = (
@@ -122,7 +132,7 @@ def read_nih(root: Path, *, official: bool = False) -> RawRows:
     if path.isna().any():
         notes.append(f"{int(path.isna().sum()):,} rows name an image not found under images*/ (listed at packing)")
         path = path.fillna("images/" + pd.Series(name.astype(object)))
-    age = pd.to_numeric(pd.Series(strings(df["Patient Age"]).astype(object)).str.rstrip("Yy"), errors="coerce")
+    age, bad_age = parse_age(df["Patient Age"], unit="Yy")
     out = pd.DataFrame(
         {
             "key": stem.astype(object),
@@ -131,7 +141,7 @@ def read_nih(root: Path, *, official: bool = False) -> RawRows:
             "study_id": stem.astype(object),
             "view": clean_small(df["View Position"], upper=True),
             "sex": normalise_sex(df["Patient Gender"]),
-            "age": age.to_numpy(np.float64),
+            "age": age,
         }
     )
     for j, label in enumerate(NIH):
@@ -141,7 +151,8 @@ def read_nih(root: Path, *, official: bool = False) -> RawRows:
     if official:
         out["_official"] = _official(root, stem.astype(object), notes)
         note = f"official: {TEST} -> test; {TRAIN_VAL} split patient-wise 90/10 into train/val (balanced, seeded)"
-    return RawRows(df=out, counts=counts, skipped=skipped, labels=NIH, notes=notes, official_note=note)
+    bad = {"Patient Age": bad_age, "Patient Gender": unparseable_sex(df["Patient Gender"])}
+    return RawRows(df=out, counts=counts, skipped=skipped, labels=NIH, notes=notes, official_note=note, unparseable=bad)
 
 
 register(

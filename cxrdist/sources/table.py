@@ -58,6 +58,7 @@ class SourceTable:
     split_info: dict = field(default_factory=dict)  # method, seed, fractions, max prevalence gap, note
     notes: list[str] = field(default_factory=list)  # e.g. how the image extension was chosen
     labels_missing: tuple[str, ...] = ()  # chosen labels the source cannot provide (masked out everywhere)
+    unparseable: dict[str, int] = field(default_factory=dict)  # source column -> cells read as missing
 
     def labels(self) -> np.ndarray:
         return self.df[label_columns(self.label_names)[0]].to_numpy(np.float32)
@@ -79,6 +80,7 @@ class RawRows:
     labels: tuple[str, ...]
     notes: list[str] = field(default_factory=list)
     official_note: str = ""
+    unparseable: dict[str, int] = field(default_factory=dict)  # source column -> cells read as missing
 
 
 # --- CSV helpers (used by the readers) ---------------------------------------------------------------
@@ -191,6 +193,25 @@ def normalise_sex(s: pd.Series) -> np.ndarray:
     """Male/Female/M/F (any case) -> M/F; anything else (Unknown, blank) -> U."""
     t = clean_small(s, upper=True)
     return np.where(np.isin(t, ["M", "MALE"]), "M", np.where(np.isin(t, ["F", "FEMALE"]), "F", "U")).astype(object)
+
+
+SEX_WORDS = ("M", "MALE", "F", "FEMALE", "U", "UNKNOWN", "")  # what a sex cell may say (else: unparseable)
+
+
+def unparseable_sex(s: pd.Series) -> int:
+    """Sex cells that say something other than male, female or unknown (read as U: counted, not silent)."""
+    return int((~np.isin(clean_small(s, upper=True), SEX_WORDS)).sum())
+
+
+def parse_age(s: pd.Series, unit: str = "") -> tuple[np.ndarray, int]:
+    """Age cells -> float64 years (NaN: blank or unparseable), and how many non-blank cells did not parse
+    (``abc`` is read as missing and counted, never dropped without a word). ``unit``: a suffix to allow
+    (NIH's ``058Y``)."""
+    text = strings(s)
+    if unit:
+        text = np.strings.rstrip(text, unit)
+    age = pd.to_numeric(pd.Series(text.astype(object)).where(text != ""), errors="coerce").to_numpy(np.float64)
+    return age, int((np.isnan(age) & (text != "")).sum())
 
 
 def parse_label_cells(cells: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -349,6 +370,7 @@ def finish(
         split_info=info,
         notes=notes,
         labels_missing=missing,
+        unparseable={c: n for c, n in raw.unparseable.items() if n},
     )
 
 
