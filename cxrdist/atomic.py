@@ -16,7 +16,9 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, keep: str | Path | None = None) -> Iterator[BinaryIO]:
+    """``keep``: move the file being replaced there first (one previous version survives the new one; a
+    crash between the two renames leaves only ``keep``, which a reader falls back to)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -24,6 +26,8 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if keep is not None and path.exists():
+            os.replace(path, keep)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

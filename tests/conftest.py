@@ -108,3 +108,15 @@ def slurm_cluster():
                 os.environ[k] = v
         if cluster.started_here:
             subprocess.run([str(script), "stop", str(state)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 12 MB file system (tmpfs; mounting needs root, as on CI), for what a full disk does."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode:
+        _fail_or_skip(f"cannot mount a 12 MB tmpfs (root needed): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -271,6 +271,29 @@ def test_check_sha256_decides_per_read_of_a_split(shards, tmp_path, mode, reads)
     loaders.close()
 
 
+def test_a_key_or_patient_in_two_splits_is_named_by_verify(shards):
+    train_tar, test_tar = sorted(shards.glob("train-*.tar"))[0], sorted(shards.glob("test-*.tar"))[0]
+    with tarfile.open(train_tar) as tf:
+        stolen = [(m, tf.extractfile(m).read()) for m in tf.getmembers()[:2]]  # one train sample: jpg + json
+    with tarfile.open(test_tar) as tf:
+        items = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as out:
+        for member, data in items + stolen:
+            out.addfile(member, io.BytesIO(data))
+    test_tar.write_bytes(buf.getvalue())
+    key, patient = stolen[0][0].name.split(".")[0], json.loads(stolen[-1][1])["patient_id"]
+
+    def one_more(m):
+        m["splits"]["test"]["shards"][0]["samples"] += 1
+        m["splits"]["test"]["samples"] += 1
+
+    edit_manifest(shards, one_more)
+    problems = verify(shards)
+    assert f"splits train and test share 1 keys: {key}" in problems, problems
+    assert any(p.startswith("splits train and test share") and "patients" in p and patient in p for p in problems)
+
+
 def test_a_config_with_python_tags_is_refused_in_one_line(tmp_path):
     from cxrdist.config import ConfigError, TrainConfig
 
@@ -316,6 +339,63 @@ def test_unparseable_age_and_sex_cells_are_counted_in_the_manifest(chexpert, tmp
     assert json.loads((out / "manifest.json").read_text())["unparseable"] == {"Age": 2, "Sex": 1}
     age, bad = parse_age(pd.Series(["058Y", "", "abcY", "61", None]), unit="Yy")  # NIH's Patient Age
     assert bad == 1 and np.array_equal(age, [58, np.nan, np.nan, 61, np.nan], equal_nan=True)
+
+
+def test_a_full_disk_refuses_a_checkpoint_before_writing_and_keeps_the_previous(small_disk):
+    import torch
+
+    from cxrdist.engine import checkpoint as ckpt
+
+    path = small_disk / "last.pt"
+    state = {"w": torch.arange(1_000_000, dtype=torch.int32)}  # 4 MB
+    ckpt.atomic_torch_save(state, path, keep_previous=True)
+    ckpt.atomic_torch_save({"w": state["w"] + 1}, path, keep_previous=True)  # the first moves to last.prev.pt
+    with pytest.raises(ckpt.CheckpointError, match=rf"{path}: not written: no space left on device .* intact"):
+        ckpt.atomic_torch_save({"w": state["w"] + 2}, path, keep_previous=True)
+    assert torch.equal(ckpt.load(path)["w"], state["w"] + 1)
+    assert torch.equal(ckpt.load(ckpt.previous(path))["w"], state["w"])
+    assert {p.name for p in small_disk.iterdir()} == {"last.pt", "last.prev.pt"}  # no temporary left
+    # a write that runs out of room anyway (the check passed, then the disk filled) names the file too
+    with pytest.raises(ckpt.CheckpointError, match=rf"{small_disk / 'big'}: not written: no space left"):
+        with ckpt.writing(small_disk / "big"), open(small_disk / "big", "wb") as f:
+            f.write(bytes(8 << 20))
+
+
+def test_a_damaged_last_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
+    import torch
+
+    from cxrdist.engine import checkpoint as ckpt
+
+    path = tmp_path / "last.pt"
+    ckpt.atomic_torch_save({"step": torch.tensor(1)}, path, keep_previous=True)
+    ckpt.atomic_torch_save({"step": torch.tensor(2)}, path, keep_previous=True)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(ckpt.CheckpointError, match=rf"{path}: unreadable checkpoint, truncated"):
+        ckpt.load(path)
+    assert int(ckpt.load_or_previous(path)["step"]) == 1
+    assert f"{path}: unreadable checkpoint" in caplog.text and "resuming from last.prev.pt" in caplog.text
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['CXRDIST_PWNED'], 'w').write('ran')",))
+
+
+def test_a_checkpoint_that_needs_pickled_code_is_refused_by_resume_in_one_line(tiny_shards, tmp_path, monkeypatch):
+    import torch
+
+    run, flag = tmp_path / "run", tmp_path / "pwned"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {}, "x": Payload()}, run / "checkpoints" / "last.pt")
+    monkeypatch.setenv("CXRDIST_PWNED", str(flag))
+    args = ["train", "--shards", tiny_shards["shards"], "--out", run, "--resume", "--workers", "0"]
+    proc = cxrdist_cli(*args, "--backend", "single", "--model", "densenet121", "--image-size", "32")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("cxrdist train: error: ")]
+    assert f"{run / 'checkpoints' / 'last.pt'}: refused" in error and "never runs pickled code" in error
+    assert "weights_only" not in proc.stderr and not flag.exists()
+    torch.load(run / "checkpoints" / "last.pt", weights_only=False)  # the payload is live: unsafe loading runs it
+    assert flag.read_text() == "ran"
 
 
 def test_the_local_launcher_escalates_to_sigkill():

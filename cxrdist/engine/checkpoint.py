@@ -1,13 +1,22 @@
 """Atomic checkpoints: a kill mid-save leaves the previous checkpoint loadable.
 
-A ``.pt`` file is written through ``cxrdist.atomic.atomic_file`` (temporary file, fsync, ``os.replace``).
-Everything stored is tensors and plain containers, so it loads with ``torch.load(weights_only=True)``: no
-pickled code ever runs on load.
+A ``.pt`` file is written through ``cxrdist.atomic.atomic_file`` (temporary file, fsync, ``os.replace``),
+after checking that the file system has room for it; ``last.pt`` keeps its previous version beside it
+(``last.prev.pt``), which a resume falls back to when ``last.pt`` is unreadable. Everything stored is tensors
+and plain containers, so it loads with ``torch.load(weights_only=True)``: no pickled code ever runs on load,
+and a file that needs more is refused, naming it (never with advice to load it unsafely).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import pickle
 import random
+import shutil
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +24,107 @@ import numpy as np
 import torch
 
 from cxrdist.atomic import atomic_file
+from cxrdist.errors import UserError
+
+logger = logging.getLogger(__name__)
+HEADROOM = 1.05, 1 << 20  # a checkpoint file is its tensors' bytes plus a little: want 5% + 1 MB spare
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_file(path) as f:
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written (no space) or read (truncated, refused); the message names it."""
+
+
+def previous(path: Path) -> Path:
+    """Where the version before ``path`` is kept (``last.pt`` -> ``last.prev.pt``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a nested state (dicts, lists, tuples): what ``torch.save`` writes, bar
+    a small header per tensor."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def check_space(path: Path, need: int) -> None:
+    """Refuse to start writing ``need`` bytes at ``path`` where the file system has no room for them."""
+    free = shutil.disk_usage(Path(path).parent).free
+    want = int(need * HEADROOM[0]) + HEADROOM[1]
+    if free < want:
+        raise CheckpointError(
+            f"{path}: not written: no space left on device (about {mb(want)} needed, {mb(free)} free); "
+            f"the previous checkpoint is intact"
+        )
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A full disk met while writing (torch says only "unexpected pos" or "file write failed") becomes a
+    CheckpointError naming the path."""
+    try:
+        yield
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        text = str(e)
+        full = getattr(e, "errno", None) == errno.ENOSPC or any(
+            t in text for t in ("No space left on device", "unexpected pos", "file write failed")
+        )
+        if not full:
+            raise
+        free = shutil.disk_usage(Path(path).parent).free
+        raise CheckpointError(
+            f"{path}: not written: no space left on device ({mb(free)} free); the previous checkpoint is intact"
+        ) from None
+
+
+def atomic_torch_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """Save ``obj`` at ``path`` atomically, after checking for room; ``keep_previous``: the replaced file
+    moves to ``previous(path)``."""
+    path = Path(path)
+    check_space(path, tensor_bytes(obj))
+    with writing(path), atomic_file(path, keep=previous(path) if keep_previous else None) as f:
         torch.save(obj, f)
 
 
 def load(path: Path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint's state (weights_only). An unreadable or refused file is a CheckpointError naming it."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except pickle.UnpicklingError:  # torch's text here advises weights_only=False: never pass that on
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain containers, and cxrdist never "
+            f"runs pickled code from a checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a torch file ({first})") from None
+
+
+def load_or_previous(path: Path, map_location="cpu") -> dict | None:
+    """``path``'s state, or, where it is missing or unreadable and the previous version is kept, that one
+    (with a warning naming both); None when neither exists."""
+    path, prev = Path(path), previous(path)
+    if not path.is_file() and not prev.is_file():
+        return None
+    try:
+        return load(path, map_location)
+    except CheckpointError as e:
+        if not prev.is_file():
+            raise
+        logger.warning("%s; resuming from %s, the checkpoint saved before it", e, prev.name)
+        return load(prev, map_location)
 
 
 def rng_state() -> dict:

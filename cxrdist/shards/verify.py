@@ -1,4 +1,5 @@
-"""``cxrdist verify``: re-hash and re-count every shard against the manifest.
+"""``cxrdist verify``: re-hash and re-count every shard against the manifest, and check that no key and no
+patient is in two splits.
 
 Samples are counted from the tar member names only (headers, through the one tar reader
 ``cxrdist.shards.tario``; nothing is decoded or unpickled): a sample is the run of members sharing a key,
@@ -8,6 +9,8 @@ as webdataset groups them.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrdist.contain import SHARD_NAME, shard_name_problem
@@ -24,10 +27,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def count_samples(path: Path, n_labels: int | None = None) -> tuple[int, list[str]]:
-    """(samples, problems) from the members of a tar, by the one tar reader's key / extension rule
+def count_samples(
+    path: Path, n_labels: int | None = None, patients: set[str] | None = None
+) -> tuple[int, list[str], set[str]]:
+    """(samples, problems, keys) from the members of a tar, by the one tar reader's key / extension rule
     (``tario.split_name``): headers, and with ``n_labels`` each ``.json`` checked as the loader checks it
-    (``manifest.sample_meta``); images are not decoded. Raises ShardError when the tar is unreadable."""
+    (``manifest.sample_meta``), its ``patient_id`` added to ``patients``; images are not decoded. Raises
+    ShardError when the tar is unreadable."""
     problems: list[str] = []
     samples, current, exts, seen = 0, None, set(), set()
 
@@ -55,14 +61,25 @@ def count_samples(path: Path, n_labels: int | None = None) -> tuple[int, list[st
         exts.add(ext)
         if data is not None and ext == "json":
             try:
-                sample_meta(data, n_labels)
+                meta = sample_meta(data, n_labels)
             except ValueError as e:
                 problems.append(f"sample {key}: {e}")
+            else:
+                if patients is not None and meta.get("patient_id") not in (None, ""):
+                    patients.add(str(meta["patient_id"]))
     close_sample()
-    return samples, problems
+    return samples, problems, seen
 
 
-def _shard_problems(path: Path, s: dict, n_labels: int) -> list[str]:
+@dataclass
+class SplitContents:
+    """What verify saw of one split: where each key was, and the patients (for the cross-split checks)."""
+
+    keys: dict[str, str] = field(default_factory=dict)  # key -> shard name
+    patients: set[str] = field(default_factory=set)
+
+
+def _shard_problems(path: Path, s: dict, n_labels: int, seen: SplitContents) -> list[str]:
     name = path.name
     if not path.is_file():
         return [f"{name}: missing"]
@@ -73,12 +90,31 @@ def _shard_problems(path: Path, s: dict, n_labels: int) -> list[str]:
     if digest != s.get("sha256"):
         problems.append(f"{name}: sha256 mismatch")
     try:
-        n, inner = count_samples(path, n_labels)
+        n, inner, keys = count_samples(path, n_labels, seen.patients)
     except ShardError as e:
         return problems + [f"{name}: unreadable tar: {str(e).removeprefix(name + ': ')}"]
     problems += [f"{name}: {p}" for p in inner]
+    for key in sorted(keys & seen.keys.keys()):
+        problems.append(f"{name}: key {key} is also in {seen.keys[key]}")
+    seen.keys.update(dict.fromkeys(keys, name))
     if n != s.get("samples"):
         problems.append(f"{name}: {n} samples, manifest says {s.get('samples')}")
+    return problems
+
+
+def leakage(contents: dict[str, SplitContents], show: int = 3) -> list[str]:
+    """Keys or patients in two splits: val or test images (or their patients' other images) trained on,
+    or scored twice, which the patient-wise split rules out."""
+    problems = []
+    for a, b in itertools.combinations(SPLITS, 2):
+        for what, x, y in (
+            ("keys", contents[a].keys.keys(), contents[b].keys.keys()),
+            ("patients", contents[a].patients, contents[b].patients),
+        ):
+            both = sorted(set(x) & set(y))
+            if both:
+                more = f" and {len(both) - show:,} more" if len(both) > show else ""
+                problems.append(f"splits {a} and {b} share {len(both):,} {what}: {', '.join(both[:show])}{more}")
     return problems
 
 
@@ -91,13 +127,15 @@ def verify(dir) -> list[str]:
         problems.append("manifest.json: written by --dry-run, no shards to verify")
     problems += shard_list_problems(m)
     listed: set[str] = set()
+    contents = {split: SplitContents() for split in SPLITS}
     for split in SPLITS:
         for s in m["splits"][split].get("shards", []):
             name = s.get("name") if isinstance(s, dict) else s
             if shard_name_problem(name, split) or name in listed:
                 continue  # said above; a name that points elsewhere is never opened
             listed.add(name)
-            problems += _shard_problems(d / name, s, len(m["labels"]))
+            problems += _shard_problems(d / name, s, len(m["labels"]), contents[split])
+    problems += leakage(contents)
     for p in sorted(d.iterdir()):
         if SHARD_NAME.match(p.name) and p.name not in listed:
             problems.append(f"{p.name}: on disk but not in the manifest")

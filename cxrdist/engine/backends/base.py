@@ -327,14 +327,14 @@ class TorchBackend(Backend):
                     **state,
                 },
                 Path(ckpt_dir) / f"{tag}.pt",
+                keep_previous=tag == "last",  # what a resume falls back to if last.pt is damaged
             )
         dist.barrier()
 
     def load(self, ckpt_dir, tag="last"):
-        path = Path(ckpt_dir) / f"{tag}.pt"
-        if not path.is_file():
+        state = ckpt.load_or_previous(Path(ckpt_dir) / f"{tag}.pt")
+        if state is None:
             return None
-        state = ckpt.load(path)
         self._module.load_state_dict(state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
@@ -380,6 +380,14 @@ def publish(ckpt_dir: Path, tag: str, unique: str, is_main: bool) -> None:
             if old.is_dir() and old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def check_folder_space(ckpt_dir: Path, unique: str) -> None:
+    """Before every rank writes folder ``unique``: refuse where the file system lacks room for another
+    checkpoint as large as the last one (the same state, so the same size; a first save is not checked)."""
+    last = pointed_folder(ckpt_dir, "last")
+    if last is not None and last.is_dir():
+        ckpt.check_space(Path(ckpt_dir) / unique, sum(f.stat().st_size for f in last.rglob("*") if f.is_file()))
 
 
 def pointed_folder(path: Path, tag: str) -> Path | None:

@@ -18,6 +18,7 @@ from cxrdist.engine.backends.base import (
     Layout,
     activations_channels_last,
     average_buffers,
+    check_folder_space,
     make_optimizer,
     make_scheduler,
     pointed_folder,
@@ -144,7 +145,9 @@ class DeepSpeedBackend(Backend):
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         unique = unique_tag(tag, state)
-        self.engine.save_checkpoint(str(ckpt_dir), tag=unique, client_state=state, save_latest=False)
+        check_folder_space(ckpt_dir, unique)
+        with ckpt.writing(ckpt_dir / unique):
+            self.engine.save_checkpoint(str(ckpt_dir), tag=unique, client_state=state, save_latest=False)
         publish(ckpt_dir, tag, unique, self.env.is_main)
 
     def load(self, ckpt_dir, tag="last"):
@@ -255,7 +258,7 @@ def _weights_only_engine(engine):
 
     def load(path, map_location=None):
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return ckpt.load(path, map_location=map_location)  # a damaged file: an error naming it
 
     engine.load = load
     return engine

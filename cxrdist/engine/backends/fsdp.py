@@ -35,6 +35,7 @@ from cxrdist.engine.backends.base import (
     Layout,
     activations_channels_last,
     average_buffers,
+    check_folder_space,
     make_optimizer,
     make_scheduler,
     pointed_folder,
@@ -137,8 +138,10 @@ class FSDPBackend(Backend):
         ckpt_dir = Path(ckpt_dir)
         unique = unique_tag(tag, state)
         folder = ckpt_dir / unique
+        check_folder_space(ckpt_dir, unique)
         folder.mkdir(parents=True, exist_ok=True)
-        dcp.save(self._state(), checkpoint_id=str(folder))
+        with ckpt.writing(folder):
+            dcp.save(self._state(), checkpoint_id=str(folder))
         if self.env.is_main:
             ckpt.atomic_torch_save({**state, "scheduler": self.scheduler.state_dict()}, folder / CLIENT)
         publish(ckpt_dir, tag, unique, self.env.is_main)
