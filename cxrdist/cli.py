@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="; ".join(f"{n}: {sources.get(n).root}" for n in sources.names()),
     )
-    s.add_argument("--out", type=Path, required=True, metavar="DIR")
+    s.add_argument("--out", required=True, metavar="DIR")  # a str: Path("s3://b/p") would be "s3:/b/p"
     s.add_argument(
         "--labels",
         default=None,
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_shard)
 
     s = add("verify", help="re-hash and re-count every shard against the manifest")
-    s.add_argument("dir", type=Path)
+    s.add_argument("dir", metavar="LOCATION", help="a shard folder, file://, s3://, gs://, http(s):// or pipe:CMD")
     s.set_defaults(func=cmd_verify)
 
     s = add("train", help="train a model on shards under one of the distributed backends")
@@ -175,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run", type=Path, required=True, metavar="DIR")
     s.add_argument("--split", default="test", choices=("train", "val", "test"))
     s.add_argument("--checkpoint", default="best", help="best | last | a path")
-    s.add_argument(
-        "--shards", type=Path, default=None, metavar="DIR", help="another shard folder (default: the run's own)"
-    )
+    s.add_argument("--shards", default=None, metavar="LOCATION", help="another shard location (default: the run's own)")
     s.add_argument(
         "--map-labels",
         action="store_true",

@@ -27,6 +27,7 @@ from cxrdist.errors import UserError
 from cxrdist.labels import check_same, checkpoint_labels, describe, overlap
 from cxrdist.metrics import fmt
 from cxrdist.models import model_from_client, uses_demographics
+from cxrdist.shards import location
 
 
 def load_checkpoint(path: Path, tag: str = "best", backend: str | None = None) -> tuple[dict, dict]:
@@ -59,7 +60,12 @@ def label_pairs(trained, shards, *, map_labels: bool, where: str) -> list[tuple[
 
 
 def evaluate_run(
-    run: Path, split: str = "test", checkpoint: str = "best", *, shards: Path | None = None, map_labels: bool = False
+    run: Path,
+    split: str = "test",
+    checkpoint: str = "best",
+    *,
+    shards: str | Path | None = None,
+    map_labels: bool = False,
 ) -> dict:
     """Score a run's checkpoint on ``split`` of its own shards, or of ``shards`` (another folder, perhaps
     another dataset); writes ``RUN/eval_<split>.json`` (``eval_<split>@<folder>.json`` for other shards)."""
@@ -90,7 +96,7 @@ def evaluate_run(
     result.update(split=split, checkpoint=checkpoint, shards=str(cfg.data.shards))
     if names != list(trained):
         result["label_map"] = {trained[a]: loaders.labels[b] for a, b in pairs}
-    name = f"eval_{split}.json" if shards is None else f"eval_{split}@{Path(shards).resolve().name}.json"
+    name = f"eval_{split}.json" if shards is None else f"eval_{split}@{location.parse(shards).name}.json"
     (run / name).write_text(json.dumps(result, indent=1))
     _print_scores(result, f"{run.name}: {split} of {cfg.data.shards} ({result['n']} images, checkpoint {checkpoint})")
     return result

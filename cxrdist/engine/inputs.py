@@ -14,6 +14,7 @@ from cxrdist import cpus, dist
 from cxrdist.config import TrainConfig
 from cxrdist.data.transforms import Augment
 from cxrdist.errors import UserError
+from cxrdist.shards import location
 from cxrdist.shards.manifest import load_manifest, shard_paths, split_samples
 
 
@@ -21,11 +22,16 @@ def check_inputs(cfg: TrainConfig) -> dict:
     """Missing or empty shard folder, a manifest that disagrees with the shards: a clear error now."""
     if not cfg.data.shards:
         raise UserError("--shards is required (a folder written by `cxrdist shard`)")
-    folder = Path(cfg.data.shards)
-    manifest = load_manifest(folder)
+    loc = location.parse(cfg.data.shards)
+    folder = loc.local or loc.text
+    manifest = load_manifest(folder)  # a URL location: every shard listed there (sizes: checked as they stream)
+    if loc.local is None and cfg.data.format != "shards":
+        raise UserError(f"--format {cfg.data.format} reads a local shard folder, not {loc}")
     for split in ("train", "val", "test"):
         if split_samples(manifest, split) == 0:
             raise UserError(f"{folder}/manifest.json: split {split!r} has no samples")
+        if loc.local is None:
+            continue
         for entry, path in zip(manifest["splits"][split]["shards"], shard_paths(manifest, folder, split)):
             if not path.is_file():
                 raise UserError(f"{path}: listed in manifest.json but missing (run `cxrdist verify {folder}`)")
@@ -46,7 +52,8 @@ def check_inputs(cfg: TrainConfig) -> dict:
 class Loaders:
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, batch_size: int):
         self.cfg, self.env, self.device, self.batch_size = cfg, env, device, batch_size
-        self.folder = Path(cfg.data.shards)
+        loc = location.parse(cfg.data.shards)
+        self.folder: Path | str = loc.local or loc.text  # a URL location is streamed
         self.manifest = load_manifest(self.folder)
         self.labels: tuple[str, ...] = tuple(self.manifest["labels"])  # the model head's outputs, in order
         where = cfg.data.augment

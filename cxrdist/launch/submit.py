@@ -16,11 +16,14 @@ import submitit
 
 from cxrdist.config import TrainConfig
 from cxrdist.demo import demo_shards, ensure_demo_shards
+from cxrdist.errors import UserError
 from cxrdist.launch.args import LaunchError, with_defaults
 from cxrdist.launch.cluster import resolve_cluster
 from cxrdist.launch.job import TrainJob
 from cxrdist.launch.plan import Plan, plan, with_backend
 from cxrdist.runfolder import RunFolder
+from cxrdist.shards import location
+from cxrdist.shards.manifest import read_manifest
 
 
 @dataclass
@@ -43,7 +46,8 @@ class Submission:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).absolute()) if path else path
+    """A local path made absolute (the job runs elsewhere); a URL location as it is."""
+    return str(Path(path).absolute()) if path and not location.is_remote(path) else path
 
 
 def prepare_config(args: argparse.Namespace, cfg: TrainConfig) -> TrainConfig:
@@ -134,8 +138,10 @@ def submit(launch_args: argparse.Namespace, cfg: TrainConfig, log: TextIO | None
         cfg = replace(cfg, run=replace(cfg.run, device="cuda" if p.gpus_per_node else "cpu"))
     if Path(cfg.data.shards) == demo_shards():
         ensure_demo_shards(log=log)
-    if not (Path(cfg.data.shards) / "manifest.json").is_file():
-        raise LaunchError(f"--shards {cfg.data.shards}: no manifest.json there (a folder written by `cxrdist shard`)")
+    try:
+        read_manifest(cfg.data.shards)  # here, before anything is submitted (a URL: fetched once)
+    except UserError as e:  # it names the location
+        raise LaunchError(f"--shards: {e}") from None
     log_dir = str(Path(args.log_dir).absolute())
     if "%j" not in log_dir:
         log_dir = os.path.join(log_dir, "%j")

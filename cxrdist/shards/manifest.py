@@ -15,6 +15,7 @@ import numpy as np
 from cxrdist.atomic import atomic_write_json
 from cxrdist.contain import shard_name_problem
 from cxrdist.errors import UserError
+from cxrdist.shards import location
 
 MANIFEST = "manifest.json"
 DRY_RUN_MANIFEST = "manifest.dry-run.json"
@@ -54,8 +55,12 @@ def write_manifest(dir, manifest: dict, name: str = MANIFEST) -> Path:
 
 
 def read_manifest(dir) -> dict:
-    """Parse ``dir/manifest.json`` and check its fields; does not look at the shards (see ``load_manifest``)."""
-    d = Path(dir)
+    """Parse ``dir/manifest.json`` (a folder or a URL location) and check its fields; does not look at the
+    shards (see ``load_manifest``)."""
+    loc = location.parse(dir)
+    if loc.local is None:
+        return _remote_manifest(loc)
+    d = loc.local
     if not d.exists():
         raise ManifestError(f"{d}: no such shard folder (run `cxrdist shard --out {d} ...` first)")
     if not d.is_dir():
@@ -65,8 +70,28 @@ def read_manifest(dir) -> dict:
         hint = " (only a --dry-run manifest is there)" if (d / DRY_RUN_MANIFEST).is_file() else ""
         raise ManifestError(f"{d}: no {MANIFEST}{hint}: run `cxrdist shard --out {d} ...` first")
     try:
-        m = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: unreadable manifest: {e}") from None
+    return check_fields(text, path)
+
+
+def _remote_manifest(loc: location.Location) -> dict:
+    url = loc.url(MANIFEST)
+    try:
+        raw = loc.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise ManifestError(f"{loc}: no {MANIFEST} there (a shard folder written by `cxrdist shard`)") from None
+    try:
+        return check_fields(raw.decode("utf-8"), url)
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{url}: unreadable manifest: {e}") from None
+
+
+def check_fields(text: str, path) -> dict:
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: unreadable manifest: {e}") from None
     if not isinstance(m, dict):
         raise ManifestError(f"{path}: not a manifest (expected a JSON object)")
@@ -109,15 +134,17 @@ def shard_list_problems(m: dict) -> list[str]:
 
 
 def load_manifest(dir, *, splits=SPLITS) -> dict:
-    """Load and check a shard folder: the manifest, every listed shard present, ``splits`` non-empty.
+    """Load and check a shard folder (or URL location): the manifest, every listed shard present (one
+    listing for a URL; a ``pipe:`` location cannot list), ``splits`` non-empty.
 
     Raises ``ManifestError`` (a ``UserError``) naming the problem.
     """
-    d = Path(dir)
-    m = read_manifest(d)
+    loc = location.parse(dir)
+    d = str(loc).rstrip("/")
+    m = read_manifest(loc.text)
     if m.get("dry_run"):
         raise ManifestError(
-            f"{d / MANIFEST}: written by `cxrdist shard --dry-run` (no shards): run it without --dry-run"
+            f"{loc.url(MANIFEST)}: written by `cxrdist shard --dry-run` (no shards): run it without --dry-run"
         )
     problems = shard_list_problems(m)
     if problems:
@@ -129,25 +156,33 @@ def load_manifest(dir, *, splits=SPLITS) -> dict:
                 f"{d}: split {split!r} is empty ({len(m['splits'][split].get('shards', []))} shards, "
                 "0 samples): too few images, or all skipped (see skipped in manifest.json)"
             )
+    present = (lambda name: (loc.local / name).is_file()) if loc.local is not None else _listed(loc)
     for split in SPLITS:
-        for p in shard_paths(m, d, split):
-            if not p.is_file():
+        for s in m["splits"][split].get("shards", []):
+            if not present(s["name"]):
                 raise ManifestError(
-                    f"{d}: shard {p.name} is listed in {MANIFEST} but missing "
+                    f"{d}: shard {s['name']} is listed in {MANIFEST} but missing "
                     "(re-run `cxrdist shard` to re-pack it; `cxrdist verify` checks them all)"
                 )
     return m
 
 
-def shard_paths(manifest: dict, dir, split: str) -> list[Path]:
+def _listed(loc: location.Location):
+    sizes = loc.sizes()
+    return (lambda name: True) if sizes is None else (lambda name: name in sizes)  # unlisted: read will say
+
+
+def shard_paths(manifest: dict, dir, split: str) -> list[Path | str]:
+    """Each shard of ``split``: a path in a local folder, a URL (or pipe: command) for a remote location."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    paths = []
+    loc = location.parse(dir)
+    paths: list[Path | str] = []
     for s in manifest["splits"][split].get("shards", []):
         why = shard_name_problem(s["name"], split)  # whoever calls this, nothing outside the folder is opened
         if why:
-            raise ManifestError(f"{Path(dir) / MANIFEST}: split {split}: {why}")
-        paths.append(Path(dir) / s["name"])
+            raise ManifestError(f"{loc.url(MANIFEST)}: split {split}: {why}")
+        paths.append(loc.local / s["name"] if loc.local is not None else loc.url(s["name"]))
     return paths
 
 

@@ -32,6 +32,7 @@ from cxrdist.atomic import atomic_write_json, fsync_dir
 from cxrdist.contain import OUTSIDE, SHARD_NAME, Outside, within
 from cxrdist.errors import UserError
 from cxrdist.labels import describe, set_name
+from cxrdist.shards import location
 from cxrdist.shards.manifest import DRY_RUN_MANIFEST, MANIFEST, SPLITS, VERSION, shard_name, write_manifest
 from cxrdist.shards.verify import file_sha256
 
@@ -510,6 +511,11 @@ def pack(
 
     if encoding not in ENCODINGS:
         raise UserError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if location.parse(out).local is None:  # never a local folder named "s3:" (Path("s3://b") is "s3:/b")
+        raise UserError(
+            f"--out {out}: writing shards to a URL is not supported yet: pack into a folder, upload it "
+            f"(e.g. `aws s3 sync DIR {out}`), then train, eval and verify read {out} directly"
+        )
     for what, v in (("size", size), ("workers", workers), ("samples_per_shard", samples_per_shard)):
         if int(v) < 1:
             raise UserError(f"{what} must be at least 1 (got {v})")

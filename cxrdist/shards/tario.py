@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrdist.errors import UserError
+from cxrdist.shards import location
+from cxrdist.shards.location import is_remote
 from cxrdist.shards.manifest import IMAGE_EXTS
 
 KNOWN_EXTS = frozenset((*IMAGE_EXTS, "json"))  # everything else in a tar is ignored (never decoded)
@@ -94,10 +96,17 @@ def members(
     read: Callable[[str], bool] = lambda fname: True,
 ) -> Iterator[tuple[str, bytes | None]]:
     """Yield ``(member name, data)`` for the regular files of a tar, in order (ustar, pax, GNU long names);
-    ``data`` is copied out only where ``read(name)`` says so, else None. The file is memory-mapped and parsed
-    in place. Raises :class:`ShardError` naming the shard for a missing, truncated or damaged file, and,
-    given ``expected_sha256``, for one whose bytes hash otherwise: checked before the first member is
-    yielded, so nothing of a damaged shard is used (the pages hashed are the ones then parsed, from cache)."""
+    ``data`` is copied out only where ``read(name)`` says so, else None. Raises :class:`ShardError` naming
+    the shard for a missing, truncated or damaged file, and, given ``expected_sha256``, for one whose bytes
+    hash otherwise.
+
+    A local file is memory-mapped and parsed in place, its hash checked before the first member is yielded
+    (nothing of a damaged shard is used; the pages hashed are the ones then parsed, from cache). A URL
+    (``location.is_remote``) is streamed through the same parser, hashed as it arrives and checked at its
+    end, size included."""
+    if is_remote(path):
+        yield from _streamed_members(str(path), name, expected_bytes, expected_sha256, read)
+        return
     name = name or Path(path).name
     try:
         with open(path, "rb") as f:
@@ -115,7 +124,87 @@ def members(
                 f"{name}: sha256 mismatch: its bytes differ from the manifest's (damaged or replaced shard; "
                 f"run `cxrdist verify`)"
             )
-        yield from _parse_tar(mm, size, name, read)
+        yield from _parse_tar(_Mapped(mm, size), name, read)
+
+
+def _streamed_members(
+    url: str, name: str | None, expected_bytes: int, expected_sha256: str, read: Callable[[str], bool]
+) -> Iterator[tuple[str, bytes | None]]:
+    if url.startswith("pipe:"):  # the command with the shard's name already in it
+        folder, file = location.Location(url), ""
+    else:
+        base, _, file = url.rpartition("/")
+        folder = location.Location(base)
+    name = name or file or url
+    where = f"{name} ({url})"
+    try:
+        stream = folder.open(file, expected_bytes)
+    except FileNotFoundError:
+        raise ShardError(f"{where}: missing (listed in the manifest)") from None
+    except location.LocationError as e:
+        raise ShardError(f"{name}: {e}") from None
+    with stream:
+        src = _Streamed(stream)
+        try:
+            yield from _parse_tar(src, where, read)
+            src.drain()
+        except location.LocationError as e:
+            raise ShardError(f"{name}: {e}") from None
+    if expected_bytes and src.pos != expected_bytes:
+        raise ShardError(f"{where}: {src.pos} bytes, the manifest says {expected_bytes} (truncated or replaced shard)")
+    if expected_sha256 and src.sha.hexdigest() != expected_sha256:
+        raise ShardError(f"{where}: sha256 mismatch: its bytes differ from the manifest's (damaged or replaced shard)")
+
+
+class _Mapped:
+    """A memory-mapped tar, read in place."""
+
+    def __init__(self, mm: mmap.mmap, size: int):
+        self.mm, self.size, self.pos = mm, size, 0
+
+    def take(self, n: int) -> bytes:
+        data = self.mm[self.pos : self.pos + n]
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        n = max(0, min(n, self.size - self.pos))
+        self.pos += n
+        return n
+
+
+class _Streamed:
+    """A tar arriving over a stream: every byte is counted and hashed as it is read."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.sha = f, 0, hashlib.sha256()
+
+    def take(self, n: int) -> bytes:
+        parts, want = [], n
+        while want > 0:
+            chunk = self.f.read(want)
+            if not chunk:
+                break
+            parts.append(chunk)
+            want -= len(chunk)
+        data = b"".join(parts)
+        self.sha.update(data)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        done = 0
+        while done < n:
+            got = len(self.take(min(n - done, 1 << 20)))
+            if not got:
+                break
+            done += got
+        return done
+
+    def drain(self) -> None:
+        """Read (and hash) what follows the end-of-archive marker: the tar's padding blocks."""
+        while self.skip(1 << 20):
+            pass
 
 
 def iter_tar(
@@ -142,14 +231,15 @@ def iter_tar(
             yield split[0], split[1], data
 
 
-def _parse_tar(mm: mmap.mmap, size: int, name: str, read: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
+def _parse_tar(src, name: str, read: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
+    """The one parser, over ``src.take(n)`` / ``src.skip(n)`` (a mapped file or a stream)."""
     long_name: str | None = None
-    pos = 0
     while True:
-        header = mm[pos : pos + _BLOCK]
+        at = src.pos
+        header = src.take(_BLOCK)
         if len(header) < _BLOCK:
             raise ShardError(
-                f"{name}: truncated tar / unreadable: ends at byte {size} without an end-of-archive marker"
+                f"{name}: truncated tar / unreadable: ends at byte {src.pos} without an end-of-archive marker"
             )
         if header == _ZERO_BLOCK:
             return
@@ -158,27 +248,32 @@ def _parse_tar(mm: mmap.mmap, size: int, name: str, read: Callable[[str], bool])
                 raise ValueError("checksum mismatch")
             msize = _octal(header[124:136])
         except ValueError:
-            raise ShardError(f"{name}: damaged tar / unreadable: bad member header at byte {pos}") from None
-        kind = header[156:157]
-        start = pos + _BLOCK
-        pos = start + msize + (-msize % _BLOCK)
-        if start + msize > size:
-            raise ShardError(
-                f"{name}: truncated tar / unreadable: the member at byte {start - _BLOCK} runs "
-                f"past the end ({size} bytes)"
-            )
+            raise ShardError(f"{name}: damaged tar / unreadable: bad member header at byte {at}") from None
+        kind, pad = header[156:157], -msize % _BLOCK
         if kind in (b"L", b"x"):  # the next member's real name (GNU long name, pax header)
-            data = mm[start : start + msize]
+            data = src.take(msize)
+            _past_end(len(data) < msize or src.skip(pad) < pad, name, at, src.pos)
             long_name = data.split(b"\0", 1)[0].decode("utf-8") if kind == b"L" else _pax_path(data)
             continue
         fname, long_name = long_name, None
-        if kind not in (b"0", b"\0", b"7"):  # directories, links, global pax headers, ...
-            continue
-        if fname is None:
+        regular = kind in (b"0", b"\0", b"7")  # not directories, links, global pax headers, ...
+        if regular and fname is None:
             fname = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
             if header[257:262] == b"ustar" and header[345] != 0:
                 fname = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + fname
-        yield fname, mm[start : start + msize] if read(fname) else None
+        if regular and read(fname):
+            data = src.take(msize)
+            _past_end(len(data) < msize or src.skip(pad) < pad, name, at, src.pos)
+            yield fname, data
+        else:
+            _past_end(src.skip(msize + pad) < msize + pad, name, at, src.pos)
+            if regular:
+                yield fname, None
+
+
+def _past_end(short: bool, name: str, at: int, end: int) -> None:
+    if short:
+        raise ShardError(f"{name}: truncated tar / unreadable: the member at byte {at} runs past the end ({end} bytes)")
 
 
 RawSample = tuple[str, str, dict[str, bytes]]  # (shard name, key, {ext: bytes})

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrdist.contain import SHARD_NAME, shard_name_problem
+from cxrdist.shards import location
 from cxrdist.shards.manifest import IMAGE_EXTS, SPLITS, read_manifest, sample_meta, shard_list_problems
 from cxrdist.shards.tario import ShardError, members, split_name
 
@@ -28,12 +29,12 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
 
 
 def count_samples(
-    path: Path, n_labels: int | None = None, patients: set[str] | None = None
+    path: Path | str, n_labels: int | None = None, patients: set[str] | None = None, expected: tuple[int, str] = (0, "")
 ) -> tuple[int, list[str], set[str]]:
     """(samples, problems, keys) from the members of a tar, by the one tar reader's key / extension rule
     (``tario.split_name``): headers, and with ``n_labels`` each ``.json`` checked as the loader checks it
     (``manifest.sample_meta``), its ``patient_id`` added to ``patients``; images are not decoded. Raises
-    ShardError when the tar is unreadable."""
+    ShardError when the tar is unreadable, or (``expected``: bytes, sha256) differs from them."""
     problems: list[str] = []
     samples, current, exts, seen = 0, None, set(), set()
 
@@ -45,7 +46,8 @@ def count_samples(
         if not exts & set(IMAGE_EXTS):
             problems.append(f"sample {current} has no image (.jpg/.png)")
 
-    for fname, data in members(path, read=lambda fname: n_labels is not None and fname.endswith(".json")):
+    wanted = lambda fname: n_labels is not None and fname.endswith(".json")  # noqa: E731
+    for fname, data in members(path, expected_bytes=expected[0], expected_sha256=expected[1], read=wanted):
         split = split_name(fname)
         if split is None:
             problems.append(f"member {fname!r} has no key.extension name")
@@ -79,20 +81,26 @@ class SplitContents:
     patients: set[str] = field(default_factory=set)
 
 
-def _shard_problems(path: Path, s: dict, n_labels: int, seen: SplitContents) -> list[str]:
-    name = path.name
-    if not path.is_file():
+def _shard_problems(path: Path | str, s: dict, n_labels: int, seen: SplitContents) -> list[str]:
+    """A local shard is hashed, then parsed; a URL is streamed once, hashed and sized as it is parsed."""
+    name, problems, expected = s["name"], [], (0, "")
+    if isinstance(path, str):
+        expected = (int(s.get("bytes") or 0), str(s.get("sha256") or ""))
+    elif not path.is_file():
         return [f"{name}: missing"]
-    problems = []
-    digest, size = file_sha256(path)
-    if s.get("bytes") is not None and size != s["bytes"]:
-        problems.append(f"{name}: {size} bytes, manifest says {s['bytes']}")
-    if digest != s.get("sha256"):
-        problems.append(f"{name}: sha256 mismatch")
+    else:
+        digest, size = file_sha256(path)
+        if s.get("bytes") is not None and size != s["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {s['bytes']}")
+        if digest != s.get("sha256"):
+            problems.append(f"{name}: sha256 mismatch")
     try:
-        n, inner, keys = count_samples(path, n_labels, seen.patients)
+        n, inner, keys = count_samples(path, n_labels, seen.patients, expected)
     except ShardError as e:
-        return problems + [f"{name}: unreadable tar: {str(e).removeprefix(name + ': ')}"]
+        why = str(e).removeprefix(name + ": ").removeprefix(f"{name} ({path}): ")
+        return problems + [
+            f"{name}: {why}" if "mismatch" in why or "missing" in why else f"{name}: unreadable tar: {why}"
+        ]
     problems += [f"{name}: {p}" for p in inner]
     for key in sorted(keys & seen.keys.keys()):
         problems.append(f"{name}: key {key} is also in {seen.keys[key]}")
@@ -120,8 +128,8 @@ def leakage(contents: dict[str, SplitContents], show: int = 3) -> list[str]:
 
 def verify(dir) -> list[str]:
     """Problems found (empty: every shard matches the manifest). Each names its shard."""
-    d = Path(dir)
-    m = read_manifest(d)
+    loc = location.parse(dir)
+    m = read_manifest(loc.text)
     problems: list[str] = []
     if m.get("dry_run"):
         problems.append("manifest.json: written by --dry-run, no shards to verify")
@@ -134,11 +142,12 @@ def verify(dir) -> list[str]:
             if shard_name_problem(name, split) or name in listed:
                 continue  # said above; a name that points elsewhere is never opened
             listed.add(name)
-            problems += _shard_problems(d / name, s, len(m["labels"]), contents[split])
+            path = loc.local / name if loc.local is not None else loc.url(name)
+            problems += _shard_problems(path, s, len(m["labels"]), contents[split])
     problems += leakage(contents)
-    for p in sorted(d.iterdir()):
-        if SHARD_NAME.match(p.name) and p.name not in listed:
-            problems.append(f"{p.name}: on disk but not in the manifest")
-        elif p.name.endswith(".tar.partial"):
-            problems.append(f"{p.name}: leftover partial shard (an interrupted `cxrdist shard`; re-run it)")
+    for found in sorted(loc.sizes() or ()):
+        if SHARD_NAME.match(found) and found not in listed:
+            problems.append(f"{found}: {'on disk' if loc.local else 'at ' + loc.text} but not in the manifest")
+        elif found.endswith(".tar.partial"):
+            problems.append(f"{found}: leftover partial shard (an interrupted `cxrdist shard`; re-run it)")
     return problems

@@ -1,0 +1,266 @@
+"""Where a shard folder lives: a local folder, ``file://``, ``s3://``, ``gs://``, ``http(s)://`` or ``pipe:``.
+
+A ``Location`` names the folder; the manifest's shard names are files under it (``contain.SHARD_NAME``
+keeps them plain names, so nothing outside it is ever read). Local folders keep the memory-mapped path;
+everything else is streamed.
+
+Which client, and why: fsspec's filesystems (s3fs for S3, gcsfs for GCS, its aiohttp-based HTTP
+filesystem), because they read credentials and endpoints the way each store's own tools do
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``~/.aws`` profiles, ``GOOGLE_APPLICATION_CREDENTIALS``), so
+MinIO, Ceph and on-prem S3 work unchanged; webdataset's ``gopen`` would shell out to ``curl``/``aws`` per
+shard, with no sizes, no listing and errors only as exit codes. ``pipe:CMD`` (webdataset's convention)
+stays for anything else: ``CMD`` with ``{name}`` replaced by a file name, its stdout read.
+
+Reading is sequential (a tar is parsed as it arrives: no whole-file download first). A transient failure
+(connection reset, timeout, 5xx) is retried a bounded number of times with backoff, resuming at the byte
+where it broke (a range request where the store serves ranges, else re-reading and discarding); after
+that a ``LocationError`` names the URL.
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cxrdist.errors import UserError
+
+SCHEMES = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "https"}
+EXTRAS = {"s3": ("s3fs", "s3"), "gcs": ("gcsfs", "gcs"), "http": ("aiohttp", "http"), "https": ("aiohttp", "http")}
+ATTEMPTS, BACKOFF_S, TIMEOUT_S = 5, 0.5, 60  # per read: 5 tries, 0.5 s doubling (15 s at most between)
+CHUNK = 1 << 20
+
+
+class LocationError(UserError):
+    """A location that cannot be used (unknown scheme, missing extra, unreachable); the message names it."""
+
+
+def is_remote(text: str | Path) -> bool:
+    """Whether ``text`` names a location that is streamed (a URL other than file://, or pipe:)."""
+    t = str(text)
+    return t.startswith("pipe:") or urlparse(t).scheme in SCHEMES
+
+
+@dataclass(frozen=True)
+class Location:
+    text: str  # as given (a URL or a path)
+
+    @property
+    def scheme(self) -> str:
+        if self.text.startswith("pipe:"):
+            return "pipe"
+        return SCHEMES.get(urlparse(self.text).scheme, "")
+
+    @property
+    def local(self) -> Path | None:
+        """The folder, for a local location (a path or file://); None for a streamed one."""
+        if self.scheme:
+            return None
+        return Path(urlparse(self.text).path) if self.text.startswith("file://") else Path(self.text)
+
+    @property
+    def name(self) -> str:
+        """The folder's own name (its last path segment)."""
+        if self.local is not None:
+            return self.local.resolve().name
+        return self.text.rstrip("/").rsplit("/", 1)[-1].replace("{name}", "") or self.scheme
+
+    def url(self, name: str) -> str:
+        """Where file ``name`` of this folder is (a path for local locations)."""
+        if self.local is not None:
+            return str(self.local / name)
+        if self.scheme == "pipe":
+            return self.text.replace("{name}", name)
+        return self.text.rstrip("/") + "/" + name
+
+    def __str__(self) -> str:
+        return self.text
+
+    # -- remote access ------------------------------------------------------------------------------
+    @cached_property
+    def fs(self) -> Any:
+        """The fsspec filesystem (imported on first use; a missing extra is a one-line error)."""
+        import fsspec
+
+        module, extra = EXTRAS[self.scheme]
+        try:
+            return fsspec.filesystem(self.scheme)
+        except ImportError:
+            raise LocationError(
+                f"{self.text}: reading {self.scheme}:// locations needs {module}: pip install 'cxrdist[{extra}]'"
+            ) from None
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read()
+
+    def sizes(self) -> dict[str, int] | None:
+        """File name -> size of everything in the folder, from one listing; None where the location cannot
+        list (pipe:, an HTTP server without an index page)."""
+        if self.local is not None:
+            return {p.name: p.stat().st_size for p in self.local.iterdir() if p.is_file()}
+        if self.scheme == "pipe":
+            return None
+        web = self.scheme in ("http", "https")
+        try:
+            found = self.fs.ls(self.text.rstrip("/") + ("/" if web else ""), detail=True)
+        except FileNotFoundError:
+            return None if web else {}
+        except Exception as e:  # noqa: BLE001 - a store's client raises its own kinds: one line naming it
+            if web:
+                return None
+            raise LocationError(f"{self.text}: cannot list it: {first_line(e)}") from None
+        out = {str(i["name"]).rstrip("/").rsplit("/", 1)[-1]: int(i.get("size") or 0) for i in found}
+        return out if out or not web else None
+
+    def open(self, name: str, expected_bytes: int = 0) -> io.RawIOBase:
+        """A sequential binary stream of file ``name`` that retries and resumes (see the module docstring).
+        A missing file is FileNotFoundError; an unreachable one a LocationError naming its URL."""
+        if self.local is not None:
+            return open(self.url(name), "rb")
+        return Stream(self, name, expected_bytes)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def parse(text: str | Path) -> Location:
+    """A ``--shards`` / ``verify`` argument as a Location; an unknown scheme is a one-line error."""
+    t = str(text)
+    scheme = urlparse(t).scheme
+    if t.startswith("pipe:"):
+        if "{name}" not in t:
+            raise LocationError(f"{t}: a pipe: location needs {{name}} where the file name goes")
+        return Location(t)
+    if scheme and scheme not in SCHEMES and scheme != "file" and not (len(scheme) == 1 and t[1:3] == ":\\"):
+        raise LocationError(
+            f"{t}: unknown location scheme {scheme!r}: use a folder, file://, s3://, gs://, http(s):// or pipe:CMD"
+        )
+    return Location(t)
+
+
+def transient(e: BaseException) -> bool:
+    """Failures worth another try: connection resets, timeouts, server errors (not 404 or 403)."""
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    if isinstance(e, ConnectionError | TimeoutError | OSError):
+        return True
+    status = getattr(e, "status", None) or getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(status, int):
+        return status >= 500
+    name = type(e).__name__
+    return any(k in name for k in ("Timeout", "Connection", "Disconnected", "Payload", "ClientError", "Incomplete"))
+
+
+class Stream(io.RawIOBase):
+    """File ``name`` of a remote location read front to back; each read that fails transiently reopens the
+    file at the byte reached (``ATTEMPTS`` tries with doubling ``BACKOFF_S``)."""
+
+    def __init__(self, location: Location, name: str, expected_bytes: int = 0):
+        super().__init__()
+        self.location, self.name, self.url = location, name, location.url(name)
+        self.expected_bytes = expected_bytes
+        self.pos = 0
+        self._f: Any = None
+        self._proc: subprocess.Popen | None = None
+        self._retry(self._open)
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> None:
+        self._close_source()
+        if self.location.scheme == "pipe":
+            self._proc = subprocess.Popen(shlex.split(self.url[5:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self._f = self._proc.stdout
+            self._discard(self.pos)
+            return
+        fs = self.location.fs
+        if self.location.scheme in ("http", "https"):
+            headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+            # a stream (no range request per block); a known size spares fsspec's HEAD, which reports an
+            # unreachable server as a missing file
+            size = {"size": self.expected_bytes} if self.expected_bytes else {}
+            self._f = fs.open(self.url, "rb", block_size=0, headers=headers, **size)
+            status = getattr(getattr(self._f, "r", None), "status", 200)
+            if self.pos and status != 206:  # the server ignores ranges: read again up to where it broke
+                self._discard(self.pos)
+        else:
+            self._f = fs.open(self.url, "rb", block_size=8 * CHUNK, cache_type="readahead")
+            self._f.seek(self.pos)
+
+    def _discard(self, n: int) -> None:
+        while n > 0:
+            got = self._f.read(min(n, CHUNK))
+            if not got:
+                raise ConnectionError(f"the stream ended at byte {self.pos - n} while resuming at {self.pos}")
+            n -= len(got)
+
+    def _retry(self, fn, *args):
+        delay, started = BACKOFF_S, time.monotonic()
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return fn(*args)
+            except LocationError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the store's client decides the kind; transient() reads it
+                if isinstance(e, FileNotFoundError) and not (e.__cause__ and transient(e.__cause__)):
+                    raise FileNotFoundError(f"{self.url}: no such file") from None
+                e = e.__cause__ if isinstance(e, FileNotFoundError) else e  # fsspec's "not found": unreachable
+                if not transient(e) or attempt == ATTEMPTS or time.monotonic() - started > TIMEOUT_S * ATTEMPTS:
+                    raise LocationError(
+                        f"{self.url}: unreadable after {attempt} attempt(s) at byte {self.pos}: {first_line(e)}"
+                    ) from None
+                time.sleep(delay)
+                delay *= 2
+                try:
+                    self._open()
+                except Exception:  # noqa: BLE001,S110 - the next attempt reopens and reports
+                    self._f = None
+
+    def _read_once(self, n: int) -> bytes:
+        if self._f is None:
+            self._open()
+        data = self._f.read(n)
+        if not data and self.expected_bytes and self.pos < self.expected_bytes:
+            raise ConnectionError(f"the stream ended at byte {self.pos} of {self.expected_bytes}")
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            chunks = []
+            while chunk := self.read(CHUNK):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        data = self._retry(self._read_once, n)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def _close_source(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:  # noqa: BLE001,S110 - closing a broken connection: nothing to keep
+                pass
+            self._f = None
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        self._close_source()
+        super().close()

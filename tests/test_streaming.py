@@ -1,0 +1,153 @@
+"""Shard folders as locations: streamed from a real HTTP server and a real S3 API server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+from cxrdist.data.stream import make_loader
+from cxrdist.shards import location
+from cxrdist.shards.location import LocationError, parse
+from cxrdist.shards.manifest import ManifestError, load_manifest
+from cxrdist.shards.tario import ShardError
+from cxrdist.shards.verify import verify
+
+from runs import train
+from servers import environ, http_server, s3_server, upload
+
+TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
+
+
+@pytest.fixture
+def served(tiny_shards, tmp_path):
+    """A copy of the tiny shards (tests may damage it) behind a range-serving HTTP server."""
+    folder = tmp_path / "served"
+    shutil.copytree(tiny_shards["shards"], folder)
+    with http_server(tmp_path) as (base, faults, _):
+        yield {"url": f"{base}/served", "folder": folder, "faults": faults}
+
+
+@pytest.fixture(scope="module")
+def s3(tiny_shards):
+    with s3_server() as env, environ(env):
+        yield {"url": upload(env, tiny_shards["shards"], "cxr", "tiny/shards"), "env": env}
+
+
+def keys_and_labels(where) -> list[tuple[str, list[float]]]:
+    out = []
+    for b in make_loader(where, "val", batch_size=4, workers=0, train=False):
+        out += list(zip(b["key"], b["labels"].tolist()))
+    return out
+
+
+def test_a_location_is_parsed_and_an_unknown_scheme_refused(tmp_path):
+    assert parse(tmp_path).local == tmp_path and parse(f"file://{tmp_path}").local == tmp_path
+    assert parse("s3://b/p").url("train-000000.tar") == "s3://b/p/train-000000.tar"
+    assert parse("pipe:cat /data/{name}").url("x.tar") == "pipe:cat /data/x.tar"
+    assert location.is_remote("https://h/p") and not location.is_remote(tmp_path)
+    with pytest.raises(LocationError, match="unknown location scheme 'ftp'"):
+        parse("ftp://host/shards")
+    with pytest.raises(LocationError, match=r"needs \{name\}"):
+        parse("pipe:cat x")
+
+
+def test_http_and_s3_read_the_same_samples_as_the_folder(tiny_shards, served, s3):
+    local = keys_and_labels(tiny_shards["shards"])
+    assert keys_and_labels(served["url"]) == local
+    assert keys_and_labels(s3["url"]) == local
+    assert keys_and_labels(f"pipe:cat {served['folder']}/{{name}}") == local
+    assert len(local) == json.loads((tiny_shards["shards"] / "manifest.json").read_text())["splits"]["val"]["samples"]
+    # streamed, not downloaded first: every shard read in one GET from its start
+    assert all(r == "" for name, r in served["faults"].requests if name.endswith(".tar"))
+
+
+def test_verify_checks_a_remote_folder_and_names_a_damaged_shard(served, s3):
+    assert verify(served["url"]) == [] and verify(s3["url"]) == []
+    tar = sorted(served["folder"].glob("val-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[data.index(b"\xff\xd8") + 200] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    assert f"{tar.name}: sha256 mismatch: its bytes differ from the manifest's (damaged or replaced shard)" in [
+        p.replace(f" ({served['url']}/{tar.name})", "") for p in verify(served["url"])
+    ]
+    with pytest.raises(ShardError, match=rf"{tar.name} \({served['url']}/{tar.name}\): sha256 mismatch"):
+        keys_and_labels(served["url"])
+
+
+def test_a_dropped_connection_is_resumed_at_the_byte_it_broke(tiny_shards, served):
+    tar = sorted(served["folder"].glob("val-*.tar"))[0].name
+    served["faults"].drop[tar] = 2  # twice: the third request completes it
+    assert keys_and_labels(served["url"]) == keys_and_labels(tiny_shards["shards"])
+    ranges = [r for name, r in served["faults"].requests if name == tar]
+    assert ranges[0] == "" and all(r.startswith("bytes=") and r != "bytes=0-" for r in ranges[1:3])
+
+
+def test_a_server_without_ranges_is_re_read_up_to_the_break(tiny_shards, tmp_path):
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny_shards["shards"], folder)
+    with http_server(tmp_path, ranges=False) as (base, faults, _):
+        tar = sorted(folder.glob("val-*.tar"))[0].name
+        faults.drop[tar] = 1
+        assert keys_and_labels(f"{base}/plain") == keys_and_labels(tiny_shards["shards"])
+
+
+def test_missing_shards_dead_servers_and_bad_locations_are_one_clear_error(served, tmp_path):
+    tar = sorted(served["folder"].glob("val-*.tar"))[0].name
+    served["faults"].gone.add(tar)
+    with pytest.raises(ShardError, match=rf"{tar} \(.*/{tar}\): missing"):
+        keys_and_labels(served["url"])
+    with pytest.raises(ManifestError, match="no manifest.json there"):
+        load_manifest(served["url"] + "/nothing-here")
+    with http_server(tmp_path) as (base, _, server):
+        url = f"{base}/served"
+        loader = make_loader(url, "test", batch_size=4, workers=0, train=False)
+        server.shutdown()
+        server.server_close()
+        t0 = time.monotonic()
+        with pytest.raises(ShardError, match=r"test-\d+\.tar: .*unreadable after 5 attempt\(s\)"):
+            list(loader)
+        assert time.monotonic() - t0 < 30  # bounded: backoff 0.5 + 1 + 2 + 4 s
+    (served["folder"] / tar).unlink()  # gone from the listing too: refused before anything is read
+    with pytest.raises(ManifestError, match=f"shard {tar} is listed in manifest.json but missing"):
+        load_manifest(served["url"])
+
+
+def test_s3_errors_name_the_bucket_and_what_to_do(s3):
+    with pytest.raises(ManifestError, match="s3://no-such-bucket/x: no manifest.json there"):
+        load_manifest("s3://no-such-bucket/x")
+
+
+@pytest.mark.slow
+def test_training_from_http_and_s3_follows_the_local_run(tiny_shards, served, s3, tmp_path):
+    """Same seed, same shards: the same loss and val AUC whichever location they are read from."""
+    runs = {}
+    for where, shards in (("local", tiny_shards["shards"]), ("http", served["url"]), ("s3", s3["url"])):
+        run = tmp_path / where  # the S3 endpoint and keys: in this process's environment (the s3 fixture)
+        train("--shards", shards, "--out", run, "--backend", "single", "--epochs", "1", *TINY)
+        runs[where] = json.loads((run / "summary.json").read_text())
+    for where in ("http", "s3"):
+        assert runs[where]["status"] == "completed"
+        for k in ("train_loss", "val_auc_mean"):
+            assert runs[where]["epochs"][0][k] == runs["local"]["epochs"][0][k], (where, k)
+        assert runs[where]["test"]["n"] == runs["local"]["test"]["n"]
+
+
+def test_the_cli_takes_locations_and_never_makes_a_folder_of_a_url(tiny_shards, served, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True, cwd=tmp_path
+        )
+
+    ok = cli("verify", served["url"])
+    assert ok.returncode == 0 and "every shard matches the manifest" in ok.stdout, ok.stderr
+    shard = cli("shard", "--source", "chexpert", "--root", tiny_shards["root"], "--out", "s3://bucket/sh")
+    assert shard.returncode == 2 and "writing shards to a URL is not supported yet" in shard.stderr
+    assert not (tmp_path / "s3:").exists()
+    bad = cli("verify", "ftp://host/x")
+    assert bad.returncode == 2 and "unknown location scheme 'ftp'" in bad.stderr
