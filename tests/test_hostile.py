@@ -208,7 +208,7 @@ def test_shards_listed_twice_or_in_two_splits_and_wrong_totals_are_refused(shard
         load_manifest(shards)
 
 
-def test_a_key_repeated_inside_a_shard_is_named_by_verify(shards):
+def test_a_key_repeated_inside_a_shard_is_named_by_verify_and_the_loader(shards):
     tar = next(shards.glob("train-*.tar"))
     with tarfile.open(tar) as tf:
         items = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
@@ -218,8 +218,20 @@ def test_a_key_repeated_inside_a_shard_is_named_by_verify(shards):
             out.addfile(member, io.BytesIO(data))
     tar.write_bytes(buf.getvalue())
     key = items[0][0].name.split(".")[0]
-    edit_manifest(shards, lambda m: None)
+
+    def one_more(m):  # a consistent forgery: the counts agree with the tar
+        entry = next(e for e in m["splits"]["train"]["shards"] if e["name"] == tar.name)
+        entry["samples"] += 1
+        m["splits"]["train"]["samples"] += 1
+
+    edit_manifest(shards, one_more)
     assert any(f"key {key} appears twice" in p for p in verify(shards))
+    from cxrdist.data.stream import make_loader
+    from cxrdist.shards.tario import ShardError
+
+    with pytest.raises(ShardError, match=rf"{tar.name}: key {key} appears twice"):
+        for _ in make_loader(shards, "train", batch_size=1, workers=0, train=False):
+            pass
 
 
 def flip_a_jpeg_byte(tar: Path) -> None:

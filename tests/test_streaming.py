@@ -133,6 +133,10 @@ def test_training_from_http_and_s3_follows_the_local_run(tiny_shards, served, s3
         for k in ("train_loss", "val_auc_mean"):
             assert runs[where]["epochs"][0][k] == runs["local"]["epochs"][0][k], (where, k)
         assert runs[where]["test"]["n"] == runs["local"]["test"]["n"]
+    run = tmp_path / "ddp-s3"  # two ranks streaming their own shards, the test split scored exactly once
+    train("--shards", s3["url"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "1", *TINY)
+    ddp = json.loads((run / "summary.json").read_text())
+    assert ddp["status"] == "completed" and ddp["test"]["n"] == runs["local"]["test"]["n"]
 
 
 def test_the_cli_takes_locations_and_never_makes_a_folder_of_a_url(tiny_shards, served, tmp_path):

@@ -281,10 +281,12 @@ RawSample = tuple[str, str, dict[str, bytes]]  # (shard name, key, {ext: bytes})
 
 def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS, check_sha256: bool = True) -> Iterator[RawSample]:
     """Raw samples of one shard (members grouped by key; only ``wanted`` extensions are read), checked
-    against the manifest's count and (``check_sha256``, when the shard has one) its hash."""
+    against the manifest's count and (``check_sha256``, when the shard has one) its hash; a key that comes
+    back after other keys (two samples of one key) is a ShardError naming it."""
     count = 0
     key: str | None = None
     members: dict[str, bytes] = {}
+    seen: set[str] = set()
     sha = shard.sha256 if check_sha256 else ""
     found = iter_tar(shard.path, name=shard.name, expected_bytes=shard.bytes, expected_sha256=sha, wanted=wanted)
     for k, ext, data in found:
@@ -292,6 +294,9 @@ def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS, check_sha256: 
             if key is not None:
                 count += 1
                 yield shard.name, key, members
+            if k in seen:
+                raise ShardError(f"{shard.name}: key {k} appears twice (two samples of one key; run `cxrdist verify`)")
+            seen.add(k)
             key, members = k, {}
         if data is not None:
             members[ext] = data
