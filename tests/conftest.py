@@ -111,12 +111,25 @@ def slurm_cluster():
 
 
 @pytest.fixture
-def small_disk(tmp_path) -> Path:
-    """A real 12 MB file system (tmpfs; mounting needs root, as on CI), for what a full disk does."""
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode:
-        _fail_or_skip(f"cannot mount a 12 MB tmpfs (root needed): {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+def mount_disk(tmp_path):
+    """``mount_disk(mb)``: a real file system of that size (tmpfs; mounting needs root, as on CI), for what
+    a full disk does. Unmounted after the test."""
+    mounts = []
+
+    def mount(mb: int) -> Path:
+        mnt = tmp_path / f"disk-{len(mounts)}"
+        mnt.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(mnt)], capture_output=True)
+        if proc.returncode:
+            _fail_or_skip(f"cannot mount a {mb} MB tmpfs (root needed): {proc.stderr.decode().strip()}")
+        mounts.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def small_disk(mount_disk) -> Path:
+    return mount_disk(12)

@@ -373,6 +373,21 @@ def test_a_full_disk_refuses_a_checkpoint_before_writing_and_keeps_the_previous(
             f.write(bytes(8 << 20))
 
 
+@pytest.mark.slow
+def test_training_onto_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_shards, mount_disk):
+    import torch
+
+    run = mount_disk(200) / "run"  # room for two ~85 MB checkpoints of densenet121 + AdamW, not three
+    args = ["train", "--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--epochs", "2"]
+    proc = cxrdist_cli(*args, "--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("cxrdist train: error: ")]
+    assert "not written: no space left on device" in error and "the previous checkpoint is intact" in error
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] >= 0  # loadable
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "no space left on device" in summary["error"]
+
+
 def test_a_damaged_last_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
     import torch
 
@@ -386,6 +401,11 @@ def test_a_damaged_last_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
         ckpt.load(path)
     assert int(ckpt.load_or_previous(path)["step"]) == 1
     assert f"{path}: unreadable checkpoint" in caplog.text and "resuming from last.prev.pt" in caplog.text
+    ckpt.set_aside_if_damaged(path)  # what rank 0 does before a resume: the damaged file never becomes "prev"
+    assert not path.exists() and (tmp_path / "last.pt.damaged").is_file()
+    assert int(ckpt.load_or_previous(path)["step"]) == 1
+    ckpt.atomic_torch_save({"step": torch.tensor(3)}, path, keep_previous=True)
+    assert int(ckpt.load(ckpt.previous(path))["step"]) == 1  # the good one stays the fallback
 
 
 class Payload:

@@ -21,9 +21,9 @@ uninterrupted run would have yielded from ``k`` on.
 Evaluation: no shuffling, no repetition; every sample of the split is yielded exactly once across all ranks
 and workers (each worker's last batch may be short); ``len()`` is exact from the manifest's shard counts.
 
-A truncated or damaged shard raises :class:`ShardError` naming the shard (its sha256 is checked before its
-first sample is used); a shard holding a different number of samples than the manifest says does too, so an
-epoch is never silently short.
+A truncated or damaged shard raises :class:`ShardError` naming the shard (the sha256 of a local shard is
+checked before its first sample is used, a streamed one's when it has been read to its end); a shard
+holding a different number of samples than the manifest says does too, so an epoch is never silently short.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import pickle
 import random
 import shutil
@@ -56,15 +57,26 @@ def mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def space_problem(path: Path, need: int) -> str | None:
+    """Why ``need`` bytes cannot be written at ``path`` (its file system lacks the room), or None."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:  # a checkpoints folder not made yet
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    want = int(need * HEADROOM[0]) + HEADROOM[1]
+    if free >= want:
+        return None
+    return (
+        f"{path}: not written: no space left on device (about {mb(want)} needed, {mb(free)} free); "
+        f"the previous checkpoint is intact"
+    )
+
+
 def check_space(path: Path, need: int) -> None:
     """Refuse to start writing ``need`` bytes at ``path`` where the file system has no room for them."""
-    free = shutil.disk_usage(Path(path).parent).free
-    want = int(need * HEADROOM[0]) + HEADROOM[1]
-    if free < want:
-        raise CheckpointError(
-            f"{path}: not written: no space left on device (about {mb(want)} needed, {mb(free)} free); "
-            f"the previous checkpoint is intact"
-        )
+    problem = space_problem(path, need)
+    if problem:
+        raise CheckpointError(problem)
 
 
 @contextlib.contextmanager
@@ -112,12 +124,30 @@ def load(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a torch file ({first})") from None
 
 
+def set_aside_if_damaged(path: Path) -> None:
+    """Before a resume, on one rank: an unreadable ``path`` whose previous version is kept moves to
+    ``<name>.damaged``, so every rank resumes from the previous one, and the next save keeps that good file
+    as the previous version instead of the damaged one."""
+    path, prev = Path(path), previous(path)
+    if not (path.is_file() and prev.is_file()):
+        return
+    try:
+        load(path)
+    except CheckpointError as e:
+        damaged = path.with_name(path.name + ".damaged")
+        os.replace(path, damaged)
+        logger.warning("%s; moved to %s: resuming from %s, the checkpoint saved before it", e, damaged.name, prev.name)
+
+
 def load_or_previous(path: Path, map_location="cpu") -> dict | None:
     """``path``'s state, or, where it is missing or unreadable and the previous version is kept, that one
     (with a warning naming both); None when neither exists."""
     path, prev = Path(path), previous(path)
     if not path.is_file() and not prev.is_file():
         return None
+    if not path.is_file():  # set aside, or a save interrupted between its two renames
+        logger.warning("%s: not there; resuming from %s, the checkpoint saved before it", path, prev.name)
+        return load(prev, map_location)
     try:
         return load(path, map_location)
     except CheckpointError as e:

@@ -246,6 +246,7 @@ class Trainer:
             raise NonFiniteLoss(
                 f"the weights became non-finite by step {self.state.global_step}; stopped. {self.kept()}"
             )
+        self.check_room(tag)
         self.backend.save(
             self.ckpt_dir,
             tag,
@@ -256,6 +257,20 @@ class Trainer:
                 "data": self.loaders.meta(),
             },
         )
+
+    def check_room(self, tag: str) -> None:
+        """Rank 0 checks that the file system holds another checkpoint as large as the last one, and every
+        rank hears its verdict: none starts writing (and waits in a collective) while another refuses."""
+        problem = None
+        if self.env.is_main:
+            need = max(self.backend.saved_bytes(self.ckpt_dir, t) for t in {"last", tag})
+            problem = ckpt.space_problem(self.ckpt_dir / tag, need) if need else None
+        if self.env.distributed:
+            box = [problem]
+            tdist.broadcast_object_list(box, src=0, group=self.ctrl_group)
+            problem = box[0]
+        if problem:
+            raise ckpt.CheckpointError(problem)
 
     def kept(self) -> str:
         """What a stopped run leaves to resume from, in words (only a checkpoint that is there)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import shlex
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -69,7 +70,9 @@ class Location:
         """The folder's own name (its last path segment)."""
         if self.local is not None:
             return self.local.resolve().name
-        return self.text.rstrip("/").rsplit("/", 1)[-1].replace("{name}", "") or self.scheme
+        if self.scheme == "pipe":
+            return "pipe"
+        return self.text.rstrip("/").rsplit("/", 1)[-1] or self.scheme
 
     def url(self, name: str) -> str:
         """Where file ``name`` of this folder is (a path for local locations)."""
@@ -89,8 +92,13 @@ class Location:
         import fsspec
 
         module, extra = EXTRAS[self.scheme]
+        options: dict[str, Any] = {}
+        if self.scheme in ("http", "https"):  # aiohttp's default 300 s would cut any shard that takes longer
+            import aiohttp
+
+            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)}
         try:
-            return fsspec.filesystem(self.scheme)
+            return fsspec.filesystem(self.scheme, **options)
         except ImportError:
             raise LocationError(
                 f"{self.text}: reading {self.scheme}:// locations needs {module}: pip install 'cxrdist[{extra}]'"
@@ -117,7 +125,7 @@ class Location:
                 return None
             raise LocationError(f"{self.text}: cannot list it: {first_line(e)}") from None
         out = {str(i["name"]).rstrip("/").rsplit("/", 1)[-1]: int(i.get("size") or 0) for i in found}
-        return out if out or not web else None
+        return out if not web or "manifest.json" in out else None  # a page of other links is no listing
 
     def open(self, name: str, expected_bytes: int = 0) -> io.RawIOBase:
         """A sequential binary stream of file ``name`` that retries and resumes (see the module docstring).
@@ -155,7 +163,7 @@ def transient(e: BaseException) -> bool:
         return True
     status = getattr(e, "status", None) or getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(status, int):
-        return status >= 500
+        return status >= 500 or status in (408, 429)  # server errors, request timeout, slow down
     name = type(e).__name__
     return any(k in name for k in ("Timeout", "Connection", "Disconnected", "Payload", "ClientError", "Incomplete"))
 
@@ -171,6 +179,7 @@ class Stream(io.RawIOBase):
         self.pos = 0
         self._f: Any = None
         self._proc: subprocess.Popen | None = None
+        self._stderr: Any = None
         self._retry(self._open)
 
     def readable(self) -> bool:
@@ -179,12 +188,16 @@ class Stream(io.RawIOBase):
     def _open(self) -> None:
         self._close_source()
         if self.location.scheme == "pipe":
-            self._proc = subprocess.Popen(shlex.split(self.url[5:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self._stderr = tempfile.TemporaryFile()  # never a pipe: a chatty command would block on it
+            try:
+                self._proc = subprocess.Popen(shlex.split(self.url[5:]), stdout=subprocess.PIPE, stderr=self._stderr)
+            except OSError as e:
+                raise LocationError(f"{self.url}: cannot run the command: {e.strerror or e}") from None
             self._f = self._proc.stdout
             self._discard(self.pos)
             return
         fs = self.location.fs
-        if self.location.scheme in ("http", "https"):
+        if self.location.scheme in ("http", "https"):  # the fs gives a read timeout, not a whole-body one
             headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
             # a stream (no range request per block); a known size spares fsspec's HEAD, which reports an
             # unreachable server as a missing file
@@ -219,17 +232,18 @@ class Stream(io.RawIOBase):
                     raise LocationError(
                         f"{self.url}: unreadable after {attempt} attempt(s) at byte {self.pos}: {first_line(e)}"
                     ) from None
+                self._close_source()  # the next attempt reopens at self.pos (_read_once, or _open itself)
                 time.sleep(delay)
                 delay *= 2
-                try:
-                    self._open()
-                except Exception:  # noqa: BLE001,S110 - the next attempt reopens and reports
-                    self._f = None
 
     def _read_once(self, n: int) -> bytes:
         if self._f is None:
             self._open()
         data = self._f.read(n)
+        if not data and self._proc is not None and self._proc.wait() != 0:
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-300:].decode("utf-8", "replace").strip()
+            raise LocationError(f"{self.url}: the command exited with {self._proc.returncode}: {tail}")
         if not data and self.expected_bytes and self.pos < self.expected_bytes:
             raise ConnectionError(f"the stream ended at byte {self.pos} of {self.expected_bytes}")
         return data
@@ -260,6 +274,9 @@ class Stream(io.RawIOBase):
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
     def close(self) -> None:
         self._close_source()

@@ -103,7 +103,8 @@ def members(
     A local file is memory-mapped and parsed in place, its hash checked before the first member is yielded
     (nothing of a damaged shard is used; the pages hashed are the ones then parsed, from cache). A URL
     (``location.is_remote``) is streamed through the same parser, hashed as it arrives and checked at its
-    end, size included."""
+    end, size included: its samples are used before the check, and a reader that stops inside a shard
+    (a training worker whose quota ends there) leaves the rest of it unchecked."""
     if is_remote(path):
         yield from _streamed_members(str(path), name, expected_bytes, expected_sha256, read)
         return
@@ -144,7 +145,7 @@ def _streamed_members(
     except location.LocationError as e:
         raise ShardError(f"{name}: {e}") from None
     with stream:
-        src = _Streamed(stream)
+        src = _Streamed(stream, hashing=bool(expected_sha256))
         try:
             yield from _parse_tar(src, where, read)
             src.drain()
@@ -176,8 +177,8 @@ class _Mapped:
 class _Streamed:
     """A tar arriving over a stream: every byte is counted and hashed as it is read."""
 
-    def __init__(self, f):
-        self.f, self.pos, self.sha = f, 0, hashlib.sha256()
+    def __init__(self, f, hashing: bool = True):
+        self.f, self.pos, self.sha, self.hashing = f, 0, hashlib.sha256(), hashing
 
     def take(self, n: int) -> bytes:
         parts, want = [], n
@@ -188,7 +189,8 @@ class _Streamed:
             parts.append(chunk)
             want -= len(chunk)
         data = b"".join(parts)
-        self.sha.update(data)
+        if self.hashing:
+            self.sha.update(data)
         self.pos += len(data)
         return data
 

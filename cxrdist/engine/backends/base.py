@@ -278,6 +278,12 @@ class Backend:
         folder or the checkpoint itself), in one process without a group; None if it is not this format."""
         return None
 
+    @classmethod
+    def saved_bytes(cls, ckpt_dir: Path, tag: str) -> int:
+        """The size of this backend's ``tag`` checkpoint in ``ckpt_dir`` (0: none yet): the same state, so
+        what the next save of it needs."""
+        return 0
+
 
 class TorchBackend(Backend):
     """A torch optimizer, a GradScaler for fp16, ``{tag}.pt`` files written by rank 0 (single, dp, ddp)."""
@@ -332,7 +338,11 @@ class TorchBackend(Backend):
         dist.barrier()
 
     def load(self, ckpt_dir, tag="last"):
-        state = ckpt.load_or_previous(Path(ckpt_dir) / f"{tag}.pt")
+        path = Path(ckpt_dir) / f"{tag}.pt"
+        if self.env.is_main:  # one rank decides, so that all resume from the same file
+            ckpt.set_aside_if_damaged(path)
+        dist.barrier()
+        state = ckpt.load_or_previous(path)
         if state is None:
             return None
         self._module.load_state_dict(state.pop("model"))
@@ -340,6 +350,11 @@ class TorchBackend(Backend):
         self.scheduler.load_state_dict(state.pop("scheduler"))
         self.scaler.load_state_dict(state.pop("scaler"))
         return state
+
+    @classmethod
+    def saved_bytes(cls, ckpt_dir, tag):
+        path = Path(ckpt_dir) / f"{tag}.pt"
+        return path.stat().st_size if path.is_file() else 0
 
     @classmethod
     def read_weights(cls, path, tag):
@@ -382,12 +397,12 @@ def publish(ckpt_dir: Path, tag: str, unique: str, is_main: bool) -> None:
     dist.barrier()
 
 
-def check_folder_space(ckpt_dir: Path, unique: str) -> None:
-    """Before every rank writes folder ``unique``: refuse where the file system lacks room for another
-    checkpoint as large as the last one (the same state, so the same size; a first save is not checked)."""
-    last = pointed_folder(ckpt_dir, "last")
-    if last is not None and last.is_dir():
-        ckpt.check_space(Path(ckpt_dir) / unique, sum(f.stat().st_size for f in last.rglob("*") if f.is_file()))
+def folder_bytes(ckpt_dir: Path, tag: str) -> int:
+    """The size of the checkpoint folder a ``tag`` pointer names (0: none yet), for ``saved_bytes``."""
+    folder = pointed_folder(ckpt_dir, tag)
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def pointed_folder(path: Path, tag: str) -> Path | None:

@@ -18,7 +18,7 @@ from cxrdist.engine.backends.base import (
     Layout,
     activations_channels_last,
     average_buffers,
-    check_folder_space,
+    folder_bytes,
     make_optimizer,
     make_scheduler,
     pointed_folder,
@@ -145,7 +145,6 @@ class DeepSpeedBackend(Backend):
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         unique = unique_tag(tag, state)
-        check_folder_space(ckpt_dir, unique)
         with ckpt.writing(ckpt_dir / unique):
             self.engine.save_checkpoint(str(ckpt_dir), tag=unique, client_state=state, save_latest=False)
         publish(ckpt_dir, tag, unique, self.env.is_main)
@@ -158,6 +157,10 @@ class DeepSpeedBackend(Backend):
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
         return client_state
+
+    @classmethod
+    def saved_bytes(cls, ckpt_dir, tag):
+        return folder_bytes(ckpt_dir, tag)
 
     @classmethod
     def read_weights(cls, path, tag):

@@ -35,7 +35,7 @@ from cxrdist.engine.backends.base import (
     Layout,
     activations_channels_last,
     average_buffers,
-    check_folder_space,
+    folder_bytes,
     make_optimizer,
     make_scheduler,
     pointed_folder,
@@ -138,7 +138,6 @@ class FSDPBackend(Backend):
         ckpt_dir = Path(ckpt_dir)
         unique = unique_tag(tag, state)
         folder = ckpt_dir / unique
-        check_folder_space(ckpt_dir, unique)
         folder.mkdir(parents=True, exist_ok=True)
         with ckpt.writing(folder):
             dcp.save(self._state(), checkpoint_id=str(folder))
@@ -159,6 +158,10 @@ class FSDPBackend(Backend):
         client = ckpt.load(folder / CLIENT)
         self.scheduler.load_state_dict(client.pop("scheduler"))
         return client
+
+    @classmethod
+    def saved_bytes(cls, ckpt_dir, tag):
+        return folder_bytes(ckpt_dir, tag)
 
     @classmethod
     def read_weights(cls, path, tag):
