@@ -115,6 +115,13 @@ def test_missing_shards_dead_servers_and_bad_locations_are_one_clear_error(serve
         load_manifest(served["url"])
 
 
+def test_a_failing_pipe_command_is_an_error_with_its_exit_status_and_stderr():
+    with pytest.raises(LocationError, match=r"the command exited with 3: no such bucket"):
+        load_manifest("pipe:sh -c 'echo no such bucket >&2; exit 3' {name}")
+    with pytest.raises(LocationError, match="cannot run the command"):
+        load_manifest("pipe:/nonexistent/tool {name}")
+
+
 def test_s3_errors_name_the_bucket_and_what_to_do(s3):
     with pytest.raises(ManifestError, match="s3://no-such-bucket/x: no manifest.json there"):
         load_manifest("s3://no-such-bucket/x")
