@@ -41,6 +41,7 @@ def cmd_shard(a) -> int:
         seed=a.seed,
         min_shards=a.min_shards,
         labels=a.labels,
+        staging=a.staging,
     )
     return 0 if manifest is not None else 1
 
@@ -135,7 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="; ".join(f"{n}: {sources.get(n).root}" for n in sources.names()),
     )
-    s.add_argument("--out", required=True, metavar="DIR")  # a str: Path("s3://b/p") would be "s3:/b/p"
+    s.add_argument(  # a str: Path("s3://b/p") would be "s3:/b/p"
+        "--out", required=True, metavar="LOCATION", help="a folder, s3://bucket/prefix or gs://bucket/prefix"
+    )
+    s.add_argument(
+        "--staging",
+        default=None,
+        metavar="DIR",
+        help="for a URL --out: the local folder shards are packed in before upload "
+        "(default: $CXRDIST_STAGING or the temp folder; a rerun resumes there)",
+    )
     s.add_argument(
         "--labels",
         default=None,

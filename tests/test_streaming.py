@@ -157,8 +157,25 @@ def test_the_cli_takes_locations_and_never_makes_a_folder_of_a_url(tiny_shards, 
 
     ok = cli("verify", served["url"])
     assert ok.returncode == 0 and "every shard matches the manifest" in ok.stdout, ok.stderr
-    shard = cli("shard", "--source", "chexpert", "--root", tiny_shards["root"], "--out", "s3://bucket/sh")
-    assert shard.returncode == 2 and "writing shards to a URL is not supported yet" in shard.stderr
-    assert not (tmp_path / "s3:").exists()
+    shard = cli("shard", "--source", "chexpert", "--root", tiny_shards["root"], "--out", "https://host/sh")
+    assert shard.returncode == 2 and "can be written to a folder, s3:// or gs://, not https" in shard.stderr
+    assert not (tmp_path / "https:").exists()
     bad = cli("verify", "ftp://host/x")
     assert bad.returncode == 2 and "unknown location scheme 'ftp'" in bad.stderr
+
+
+def test_shard_writes_to_s3_through_a_staging_folder_and_a_rerun_uploads_nothing(tiny_shards, s3, tmp_path):
+    import subprocess
+    import sys
+
+    url = "s3://cxr/packed"
+    args = ["shard", "--source", "chexpert", "--root", tiny_shards["root"], "--out", url, "--staging", tmp_path]
+    args += ["--size", "32", "--samples-per-shard", "40", "--min-shards", "4", "--workers", "1"]
+    first = subprocess.run([sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    n = len(json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]["shards"])
+    assert f"shards to {url} (0 already there)" in first.stdout and n > 0
+    assert verify(url) == []
+    again = subprocess.run([sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True)
+    assert again.returncode == 0 and "uploaded 0 of" in again.stdout, again.stdout[-2000:]
+    assert keys_and_labels(url) == keys_and_labels(tmp_path)  # what was uploaded is what was packed

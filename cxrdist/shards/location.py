@@ -92,7 +92,9 @@ class Location:
         import fsspec
 
         module, extra = EXTRAS[self.scheme]
-        options: dict[str, Any] = {}
+        # no listing cache and a fresh instance per Location: a folder re-uploaded while this process lives
+        # (a rerun of `cxrdist shard --out s3://...`) is read as it is now, not by a stale ETag (HTTP 412)
+        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
         if self.scheme in ("http", "https"):  # aiohttp's default 300 s would cut any shard that takes longer
             import aiohttp
 
@@ -126,6 +128,25 @@ class Location:
             raise LocationError(f"{self.text}: cannot list it: {first_line(e)}") from None
         out = {str(i["name"]).rstrip("/").rsplit("/", 1)[-1]: int(i.get("size") or 0) for i in found}
         return out if not web or "manifest.json" in out else None  # a page of other links is no listing
+
+    @property
+    def writable(self) -> bool:
+        return self.local is not None or self.scheme in ("s3", "gcs")
+
+    def put(self, local: Path, name: str) -> None:
+        """Upload ``local`` as file ``name`` (an object store shows an object only once it is complete)."""
+        if not self.writable:
+            raise LocationError(f"{self.text}: cannot write there (shards go to a folder, s3:// or gs://)")
+        try:
+            self.fs.put_file(str(local), self.url(name))
+        except Exception as e:  # noqa: BLE001 - the store's client raises its own kinds: one line naming it
+            raise LocationError(f"{self.url(name)}: upload failed: {first_line(e)}") from None
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self.url(name))
+        except FileNotFoundError:
+            pass
 
     def open(self, name: str, expected_bytes: int = 0) -> io.RawIOBase:
         """A sequential binary stream of file ``name`` that retries and resumes (see the module docstring).

@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -493,9 +494,16 @@ def pack(
     min_shards=None,
     quiet=False,
     labels=None,
+    staging=None,
 ) -> dict | None:
     """Pack a dataset into WebDataset shards; returns the manifest (also written to ``out/manifest.json``).
-    ``labels``: a label set's name or a file of names (``labels.resolve``); default the source's own."""
+    ``labels``: a label set's name or a file of names (``labels.resolve``); default the source's own.
+    ``out`` may be an ``s3://`` or ``gs://`` location: the shards are packed in ``staging`` (a local folder,
+    resumable as ever), then each is uploaded unless it is there already, the manifest last."""
+    options = dict(locals())
+    loc = location.parse(out)
+    if loc.local is None:
+        return _pack_to(loc, options)
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -511,11 +519,6 @@ def pack(
 
     if encoding not in ENCODINGS:
         raise UserError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
-    if location.parse(out).local is None:  # never a local folder named "s3:" (Path("s3://b") is "s3:/b")
-        raise UserError(
-            f"--out {out}: writing shards to a URL is not supported yet: pack into a folder, upload it "
-            f"(e.g. `aws s3 sync DIR {out}`), then train, eval and verify read {out} directly"
-        )
     for what, v in (("size", size), ("workers", workers), ("samples_per_shard", samples_per_shard)):
         if int(v) < 1:
             raise UserError(f"{what} must be at least 1 (got {v})")
@@ -604,6 +607,46 @@ def pack(
     path = write_manifest(out, m)
     _print_summary(console, m, out)
     _maybe_strict(strict, m, path)
+    return m
+
+
+UPLOADED = ".uploaded.json"
+
+
+def staging_folder(loc: location.Location) -> Path:
+    """Where shards for ``loc`` are packed before upload (``CXRDIST_STAGING`` or the temp folder)."""
+    base = Path(os.environ.get("CXRDIST_STAGING") or tempfile.gettempdir()) / "cxrdist-staging"
+    return base / hashlib.sha256(loc.text.encode()).hexdigest()[:16]
+
+
+def _pack_to(loc: location.Location, options: dict) -> dict | None:
+    """``pack`` into a staging folder, then upload what the location lacks: every shard whose size there
+    differs, the manifest last (removed first while shards change, so it never describes other bytes)."""
+    if not loc.writable:
+        raise UserError(f"--out {loc}: shards can be written to a folder, s3:// or gs://, not {loc.scheme}")
+    stage = Path(options["staging"] or staging_folder(loc))
+    console = log.console(quiet=options["quiet"])
+    console.print(f"packing in {stage}, then uploading to {loc}")
+    m = pack(**{**options, "out": stage, "staging": None})
+    if m is None or options["dry_run"]:
+        return m
+    there = loc.sizes() or {}
+    record = stage / UPLOADED  # {url: {shard: sha256}}: what this staging folder has put where
+    sent = json.loads(record.read_text()).get(loc.text, {}) if record.is_file() else {}
+    shards = {s["name"]: s for split in SPLITS for s in m["splits"][split]["shards"]}
+    todo = [n for n, s in shards.items() if sent.get(n) != s["sha256"] or there.get(n) != s["bytes"]]
+    if todo:
+        loc.remove(MANIFEST)  # it would describe bytes that are about to change
+    for n in todo:
+        loc.put(stage / n, n)
+        sent[n] = shards[n]["sha256"]
+        atomic_write_json(record, {loc.text: sent})
+    for n in sorted(set(there) - set(shards)):
+        if SHARD_NAME.match(n):  # a shard of an earlier plan: no manifest lists it any more
+            loc.remove(n)
+    loc.put(stage / MANIFEST, MANIFEST)
+    names = list(shards)
+    console.print(f"uploaded {len(todo)} of {len(names)} shards to {loc} ({len(names) - len(todo)} already there)")
     return m
 
 
