@@ -34,6 +34,8 @@ class DataConfig:
     augment: str = "auto"  # auto (device on GPU, worker on CPU) | device | worker | none
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
     check_sha256: str = "first"  # first (each split's first read in a process) | every (epoch) | off
+    shard_cache: str = ""  # node-local folder keeping streamed shards after their first read ("": none)
+    shard_cache_gb: float = 100.0  # the cache's bound; least recently used shards go first
 
 
 @dataclass
@@ -137,6 +139,8 @@ class TrainConfig:
             errors.append(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.model.name not in MODELS:
             errors.append(f"--model must be one of {', '.join(MODELS)}")
+        if self.data.shard_cache and self.data.shard_cache_gb <= 0:
+            errors.append("--shard-cache-gb must be above 0")
         if self.data.check_sha256 not in SHA256_CHECKS:
             errors.append(f"--check-sha256 must be one of {', '.join(SHA256_CHECKS)}")
         if self.data.format not in FORMATS:
@@ -193,6 +197,13 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
         str,
         "hash shards against the manifest: first (each split's first read: ~10%% of loader time), every, off",
     ),
+    (
+        "--shard-cache",
+        "data.shard_cache",
+        str,
+        "node-local folder that keeps shards streamed from a URL after their first read",
+    ),
+    ("--shard-cache-gb", "data.shard_cache_gb", float, "the shard cache's bound in GB"),
     ("--model", "model.name", str, "densenet121 | densenet121d | densenetblur121d"),
     ("--in-chans", "model.in_chans", int, "1 (grey) or 3 input channels"),
     ("--pretrained", "model.pretrained", str, "local checkpoint to start from"),

@@ -179,3 +179,52 @@ def test_shard_writes_to_s3_through_a_staging_folder_and_a_rerun_uploads_nothing
     again = subprocess.run([sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True)
     assert again.returncode == 0 and "uploaded 0 of" in again.stdout, again.stdout[-2000:]
     assert keys_and_labels(url) == keys_and_labels(tmp_path)  # what was uploaded is what was packed
+
+
+def test_the_shard_cache_keeps_whole_verified_shards_and_serves_them_next_time(tiny_shards, served, tmp_path):
+    import fcntl
+
+    from cxrdist.data.stream import read_shard_list
+    from cxrdist.shards.cache import ShardCache
+    from cxrdist.shards.tario import iter_shard
+
+    cache = ShardCache(str(tmp_path / "cache"), 10**9)
+    gets = lambda: sum(1 for name, _ in served["faults"].requests if name.endswith(".tar"))  # noqa: E731
+    first = [
+        (k, lab)
+        for b in make_loader(served["url"], "val", batch_size=4, workers=0, train=False, cache=cache)
+        for k, lab in zip(b["key"], b["labels"].tolist())
+    ]
+    kept = sorted(p.name for p in cache.folder(served["url"]).glob("*.tar"))
+    assert kept == sorted(p.name for p in served["folder"].glob("val-*.tar")) and first == keys_and_labels(
+        tiny_shards["shards"]
+    )
+    before = gets()
+    again = [
+        (k, lab)
+        for b in make_loader(served["url"], "val", batch_size=4, workers=0, train=False, cache=cache)
+        for k, lab in zip(b["key"], b["labels"].tolist())
+    ]
+    assert again == first and gets() == before  # read from the node's copy: no request reached the server
+
+    _, shards = read_shard_list(served["url"], "test", cache)
+    reader = iter_shard(shards[0])
+    next(reader)
+    reader.close()  # a reader that stops inside a shard keeps nothing, and leaves no partial file
+    assert not [p for p in cache.folder(served["url"]).glob("test-*") if not p.name.endswith(".lock")]
+    folder = cache.folder(served["url"])
+    with open(folder / f"{shards[1].name}.lock", "wb") as held:  # another rank is filling it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert len(list(iter_shard(shards[1]))) == shards[1].samples  # streamed, not waited for
+        assert not (folder / shards[1].name).exists()
+
+    small = ShardCache(str(tmp_path / "small"), shards[0].bytes + shards[1].bytes // 2)  # one shard fits
+    for s in shards[:2]:
+        list(iter_shard(s.__class__(**{**s.__dict__, "cache": small})))
+    assert [p.name for p in small.folder(served["url"]).glob("*.tar")] == [shards[1].name]  # LRU evicted
+    tar = served["folder"] / shards[2].name  # damaged on the server: read (checks off), but never kept
+    data = bytearray(tar.read_bytes())
+    data[data.index(b"\xff\xd8") + 200] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    assert len(list(iter_shard(shards[2], check_sha256=False))) == shards[2].samples
+    assert not (folder / shards[2].name).exists()

@@ -43,6 +43,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrdist.errors import UserError
+from cxrdist.shards.cache import ShardCache
+from cxrdist.shards.location import is_remote
 from cxrdist.shards.manifest import IMAGE_EXTS, sample_meta
 from cxrdist.shards.tario import RawSample, Shard, ShardError, iter_shard
 
@@ -411,7 +413,7 @@ class ShardLoader:
             )
 
 
-def read_shard_list(shard_dir: str | Path, split: str) -> tuple[dict, list[Shard]]:
+def read_shard_list(shard_dir: str | Path, split: str, cache: ShardCache | None = None) -> tuple[dict, list[Shard]]:
     """The manifest and its shards of ``split`` (paths, sample counts, sizes and, to be checked as each is
     read, hashes)."""
     from cxrdist.shards.manifest import load_manifest, shard_paths
@@ -428,6 +430,7 @@ def read_shard_list(shard_dir: str | Path, split: str) -> tuple[dict, list[Shard
                 samples=int(entry["samples"]),
                 bytes=int(entry.get("bytes") or 0),
                 sha256=str(entry.get("sha256") or ""),
+                cache=cache if is_remote(path) else None,
             )
         )
     return manifest, shards
@@ -450,6 +453,7 @@ def make_loader(
     pin_memory: bool = False,
     persistent: bool = False,
     check_sha256: bool = True,
+    cache: ShardCache | None = None,
 ) -> ShardLoader:
     """The shard loader of one rank for one epoch (see the module docstring for the rules); each shard's
     sha256 is checked against the manifest before it is used (``check_sha256``; `bench loader` measures it)."""
@@ -457,7 +461,7 @@ def make_loader(
         raise ValueError(
             f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} workers={workers}"
         )
-    manifest, shards = read_shard_list(shard_dir, split)
+    manifest, shards = read_shard_list(shard_dir, split, cache)
     total = sum(s.samples for s in shards)
     batches_per_rank = total // (world_size * batch_size)
     if train:

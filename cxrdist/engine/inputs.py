@@ -15,6 +15,7 @@ from cxrdist.config import TrainConfig
 from cxrdist.data.transforms import Augment
 from cxrdist.errors import UserError
 from cxrdist.shards import location
+from cxrdist.shards.cache import ShardCache
 from cxrdist.shards.manifest import load_manifest, shard_paths, split_samples
 
 
@@ -71,6 +72,8 @@ class Loaders:
         )
         self._train_loader = None  # kept across epochs: its worker processes persist (shards)
         self._hashed: set[str] = set()  # splits whose shards this process has hashed (--check-sha256 first)
+        d = cfg.data
+        self.cache = ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache else None
 
     def augment(self, train: bool) -> Augment:
         return self._train_aug if train else self._eval_aug
@@ -106,6 +109,7 @@ class Loaders:
                 shuffle_buffer=self.cfg.data.shuffle_buffer,
                 persistent=train,
                 check_sha256=check_sha256,
+                cache=self.cache,
                 **common,
             )
         from cxrdist.data.files import make_file_loader

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cxrdist.errors import UserError
 from cxrdist.shards import location
+from cxrdist.shards.cache import Filler, ShardCache
 from cxrdist.shards.location import is_remote
 from cxrdist.shards.manifest import IMAGE_EXTS
 
@@ -39,6 +40,7 @@ class Shard:
     samples: int
     bytes: int = 0  # 0: unknown (no size check)
     sha256: str = ""  # "": unknown or not to be checked
+    cache: ShardCache | None = None  # a streamed shard's node-local cache (--shard-cache)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -94,6 +96,8 @@ def members(
     expected_bytes: int = 0,
     expected_sha256: str = "",
     read: Callable[[str], bool] = lambda fname: True,
+    cache: ShardCache | None = None,
+    cache_sha256: str = "",
 ) -> Iterator[tuple[str, bytes | None]]:
     """Yield ``(member name, data)`` for the regular files of a tar, in order (ustar, pax, GNU long names);
     ``data`` is copied out only where ``read(name)`` says so, else None. Raises :class:`ShardError` naming
@@ -104,9 +108,24 @@ def members(
     (nothing of a damaged shard is used; the pages hashed are the ones then parsed, from cache). A URL
     (``location.is_remote``) is streamed through the same parser, hashed as it arrives and checked at its
     end, size included: its samples are used before the check, and a reader that stops inside a shard
-    (a training worker whose quota ends there) leaves the rest of it unchecked."""
+    (a training worker whose quota ends there) leaves the rest of it unchecked. With a ``cache``, a URL
+    read whole whose bytes match ``cache_sha256`` is kept on local disk and read from there next time."""
     if is_remote(path):
-        yield from _streamed_members(str(path), name, expected_bytes, expected_sha256, read)
+        url = str(path)
+        base, _, file = url.rpartition("/")
+        cache = None if url.startswith("pipe:") else cache  # a command has no stable file to key a copy by
+        local = cache.hit(base, file, expected_bytes) if cache and expected_bytes else None
+        if local is not None:
+            yield from members(
+                local, name=name or file, expected_bytes=expected_bytes, expected_sha256=expected_sha256, read=read
+            )
+            return
+        filler = cache.filler(base, file, expected_bytes) if cache and expected_bytes and cache_sha256 else None
+        try:
+            yield from _streamed_members(url, name, expected_bytes, expected_sha256, read, filler, cache_sha256)
+        finally:
+            if filler is not None:
+                filler.abort()  # a no-op after a commit; a stopped or failed read keeps nothing
         return
     name = name or Path(path).name
     try:
@@ -129,7 +148,13 @@ def members(
 
 
 def _streamed_members(
-    url: str, name: str | None, expected_bytes: int, expected_sha256: str, read: Callable[[str], bool]
+    url: str,
+    name: str | None,
+    expected_bytes: int,
+    expected_sha256: str,
+    read: Callable[[str], bool],
+    filler: Filler | None = None,
+    cache_sha256: str = "",
 ) -> Iterator[tuple[str, bytes | None]]:
     if url.startswith("pipe:"):  # the command with the shard's name already in it
         folder, file = location.Location(url), ""
@@ -145,7 +170,7 @@ def _streamed_members(
     except location.LocationError as e:
         raise ShardError(f"{name}: {e}") from None
     with stream:
-        src = _Streamed(stream, hashing=bool(expected_sha256))
+        src = _Streamed(stream, hashing=bool(expected_sha256) or filler is not None, tee=filler)
         try:
             yield from _parse_tar(src, where, read)
             src.drain()
@@ -155,6 +180,8 @@ def _streamed_members(
         raise ShardError(f"{where}: {src.pos} bytes, the manifest says {expected_bytes} (truncated or replaced shard)")
     if expected_sha256 and src.sha.hexdigest() != expected_sha256:
         raise ShardError(f"{where}: sha256 mismatch: its bytes differ from the manifest's (damaged or replaced shard)")
+    if filler is not None and src.pos == expected_bytes and src.sha.hexdigest() == cache_sha256:
+        filler.commit()
 
 
 class _Mapped:
@@ -177,8 +204,8 @@ class _Mapped:
 class _Streamed:
     """A tar arriving over a stream: every byte is counted and hashed as it is read."""
 
-    def __init__(self, f, hashing: bool = True):
-        self.f, self.pos, self.sha, self.hashing = f, 0, hashlib.sha256(), hashing
+    def __init__(self, f, hashing: bool = True, tee: Filler | None = None):
+        self.f, self.pos, self.sha, self.hashing, self.tee = f, 0, hashlib.sha256(), hashing, tee
 
     def take(self, n: int) -> bytes:
         parts, want = [], n
@@ -191,6 +218,8 @@ class _Streamed:
         data = b"".join(parts)
         if self.hashing:
             self.sha.update(data)
+        if self.tee is not None:
+            self.tee.write(data)
         self.pos += len(data)
         return data
 
@@ -216,6 +245,8 @@ def iter_tar(
     expected_bytes: int = 0,
     expected_sha256: str = "",
     wanted: frozenset[str] | None = KNOWN_EXTS,
+    cache: ShardCache | None = None,
+    cache_sha256: str = "",
 ) -> Iterator[tuple[str, str, bytes | None]]:
     """Yield ``(key, ext, data)`` for the members of a tar that have a key.extension name; ``data`` is None
     (never read) when ``ext`` is not in ``wanted`` (None: every extension)."""
@@ -227,7 +258,15 @@ def iter_tar(
         split = split_name(fname)
         return split is not None and (wanted is None or split[1] in wanted)
 
-    found = members(path, name=name, expected_bytes=expected_bytes, expected_sha256=expected_sha256, read=read)
+    found = members(
+        path,
+        name=name,
+        expected_bytes=expected_bytes,
+        expected_sha256=expected_sha256,
+        read=read,
+        cache=cache,
+        cache_sha256=cache_sha256,
+    )
     for _fname, data in found:
         if split is not None:
             yield split[0], split[1], data
@@ -290,7 +329,15 @@ def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS, check_sha256: 
     members: dict[str, bytes] = {}
     seen: set[str] = set()
     sha = shard.sha256 if check_sha256 else ""
-    found = iter_tar(shard.path, name=shard.name, expected_bytes=shard.bytes, expected_sha256=sha, wanted=wanted)
+    found = iter_tar(
+        shard.path,
+        name=shard.name,
+        expected_bytes=shard.bytes,
+        expected_sha256=sha,
+        wanted=wanted,
+        cache=shard.cache,
+        cache_sha256=shard.sha256,
+    )
     for k, ext, data in found:
         if k != key:
             if key is not None:
