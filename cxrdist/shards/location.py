@@ -92,9 +92,10 @@ class Location:
         import fsspec
 
         module, extra = EXTRAS[self.scheme]
-        # no listing cache and a fresh instance per Location: a folder re-uploaded while this process lives
-        # (a rerun of `cxrdist shard --out s3://...`) is read as it is now, not by a stale ETag (HTTP 412)
-        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+        # no listing cache: a folder re-uploaded while this process lives (a rerun of `cxrdist shard --out
+        # s3://...`) is read as it is now, not by a stale ETag (HTTP 412); fsspec keeps one instance per
+        # process (new after a fork), so a shard costs no new client or credential lookup
+        options: dict[str, Any] = {"use_listings_cache": False}
         if self.scheme in ("http", "https"):  # aiohttp's default 300 s would cut any shard that takes longer
             import aiohttp
 
@@ -148,12 +149,13 @@ class Location:
         except FileNotFoundError:
             pass
 
-    def open(self, name: str, expected_bytes: int = 0) -> io.RawIOBase:
+    def open(self, name: str, expected_bytes: int = 0) -> io.BufferedIOBase:
         """A sequential binary stream of file ``name`` that retries and resumes (see the module docstring).
-        A missing file is FileNotFoundError; an unreachable one a LocationError naming its URL."""
+        A missing file is FileNotFoundError; an unreachable one a LocationError naming its URL. Buffered in
+        1 MB reads: each read of the client crosses to fsspec's event-loop thread, too dear per tar member."""
         if self.local is not None:
             return open(self.url(name), "rb")
-        return Stream(self, name, expected_bytes)
+        return io.BufferedReader(Stream(self, name, expected_bytes), buffer_size=CHUNK)
 
 
 def first_line(e: BaseException) -> str:
