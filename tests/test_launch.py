@@ -214,6 +214,28 @@ def ddp_reference(slurm_cluster, tiny_shards, tmp_path_factory):
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(420)
+def test_ddp_across_two_nodes_streaming_from_an_http_server(slurm_cluster, tiny_shards, tmp_path):
+    """No shard folder in the job: both nodes stream the shards from a server (on loopback here)."""
+    import shutil
+
+    from servers import http_server
+
+    shutil.copytree(tiny_shards["shards"], tmp_path / "www" / "shards")
+    with http_server(tmp_path / "www") as (base, faults, _):
+        cfg = train_cfg(f"{base}/shards", tmp_path / "run")
+        sub = launch.submit(launch_args(*DDP_2x1, log_dir=tmp_path / "logs"), cfg)
+        rc, log = run_to_end(sub)
+    assert rc == 0, log
+    summary = json.loads((sub.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["hosts"] == ["node1", "node2"]
+    manifest = json.loads((tiny_shards["shards"] / "manifest.json").read_text())
+    assert summary["test"]["n"] == manifest["splits"]["test"]["samples"]  # exact-once over the stream
+    assert any(name.endswith(".tar") for name, _ in faults.requests)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_ddp_across_two_nodes(ddp_reference):
     sub, rc, log = ddp_reference["sub"], ddp_reference["rc"], ddp_reference["log"]
     assert rc == 0, log

@@ -228,3 +228,23 @@ def test_the_shard_cache_keeps_whole_verified_shards_and_serves_them_next_time(t
     tar.write_bytes(bytes(data))
     assert len(list(iter_shard(shards[2], check_sha256=False))) == shards[2].samples
     assert not (folder / shards[2].name).exists()
+
+
+@pytest.mark.slow
+def test_a_run_preempted_while_streaming_resumes_from_the_url_to_the_same_end(tiny_shards, served, tmp_path):
+    import torch
+
+    from runs import preempted
+
+    args = ["--backend", "single", "--epochs", "2", "--seed", "3", *TINY[:-2], "--log-every", "1", "--workers", "0"]
+    train("--shards", tiny_shards["shards"], *args, "--out", tmp_path / "straight")
+    run = tmp_path / "preempted"
+    summary, err = preempted(["--shards", served["url"], *args], run, after_lines=3)
+    assert summary["status"] == "preempted", err[-2000:]
+    train("--shards", served["url"], *args, "--out", run, "--resume")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["restarts"] == 1
+    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in (tmp_path / "straight", run))
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
