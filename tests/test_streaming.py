@@ -248,3 +248,24 @@ def test_a_run_preempted_while_streaming_resumes_from_the_url_to_the_same_end(ti
     for k in a:
         if a[k].is_floating_point():
             assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+
+
+def test_a_missing_extra_or_missing_credentials_is_one_line_naming_the_location(s3, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    no_s3fs = "import sys; sys.modules['s3fs'] = None; from cxrdist.cli import main; sys.exit(main())"
+    proc = subprocess.run([sys.executable, "-c", no_s3fs, "verify", s3["url"]], capture_output=True, text=True)
+    assert proc.returncode == 2 and f"{s3['url']}: reading s3:// locations needs s3fs" in proc.stderr
+    assert "pip install 'cxrdist[s3]'" in proc.stderr and "Traceback" not in proc.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_ENDPOINT_URL"}
+    env.update(
+        HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none")
+    )
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxrdist.cli", "verify", s3["url"]], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert s3["url"] in proc.stderr and "credentials" in proc.stderr.lower(), proc.stderr
