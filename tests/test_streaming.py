@@ -269,3 +269,19 @@ def test_a_missing_extra_or_missing_credentials_is_one_line_naming_the_location(
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert s3["url"] in proc.stderr and "credentials" in proc.stderr.lower(), proc.stderr
+
+
+def test_a_streamed_shard_left_unfinished_is_hashed_on_its_next_read(served):
+    from cxrdist.data.stream import iter_share, read_shard_list, worker_share
+
+    _, shards = read_shard_list(served["url"], "train")
+    stream = make_loader(served["url"], "train", batch_size=4, workers=0, train=True, check_sha256=False).stream
+    rule, verified = stream.hash_rule(False), stream._verified
+    assert all(rule(s) for s in shards)  # an epoch that checks nothing still finishes the streamed shards
+    share = worker_share(shards, 0, 1)
+    reader = iter_share(share, rule, verified)
+    for _ in range(shards[0].samples + 1):  # the first shard whole, then one sample of the second
+        next(reader)
+    reader.close()
+    assert verified == {shards[0].name}
+    assert not rule(shards[0]) and rule(shards[1])

@@ -33,7 +33,7 @@ import io
 import itertools
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,23 +94,35 @@ def count_for(worker: int, total: int, workers: int) -> int:
     return max(0, (total - worker + workers - 1) // workers)
 
 
-def iter_share(share: Share, check_sha256: bool = True) -> Iterator[RawSample]:
+HashRule = Callable[[Shard], bool]  # whether a read of this shard checks its sha256
+
+
+def iter_share(
+    share: Share, check_sha256: bool | HashRule = True, verified: set[str] | None = None
+) -> Iterator[RawSample]:
+    """The share's raw samples; each shard that was hashed and read to its end is added to ``verified``."""
+    rule = check_sha256 if callable(check_sha256) else (lambda shard: check_sha256)
     i = 0
     for shard in share.shards:
-        for sample in iter_shard(shard, check_sha256=check_sha256):
+        hashing = rule(shard)
+        for sample in iter_shard(shard, check_sha256=hashing):
             if share.stride == 1 or i % share.stride == share.offset:
                 yield sample
             i += 1
+        if hashing and verified is not None:
+            verified.add(shard.name)
 
 
-def _shuffled_passes(share: Share, bufsize: int, rng: random.Random, check_sha256: bool) -> Iterator[RawSample]:
+def _shuffled_passes(
+    share: Share, bufsize: int, rng: random.Random, rule: Callable[[bool], HashRule], verified: set[str]
+) -> Iterator[RawSample]:
     """Endless passes over a share, each shuffled through the buffer and drained before the next one
-    starts: a worker whose quota fits its share yields each of its samples at most once per epoch (the
-    shards are hashed in the first pass only)."""
+    starts: a worker whose quota fits its share yields each of its samples at most once per epoch
+    (``rule(first_pass)`` says which shards a pass hashes)."""
     if share.samples == 0:
         raise ShardError(f"a loader worker was given no samples ({share.names() or 'no shards'})")
     for n in itertools.count():
-        yield from _shuffle(iter_share(share, check_sha256 and n == 0), bufsize, rng)
+        yield from _shuffle(iter_share(share, rule(n == 0), verified), bufsize, rng)
 
 
 def _shuffle(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -231,6 +243,7 @@ class ShardStream(IterableDataset):
         n_labels: int,
         augment: torch.nn.Module | None = None,
         check_sha256: bool = True,
+        finish_streamed: bool = True,
     ):
         super().__init__()
         self.shards = list(shards)
@@ -244,6 +257,11 @@ class ShardStream(IterableDataset):
         # (epoch, start_batch, check_sha256) in shared memory: persistent workers keep their copy of this
         # object across epochs, and read the next epoch's plan from here when the DataLoader restarts them
         self._plan = torch.tensor([epoch, start_batch, int(check_sha256)], dtype=torch.int64).share_memory_()
+        # streamed shards this worker has hashed whole: a streamed shard is checked only at its end, so one
+        # a worker stopped inside (its quota ended there) is hashed again on its next read, whatever the
+        # epoch's check_sha256 says, until a read reaches its end (``finish_streamed``; off with --check-sha256 off)
+        self.finish_streamed = finish_streamed
+        self._verified: set[str] = set()
 
     @property
     def epoch(self) -> int:
@@ -256,6 +274,16 @@ class ShardStream(IterableDataset):
     @property
     def check_sha256(self) -> bool:
         return bool(self._plan[2])
+
+    def hash_rule(self, first_pass: bool) -> HashRule:
+        """Which shards a pass hashes: all in the first pass of an epoch that checks; streamed shards not
+        yet hashed whole by this worker in any pass."""
+        every = self.check_sha256 and first_pass
+
+        def rule(shard: Shard) -> bool:
+            return every or (self.finish_streamed and is_remote(shard.path) and shard.name not in self._verified)
+
+        return rule
 
     def set_epoch(self, epoch: int, start_batch: int = 0, check_sha256: bool | None = None) -> None:
         self._plan[0], self._plan[1] = epoch, start_batch
@@ -291,7 +319,7 @@ class ShardStream(IterableDataset):
             share = Share(tuple(shard_order(self.shards, seed=self.seed, epoch=self.epoch, train=True)))
         g = self.rank * W + logical
         rng = random.Random(f"cxrdist-samples:{self.seed}:{self.epoch}:{g}")
-        raw = _shuffled_passes(share, min(self.shuffle_buffer, share.samples), rng, self.check_sha256)
+        raw = _shuffled_passes(share, min(self.shuffle_buffer, share.samples), rng, self.hash_rule, self._verified)
         raw = itertools.islice(raw, skip * bs, mine * bs)  # resume: drop raw samples, decode nothing
         for j, chunk in enumerate(_chunks(raw, bs), start=skip):
             yield self._finish(decode_batch(chunk, self.n_labels), logical + W * j)
@@ -299,7 +327,7 @@ class ShardStream(IterableDataset):
     def _eval(self, logical: int) -> Iterator[dict[str, Any]]:
         share = self.share(logical)
         n = 0
-        for j, chunk in enumerate(_chunks(iter_share(share, self.check_sha256), self.batch_size)):
+        for j, chunk in enumerate(_chunks(iter_share(share, self.hash_rule(True), self._verified), self.batch_size)):
             n += len(chunk)
             yield self._finish(decode_batch(chunk, self.n_labels), logical + self.workers * j)
         if n != share.samples:
@@ -454,6 +482,7 @@ def make_loader(
     persistent: bool = False,
     check_sha256: bool = True,
     cache: ShardCache | None = None,
+    finish_streamed: bool = True,
 ) -> ShardLoader:
     """The shard loader of one rank for one epoch (see the module docstring for the rules); each shard's
     sha256 is checked against the manifest before it is used (``check_sha256``; `bench loader` measures it)."""
@@ -488,6 +517,7 @@ def make_loader(
         n_labels=len(manifest["labels"]),
         augment=augment,
         check_sha256=check_sha256,
+        finish_streamed=finish_streamed,
     )
     if train:
         length = batches_per_rank - start_batch

@@ -110,6 +110,7 @@ class Loaders:
                 persistent=train,
                 check_sha256=check_sha256,
                 cache=self.cache,
+                finish_streamed=self.cfg.data.check_sha256 != "off",
                 **common,
             )
         from cxrdist.data.files import make_file_loader

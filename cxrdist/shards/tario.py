@@ -108,7 +108,8 @@ def members(
     (nothing of a damaged shard is used; the pages hashed are the ones then parsed, from cache). A URL
     (``location.is_remote``) is streamed through the same parser, hashed as it arrives and checked at its
     end, size included: its samples are used before the check, and a reader that stops inside a shard
-    (a training worker whose quota ends there) leaves the rest of it unchecked. With a ``cache``, a URL
+    (a training worker whose quota ends there) leaves it unchecked (the loader hashes it again on its next
+    read, ``data.stream.ShardStream.hash_rule``). With a ``cache``, a URL
     read whole whose bytes match ``cache_sha256`` is kept on local disk and read from there next time."""
     if is_remote(path):
         url = str(path)
