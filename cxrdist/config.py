@@ -33,7 +33,7 @@ class DataConfig:
     workers: int = -1  # loader worker processes per rank (-1: auto, cxrdist.cpus.auto_workers)
     augment: str = "auto"  # auto (device on GPU, worker on CPU) | device | worker | none
     shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
-    check_sha256: str = "every"  # every (read) | first (each split's first read in a process) | off
+    check_sha256: str = "first"  # first (each split's first read in a process) | every (read) | off
     shard_cache: str = ""  # node-local folder keeping streamed shards after their first read ("": none)
     shard_cache_gb: float = 100.0  # the cache's bound; least recently used shards go first
 
@@ -195,8 +195,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
         "--check-sha256",
         "data.check_sha256",
         str,
-        "hash shards against the manifest: every read (~4%% of a loader worker), first (each split's "
-        "first read in this process), off",
+        "hash shards against the manifest: first (each split's first read in this process), every read "
+        "(~5%% of a loader worker), off",
     ),
     (
         "--shard-cache",

@@ -79,9 +79,9 @@ class Loaders:
         return self._train_aug if train else self._eval_aug
 
     def hash_now(self, split: str) -> bool:
-        """Whether this read of ``split`` checks each shard's sha256: every read (the default: ~4% of a
-        worker's time at 256 px, `cxrdist bench loader`), none, or (``first``, for slow CPUs) the first read
-        of each split in this process, a resumed run's included (the shards may have changed in between)."""
+        """Whether this read of ``split`` checks each shard's sha256: every read, none, or (``first``, the
+        default: hashing costs ~5% of a worker's time at 256 px, `cxrdist bench loader`) the first read of
+        each split in this process, a resumed run's included (the shards may have changed in between)."""
         mode = self.cfg.data.check_sha256
         first = split not in self._hashed
         self._hashed.add(split)
