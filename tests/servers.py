@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
-import os
 import re
 import socket
 import threading
@@ -126,17 +125,3 @@ def _keys(env: dict[str, str]) -> dict[str, str]:
         "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
         "region_name": env["AWS_DEFAULT_REGION"],
     }
-
-
-@contextlib.contextmanager
-def environ(env: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -16,7 +16,7 @@ from cxrdist.shards.tario import ShardError
 from cxrdist.shards.verify import verify
 
 from runs import train
-from servers import environ, http_server, s3_server, upload
+from servers import http_server, s3_server, upload
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
 
@@ -32,7 +32,9 @@ def served(tiny_shards, tmp_path):
 
 @pytest.fixture(scope="module")
 def s3(tiny_shards):
-    with s3_server() as env, environ(env):
+    with s3_server() as env, pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():  # this process and the CLI runs it starts talk to the server
+            mp.setenv(k, v)
         yield {"url": upload(env, tiny_shards["shards"], "cxr", "tiny/shards"), "env": env}
 
 
