@@ -97,11 +97,9 @@ def count_for(worker: int, total: int, workers: int) -> int:
 HashRule = Callable[[Shard], bool]  # whether a read of this shard checks its sha256
 
 
-def iter_share(
-    share: Share, check_sha256: bool | HashRule = True, verified: set[str] | None = None
-) -> Iterator[RawSample]:
-    """The share's raw samples; each shard that was hashed and read to its end is added to ``verified``."""
-    rule = check_sha256 if callable(check_sha256) else (lambda shard: check_sha256)
+def iter_share(share: Share, rule: HashRule, verified: set[str]) -> Iterator[RawSample]:
+    """The share's raw samples (``rule``: which shards are hashed); each shard that was hashed and read to
+    its end is added to ``verified``."""
     i = 0
     for shard in share.shards:
         hashing = rule(shard)
@@ -109,7 +107,7 @@ def iter_share(
             if share.stride == 1 or i % share.stride == share.offset:
                 yield sample
             i += 1
-        if hashing and verified is not None:
+        if hashing:
             verified.add(shard.name)
 
 
