@@ -386,6 +386,12 @@ def _split_summary(table, rows: np.ndarray) -> dict:
     }
 
 
+def protocol_name(source: str, split: str, seed: int) -> str:
+    """What `cxrdist eval` prints next to every number: ``chexpert/official`` (valid.csv as test) or
+    ``chexpert/patient-80-10-10 seed 0``."""
+    return f"{source}/official" if split == "official" else f"{source}/patient-80-10-10 seed {seed}"
+
+
 def build_manifest(
     table,
     plan,
@@ -428,6 +434,7 @@ def build_manifest(
         "unparseable": dict(table.unparseable),  # source column -> cells read as missing (e.g. Age "abc")
         "policy": table.policy,
         "split": table.split,
+        "protocol": protocol_name(table.source, table.split, seed),
         "views": table.views,
         "size": int(size),
         "encoding": encoding,
