@@ -51,6 +51,8 @@ NIH: tuple[str, ...] = (
     "Hernia",
 )
 LABEL_SETS: dict[str, tuple[str, ...]] = {"chexpert": CHEXPERT, "nih": NIH}
+# The CheXpert competition's five (Irvin et al. 2019, Table 2): the mean papers compare on valid.csv
+COMPETITION5: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 OBSERVATIONS = CHEXPERT  # the CheXpert and MIMIC-CXR sources' own labels; the poster's head
 NUM_CLASSES = len(CHEXPERT)
 

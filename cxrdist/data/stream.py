@@ -171,6 +171,9 @@ def collate(keys: list[str], images: list[np.ndarray], metas: list[dict]) -> dic
         "age": torch.from_numpy(age),
         "sex": torch.from_numpy(sex),
         "key": list(keys),
+        # for evaluation: the bootstrap resamples patients; subgroups by view
+        "patient_id": [str(m.get("patient_id", k)) for k, m in zip(keys, metas)],
+        "view": [str(m.get("view") or "") for m in metas],
     }
 
 

@@ -17,13 +17,15 @@ def predict_loader(module, loader, prepare, autocast, n_labels: int) -> dict:
     module.eval()
     fuse = uses_demographics(module)
     dtype = next(module.parameters()).dtype  # half under DeepSpeed's fp16 engine, else float32
-    out = {"key": [], "prob": [], "labels": [], "mask": [], "sex": [], "age": []}
+    out = {"key": [], "patient_id": [], "view": [], "prob": [], "labels": [], "mask": [], "sex": [], "age": []}
     for batch in loader:
         x = prepare(batch).to(dtype)
         with autocast():
             logits = module(x, batch["age"], batch["sex"]) if fuse else module(x)
         out["prob"].append(torch.sigmoid(logits.float()).cpu().numpy())
         out["key"] += list(batch["key"])
+        out["patient_id"] += list(batch.get("patient_id", batch["key"]))
+        out["view"] += list(batch.get("view", [""] * len(batch["key"])))
         for k in ("labels", "mask", "sex", "age"):
             out[k].append(batch[k].numpy())
     module.train(was_training)
@@ -46,39 +48,61 @@ def select(part: dict, pairs: list[tuple[int, int]]) -> dict:
     }
 
 
-def gather_and_score(part: dict, names, expected: int | None = None) -> dict:
-    """All ranks' predictions to rank 0 (ordered by key), scored there, result broadcast to all ranks.
-    ``names``: the label of each column.
+def gather_parts(part: dict) -> list[dict] | None:
+    """Every rank's predictions as a list on rank 0, None on the others (collective: all ranks call it)."""
+    if not _distributed():
+        return [part]
+    parts = [None] * tdist.get_world_size()
+    tdist.all_gather_object(parts, part)
+    return parts if tdist.get_rank() == 0 else None
 
-    ``expected``: the split's sample count from the manifest; a mismatch is an error, never a silently
-    partial evaluation.
+
+def merge(parts: list[dict], expected: int | None = None) -> dict:
+    """The ranks' predictions as one split ordered by key, each sample exactly once.
+
+    ``expected``: the split's sample count from the manifest; a mismatch or a key seen twice is an error,
+    never a silently partial evaluation.
     """
-    distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-    parts = [part]
-    if distributed:
-        parts = [None] * tdist.get_world_size()
-        tdist.all_gather_object(parts, part)
+    keys = [k for p in parts for k in p["key"]]
+    if expected is not None and len(keys) != expected:
+        raise RuntimeError(f"evaluation saw {len(keys)} samples, the manifest lists {expected}")
+    if len(set(keys)) != len(keys):
+        dup = len(keys) - len(set(keys))
+        raise RuntimeError(f"evaluation saw {dup} samples more than once; the eval loader must be exact-once")
+    order = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")
+    out = {"key": [keys[i] for i in order]}
+    for k in ("patient_id", "view"):
+        values = [v for p in parts for v in p[k]]
+        out[k] = [values[i] for i in order]
+    for k in ("prob", "labels", "mask", "sex", "age"):
+        out[k] = np.concatenate([p[k] for p in parts])[order]
+    return out
+
+
+def on_rank0(compute):
+    """``compute()`` on rank 0, its result (or its error) broadcast to every rank: a failure there must reach
+    the others, not leave them waiting in the broadcast until the timeout."""
     result = None
-    if not distributed or tdist.get_rank() == 0:
+    if not _distributed() or tdist.get_rank() == 0:
         try:
-            result = _score(parts, names, expected)
-        except RuntimeError as e:  # every rank must learn it, not wait in the broadcast until the timeout
+            result = {"ok": compute()}
+        except RuntimeError as e:
             result = {"error": str(e)}
-    if distributed:
+    if _distributed():
         box = [result]
         tdist.broadcast_object_list(box, src=0)
         result = box[0]
     if "error" in result:
         raise RuntimeError(result["error"])
-    return result
+    return result["ok"]
 
 
-def _score(parts: list[dict], names, expected: int | None) -> dict:
-    keys = [k for p in parts for k in p["key"]]
-    if expected is not None and len(keys) != expected:
-        raise RuntimeError(f"evaluation saw {len(keys)} samples, the manifest lists {expected}")
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in ("prob", "labels", "mask", "sex", "age")}
-    order = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")
-    keys = [keys[i] for i in order]
-    cat = {k: v[order] for k, v in cat.items()}
-    return metrics.evaluate_arrays(keys, names, cat["prob"], cat["labels"], cat["mask"], cat["sex"], cat["age"])
+def gather_and_score(part: dict, names, expected: int | None = None, replicates: int = 0) -> dict:
+    """All ranks' predictions scored once on rank 0 (``names``: the label of each column), the scores on
+    every rank; ``replicates`` > 0 adds patient-bootstrap intervals to the means."""
+    parts = gather_parts(part)
+    return on_rank0(lambda: metrics.evaluate_arrays(merge(parts, expected), names, replicates=replicates))
+
+
+def _distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1

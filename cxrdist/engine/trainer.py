@@ -24,7 +24,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from cxrdist import cpus, dist, log
+from cxrdist import cpus, dist, log, metrics
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.engine.backends import Backend, get_backend, validate_config
@@ -383,7 +383,9 @@ class Trainer:
         labels = self.loaders.labels
         prepare = lambda b: self.prepare(b, train=False)
         part = predict_loader(self.backend.eval_model(), loader, prepare, self.backend.autocast, len(labels))
-        return gather_and_score(part, labels, expected=self.loaders.samples(split))
+        # the test split's means get patient-bootstrap intervals (seconds on rank 0); val's per epoch do not
+        reps = metrics.REPLICATES if split == "test" else 0
+        return gather_and_score(part, labels, expected=self.loaders.samples(split), replicates=reps)
 
     def end_epoch(self, epoch: int) -> None:
         train_loss = self.state.epoch_loss_sum / max(1, self.state.epoch_steps)
