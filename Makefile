@@ -36,6 +36,7 @@ demo: setup
 	rm -rf runs/demo
 	$(BIN)/python launchers/submit.py --nodes 1 --gpus 4 --backend ddp --wait -- \
 	    --out runs/demo --epochs 5 --batch-size 16 --image-size 64
+	$(BIN)/cxrdist eval --run runs/demo --split test
 	$(BIN)/cxrdist report runs/demo --out runs/demo/report
 
 # lint and format check (ruff, configured in pyproject.toml); the floor plan is checked by tests/test_floors.py

@@ -67,15 +67,24 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     from cxrdist.evaluate import evaluate_run
 
-    result = evaluate_run(a.run, split=a.split, checkpoint=a.checkpoint, shards=a.shards, map_labels=a.map_labels)
-    print(json.dumps({k: result[k] for k in ("auc_mean", "accuracy_mean", "n")}, indent=1))
+    result = evaluate_run(
+        a.run,
+        split=a.split,
+        checkpoint=a.checkpoint,
+        shards=a.shards,
+        map_labels=a.map_labels,
+        rule=a.operating_point,
+        replicates=a.bootstrap,
+        seed=a.seed,
+    )
+    print(json.dumps({k: result[k] for k in ("protocol", "split", "n", "mean")}, indent=1))
     return 0
 
 
 def cmd_predict(a) -> int:
     from cxrdist.evaluate import predict_files
 
-    results = predict_files(a.checkpoint, a.files, as_json=a.json)
+    results = predict_files(a.checkpoint, a.files, as_json=a.json, cam_dir=a.cam, cam_labels=a.cam_labels)
     return 1 if results and all("error" in r for r in results) else 0  # nothing predicted is a failure
 
 
@@ -192,11 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a model on shards with another label set over the findings both hold "
         "(e.g. CheXpert's Pleural Effusion on NIH's Effusion)",
     )
+    s.add_argument(
+        "--operating-point",
+        choices=("youden", "f1"),
+        default="youden",
+        help="how each label's threshold is chosen on val (default: Youden's J)",
+    )
+    s.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="patient-bootstrap replicates (default 1000)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     s.set_defaults(func=cmd_eval)
 
     s = add("predict", help="print the checkpoint's label probabilities for DICOM, JPEG or PNG files")
     s.add_argument("--checkpoint", type=Path, required=True)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--cam", type=Path, default=None, metavar="DIR", help="write Grad-CAM overlays (PNG) here")
+    s.add_argument(
+        "--cam-labels",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=None,
+        metavar="A,B",
+        help="heat maps for these labels (default: those above their operating threshold)",
+    )
     s.add_argument("files", nargs="+", type=Path)
     s.set_defaults(func=cmd_predict)
 

@@ -459,7 +459,7 @@ def check_end_to_end(ctx: Ctx):
         "PASS",
         f"preempt + resume ({out['single bf16 channels_last, preempted + resumed']['final_steps']} steps), "
         f"fp16: {'GradScaler' if ctx.gpu else 'skipped'}, DeepSpeed eval AUC "
-        f"{out['deepspeed zero-1 + eval'].get('auc_mean')}, data wait {100 * wait:.1f}%",
+        f"{out['deepspeed zero-1 + eval']['mean']['all']}, data wait {100 * wait:.1f}%",
         out,
     )
 

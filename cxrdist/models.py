@@ -125,3 +125,11 @@ def model_from_client(client: dict) -> nn.Module:
         fuse_demographics=cfg.model.fuse_demographics,
         drop_rate=cfg.model.drop_rate,
     )
+
+
+def cam_layer(model: nn.Module) -> nn.Module:
+    """The module whose output is the backbone's last feature map (timm's ``feature_info``): where Grad-CAM
+    looks. For DenseNet ``features.norm5``."""
+    inner = getattr(model, "module", model)
+    backbone = inner.backbone if isinstance(inner, DemographicsFusion) else inner
+    return backbone.get_submodule(backbone.feature_info[-1]["module"])

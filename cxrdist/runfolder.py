@@ -17,6 +17,7 @@ from typing import Any
 from cxrdist.atomic import atomic_write_bytes
 
 SUMMARY, CONFIG, TELEMETRY, CHECKPOINTS = "summary.json", "config.yaml", "telemetry", "checkpoints"
+EVAL, OPERATING_POINTS = "eval", "operating_points.json"  # `cxrdist eval`'s outputs; what `predict` applies
 STATUSES = ("running", "completed", "preempted", "failed")
 
 
@@ -102,6 +103,29 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    def eval_dir(self, split: str) -> Path:
+        """``eval/<split>/``: predictions.csv, metrics.json, report.md and the plots of one split."""
+        return self.path / EVAL / split
+
+    def read_metrics(self, split: str = "test") -> dict | None:
+        """``eval/<split>/metrics.json`` (None when the split has not been evaluated or it is unreadable)."""
+        try:
+            data = json.loads((self.eval_dir(split) / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_operating_points(self, points: dict) -> None:
+        atomic_write_bytes(self.path / OPERATING_POINTS, json.dumps(points, indent=1).encode())
+
+    def read_operating_points(self) -> dict | None:
+        """The thresholds and temperature ``cxrdist eval`` fitted on val (None before the first eval)."""
+        try:
+            data = json.loads((self.path / OPERATING_POINTS).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def has_checkpoints(self) -> bool:
         return self.checkpoints.is_dir() and any(self.checkpoints.iterdir())

@@ -221,6 +221,7 @@ class Frame:
     lung_masks: list = field(default_factory=list)
     lung_f: list = field(default_factory=list)  # superellipse value per lung (<1 inside)
     visible: list = field(default_factory=list)  # lung masks less the heart and mediastinum shadows
+    heart: np.ndarray | None = None  # the heart shadow's soft mask (where a cardiomegaly is)
 
 
 def _soft(d: np.ndarray, px: float) -> np.ndarray:
@@ -333,6 +334,7 @@ def draw_heart(img: np.ndarray, g: Frame, rng: np.random.Generator, enlarge: flo
     m = _soft(_ellipse_sd(g, cx, cy, rx, ry), g.px)
     cover = np.maximum(m, _soft(np.abs(g.a - 0.5) - g.mediastinum_width, g.px))
     g.visible = [lm * (1.0 - cover) for lm in g.lung_masks]
+    g.heart = m
     return img + m * (0.70 - img)
 
 
@@ -554,12 +556,14 @@ def draw_frontal(
     w: int,
     findings: dict[str, float] | None = None,
     finding_rng: np.random.Generator | None = None,
+    regions: dict | None = None,
 ) -> np.ndarray:
     """A frontal (PA/AP) phantom, float32 ``h`` x ``w`` in [0, 1] (bone bright).
 
     ``findings`` maps observation names to a drawing strength (1 positive, 0.5 a faint uncertain one);
     ``finding_rng`` chooses their side/placement (pass the study's generator so that all images of a
-    study show the same finding), default ``rng``.
+    study show the same finding), default ``rng``. ``regions``, when given, receives the ``heart`` mask (for
+    tests of localisation: Grad-CAM on a cardiomegaly).
     """
     findings = findings or {}
     frng = finding_rng if finding_rng is not None else rng
@@ -574,6 +578,8 @@ def draw_frontal(
     for name, draw in FINDINGS.items():
         if findings.get(name):
             img = draw(img, g, findings[name], frng)
+    if regions is not None:
+        regions["heart"] = g.heart
     return _finish(img, rng)
 
 

@@ -178,7 +178,9 @@ def test_nih_shards_train_evaluate_and_predict(nih_shards, nih_run):
     assert set(s["test"]["auc"]) == set(NIH) and s["test"]["n"] == manifest["splits"]["test"]["samples"]
     ev = cli("eval", "--run", nih_run, "--split", "test", "--checkpoint", "last")
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert json.loads((nih_run / "eval_test.json").read_text())["labels"] == list(NIH)
+    evaluated = json.loads((nih_run / "eval" / "test" / "metrics.json").read_text())
+    assert list(evaluated["labels"]) == list(NIH)
+    assert evaluated["competition5_labels"] == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion"]
     image = next(nih_shards["root"].glob("images_001/images/*.png"))
     pr = cli("predict", "--checkpoint", nih_run, "--json", image)
     assert pr.returncode == 0, pr.stderr[-2000:]
@@ -193,9 +195,10 @@ def test_a_chexpert_model_on_nih_shards_maps_labels_or_refuses(tiny_shards, nih_
     assert "has labels nih (14 labels), but the checkpoint has chexpert (14 labels)" in refused.stderr
     mapped = cli("eval", "--run", run, "--shards", nih_shards["shards"], "--map-labels")
     assert mapped.returncode == 0, mapped.stderr[-2000:]
-    result = json.loads((run / f"eval_test@{nih_shards['shards'].name}.json").read_text())
+    result = json.loads((run / "eval" / f"test@{nih_shards['shards'].name}" / "metrics.json").read_text())
     assert result["label_map"]["Pleural Effusion"] == "Effusion" and len(result["label_map"]) == 7
-    assert result["labels"] == list(result["label_map"].values())
+    assert list(result["labels"]) == list(result["label_map"].values())
+    assert result["protocol"].startswith("nih/")
     # resuming a run on shards with another label set: refused, naming both
     resumed = train(
         "--shards", nih_shards["shards"], "--out", run, "--resume", "--backend", "single", *TINY, check=False

@@ -10,23 +10,25 @@ scored on shards with another label set only with ``map_labels``, over the findi
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from rich.table import Table
 
-from cxrdist import dist, log
+from cxrdist import dist, metrics
+from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import TrainConfig
-from cxrdist.data.transforms import Augment
 from cxrdist.engine.backends import read_weights
-from cxrdist.engine.evaluation import gather_and_score, predict_loader, select
+from cxrdist.engine.evaluation import gather_parts, merge, predict_loader, select
 from cxrdist.engine.inputs import Loaders, check_inputs
 from cxrdist.errors import UserError
+from cxrdist.evaluate.plots import all_plots
+from cxrdist.evaluate.record import Predictions, fit_operating_points, score
+from cxrdist.evaluate.render import markdown, print_table
 from cxrdist.labels import check_same, checkpoint_labels, describe, overlap
-from cxrdist.metrics import fmt
-from cxrdist.models import model_from_client, uses_demographics
+from cxrdist.models import model_from_client
+from cxrdist.runfolder import RunFolder
 from cxrdist.shards import location
 
 
@@ -59,6 +61,24 @@ def label_pairs(trained, shards, *, map_labels: bool, where: str) -> list[tuple[
     return [(trained.index(a), shards.index(b)) for a, b in pairs]
 
 
+def _predict(model, loaders: Loaders, split: str, pairs, device) -> Predictions:
+    """The model's predictions on one split, each sample once (``pairs``: output column, shard label column)."""
+    if not loaders.samples(split):
+        raise UserError(f"{loaders.cfg.data.shards}: the {split} split holds no samples; nothing to evaluate")
+
+    def prepare(batch):
+        return loaders.augment(False)(batch["image"].to(device))
+
+    part = predict_loader(model, loaders.eval(split), prepare, torch.no_grad, max(a for a, _ in pairs) + 1)
+    whole = merge(gather_parts(select(part, pairs)) or [], expected=loaders.samples(split))
+    return Predictions.from_merged(whole, [loaders.labels[b] for _, b in pairs])
+
+
+def protocol(manifest: dict) -> str:
+    """How the shards were split, the way the report names it next to every number."""
+    return str(manifest.get("protocol") or f"{manifest.get('source', '?')}/{manifest.get('split', '?')}")
+
+
 def evaluate_run(
     run: Path,
     split: str = "test",
@@ -66,16 +86,22 @@ def evaluate_run(
     *,
     shards: str | Path | None = None,
     map_labels: bool = False,
+    rule: str = "youden",
+    replicates: int = metrics.REPLICATES,
+    seed: int = 0,
+    plots: bool = True,
 ) -> dict:
-    """Score a run's checkpoint on ``split`` of its own shards, or of ``shards`` (another folder, perhaps
-    another dataset); writes ``RUN/eval_<split>.json`` (``eval_<split>@<folder>.json`` for other shards)."""
+    """Score a run's checkpoint on ``split`` of its own shards, or of ``shards`` (another location, perhaps
+    another dataset), with operating points and the temperature fitted on the run's own val split.
+
+    Writes ``RUN/operating_points.json`` (what ``predict`` applies) and ``RUN/eval/<split>/`` (``<split>@<name>``
+    for other shards): predictions.csv, metrics.json, report.md and the plots. Returns metrics.json's dict.
+    """
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"--run {run}: no such run folder")
-    cfg = TrainConfig.load(run / "config.yaml")
-    if shards is not None:
-        cfg = replace(cfg, data=replace(cfg.data, shards=str(shards)))
-        check_inputs(cfg)
+    folder = RunFolder(run)
+    cfg = TrainConfig.load(folder.config_path)
     tag = checkpoint if checkpoint in ("best", "last") else "best"
     weights, client = load_checkpoint(
         run if checkpoint in ("best", "last") else Path(checkpoint), tag, cfg.dist.backend
@@ -83,72 +109,44 @@ def evaluate_run(
     model = model_from_checkpoint(weights, client)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    loaders = Loaders(cfg, dist.DistEnv(), device, batch_size=cfg.optim.batch_size)
     trained = checkpoint_labels(client)
-    pairs = label_pairs(trained, loaders.labels, map_labels=map_labels, where=f"{cfg.data.shards}/manifest.json")
-    names = [loaders.labels[b] for _, b in pairs]
+    own = Loaders(cfg, dist.DistEnv(), device, batch_size=cfg.optim.batch_size)
+    own_pairs = label_pairs(trained, own.labels, map_labels=False, where=f"{cfg.data.shards}/manifest.json")
+    val = _predict(model, own, "val", own_pairs, device)
+    points = fit_operating_points(val, rule) | {"checkpoint": str(checkpoint), "labels": list(trained)}
+    folder.write_operating_points(points)
 
-    def prepare(batch):
-        return loaders.augment(False)(batch["image"].to(device))
-
-    part = predict_loader(model, loaders.eval(split), prepare, torch.no_grad, len(trained))
-    result = gather_and_score(select(part, pairs), names, expected=loaders.samples(split))
-    result.update(split=split, checkpoint=checkpoint, shards=str(cfg.data.shards))
-    if names != list(trained):
-        result["label_map"] = {trained[a]: loaders.labels[b] for a, b in pairs}
-    name = f"eval_{split}.json" if shards is None else f"eval_{split}@{location.parse(shards).name}.json"
-    (run / name).write_text(json.dumps(result, indent=1))
-    _print_scores(result, f"{run.name}: {split} of {cfg.data.shards} ({result['n']} images, checkpoint {checkpoint})")
+    target, pairs, out = own, own_pairs, folder.eval_dir(split)
+    if shards is not None:
+        other = replace(cfg, data=replace(cfg.data, shards=str(shards)))
+        check_inputs(other)
+        target = Loaders(other, dist.DistEnv(), device, batch_size=cfg.optim.batch_size)
+        pairs = label_pairs(trained, target.labels, map_labels=map_labels, where=f"{shards}/manifest.json")
+        out = folder.eval_dir(f"{split}@{location.parse(shards).name}")
+    pred = val if target is own and split == "val" else _predict(model, target, split, pairs, device)
+    # thresholds travel with the finding: a model's Pleural Effusion threshold applies to NIH's Effusion
+    mapped = {target.labels[b]: points["thresholds"][trained[a]] for a, b in pairs}
+    t0 = time.perf_counter()
+    result = score(
+        pred,
+        points | {"thresholds": mapped},
+        protocol=protocol(target.manifest),
+        split=split,
+        replicates=replicates,
+        seed=seed,
+    )
+    result["scoring_s"] = round(time.perf_counter() - t0, 2)
+    result |= {"checkpoint": str(checkpoint), "shards": str(target.cfg.data.shards)}
+    if [target.labels[b] for _, b in pairs] != list(trained):
+        result["label_map"] = {trained[a]: target.labels[b] for a, b in pairs}
+    _write(out, pred, result, f"{run.name}: {split} of {target.cfg.data.shards} (checkpoint {checkpoint})", plots)
     return result
 
 
-def _print_scores(result: dict, title: str) -> None:
-    table = Table(title=title)
-    table.add_column("label")
-    table.add_column("AUC", justify="right")
-    table.add_column("accuracy", justify="right")
-    for name in result["labels"]:
-        table.add_row(name, fmt(result["auc"][name]), fmt(result["accuracy"][name]))
-    table.add_row("[bold]mean", fmt(result["auc_mean"]), fmt(result["accuracy_mean"]))
-    log.console().print(table)
-
-
-def predict_files(checkpoint: Path, files: list[Path], as_json: bool = False) -> list[dict]:
-    from cxrdist.imaging import UnusableImage, load_for_model
-
-    weights, state = load_checkpoint(checkpoint, "best")
-    cfg = TrainConfig.from_dict(state["config"])
-    meta = state["data"]
-    names = checkpoint_labels(state)
-    model = model_from_checkpoint(weights, state)
-    augment = Augment(meta["image_size"], train=False, in_chans=cfg.model.in_chans)
-    results = []
-    for f in files:
-        if Path(f).is_dir():
-            results.append({"file": str(f), "error": "a folder, not an image file"})
-            continue
-        try:
-            arr = load_for_model(f, meta["size"], meta["encoding"])
-        except UnusableImage as e:
-            results.append({"file": str(f), "error": str(e)})
-            continue
-        x = torch.from_numpy(arr.astype(np.int32 if arr.dtype == np.uint16 else arr.dtype))[None, None]
-        with torch.no_grad():
-            x = augment(x)
-            logits = model(x) if not uses_demographics(model) else model(x, None, None)
-        probs = torch.sigmoid(logits.float())[0].tolist()
-        results.append({"file": str(f), "probabilities": dict(zip(names, probs))})
-    if as_json:
-        print(json.dumps(results, indent=1))
-    else:
-        table = Table(title=f"cxrdist predict ({Path(checkpoint).name})")
-        table.add_column("label")
-        for r in results:
-            table.add_column(Path(r["file"]).name, justify="right")
-        for name in names:
-            table.add_row(name, *[f"{r['probabilities'][name]:.3f}" if "probabilities" in r else "-" for r in results])
-        log.console().print(table)
-        for r in results:
-            if "error" in r:
-                log.console(stderr=True).print(f"[red]{r['file']}: {r['error']}")
-    return results
+def _write(out: Path, pred: Predictions, result: dict, title: str, plots: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    pred.to_csv(out / "predictions.csv")
+    names = all_plots(pred, result, out) if plots else []
+    atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=1).encode())
+    atomic_write_bytes(out / "report.md", markdown(result, title, names).encode())
+    print_table(result, title)
