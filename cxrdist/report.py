@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from cxrdist import log
+from cxrdist.metrics import fmt_interval
 from cxrdist.runfolder import RunFolder, RunSummary
 
 STRAGGLER_THRESHOLD = 0.10  # a rank >= 10% slower than the median rank
@@ -64,7 +65,10 @@ COLUMNS = [
     "val_auc_pct",
     "val_acc_pct",
     "test_auc_pct",
+    "test_auc_ci",
+    "test_comp5_ci",
     "test_acc_pct",
+    "protocol",
     "status",
     "restarts",
     "reason",
@@ -198,6 +202,15 @@ def _layout(world: int | None, nodes: int | None, device: str, gpus: int | None,
     return f"{nodes}×{max(1, total // nodes)} GPU"
 
 
+def _test_means(path, test: dict) -> tuple[dict, str]:
+    """The test split's mean AUROCs with intervals: `cxrdist eval`'s metrics.json where the run has one (the
+    reference, with its protocol), else the trainer's end-of-run test evaluation."""
+    m = RunFolder(path).read_metrics("test")
+    if m and isinstance(m.get("mean"), dict):
+        return m["mean"], str(m.get("protocol", ""))
+    return {"all": test.get("auc_mean_ci"), "competition5": test.get("competition5")}, ""
+
+
 def run_row(run: dict) -> dict[str, Any]:
     """The numbers of one loaded run (see COLUMNS); speed-up/efficiency are filled in by ``build_report``."""
     s, cfg = run["summary"], run["config"]
@@ -237,6 +250,7 @@ def run_row(run: dict) -> dict[str, Any]:
 
     last = sum_epochs[-1] if sum_epochs else {}
     test = s.test or {}
+    means, protocol = _test_means(run["path"], test)
     pct = lambda v: 100.0 * _num(v)  # noqa: E731
     return {
         "run": run["name"],
@@ -264,7 +278,10 @@ def run_row(run: dict) -> dict[str, Any]:
         "val_auc_pct": pct(last.get("val_auc_mean")),
         "val_acc_pct": pct(last.get("val_accuracy_mean")),
         "test_auc_pct": pct(test.get("auc_mean")),
+        "test_auc_ci": fmt_interval(means["all"]) if means["all"] else "",
+        "test_comp5_ci": fmt_interval(means["competition5"]) if means["competition5"] else "",
         "test_acc_pct": pct(test.get("accuracy_mean")),
+        "protocol": protocol,
         "status": run["status"],
         "restarts": _int(s.restarts) or 0,
         "reason": "; ".join(([f"error: {s.error}"] if s.error else []) + run["problems"]),
@@ -380,7 +397,8 @@ DISPLAY = [
     ("Data wait", "data_wait_pct", ".1f", "%"),
     ("Val AUC", "val_auc_pct", ".2f", ""),
     ("Val acc", "val_acc_pct", ".2f", ""),
-    ("Test AUC", "test_auc_pct", ".2f", ""),
+    ("Test AUC (95% CI)", "test_auc_ci", "", ""),
+    ("Comp-5 AUC (95% CI)", "test_comp5_ci", "", ""),
     ("Test acc", "test_acc_pct", ".2f", ""),
     ("Status", "status", "", ""),
     ("Restarts", "restarts", "d", ""),
@@ -406,8 +424,10 @@ def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
         "# cxrdist backend comparison",
         "",
         "Epoch times are averages over the run's epochs; AUC and accuracy are means over each run's labels in "
-        "percent (val: last epoch). Speed-up is by epoch time over the single-device run of the same "
-        "format; efficiency = speed-up / devices.",
+        "percent (val: last epoch); test AUROCs carry 95% patient-bootstrap intervals, beside the CheXpert "
+        "competition-5 mean: two runs whose intervals do not overlap differ beyond noise (overlap alone does not "
+        "prove them equal). Speed-up is by epoch time over the single-device run of the same format; "
+        "efficiency = speed-up / devices.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
@@ -441,7 +461,8 @@ def _print_terminal(df: pd.DataFrame, flags: list[str], out: Path) -> None:
         ("Peak MB", "mem_peak_mb_max"),
         ("Wait", "data_wait_pct"),
         ("Val AUC", "val_auc_pct"),
-        ("Test AUC", "test_auc_pct"),
+        ("Test AUC (95% CI)", "test_auc_ci"),
+        ("Comp-5 (95% CI)", "test_comp5_ci"),
         ("Test acc", "test_acc_pct"),
         ("Status", "status"),
     ]

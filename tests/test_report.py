@@ -120,7 +120,16 @@ def _write_run(
     test = (
         {}
         if test_auc is None
-        else {"auc": {}, "auc_mean": test_auc, "accuracy": {}, "accuracy_mean": test_acc, "n": 100, "subgroups": {}}
+        else {
+            "auc": {},
+            "auc_mean": test_auc,
+            "auc_mean_ci": [test_auc, test_auc - 0.02, test_auc + 0.02],
+            "competition5": [test_auc + 0.03, test_auc + 0.01, test_auc + 0.05],
+            "accuracy": {},
+            "accuracy_mean": test_acc,
+            "n": 100,
+            "subgroups": {},
+        }
     )
     summary = {
         "backend": backend,
@@ -260,6 +269,9 @@ def test_csv_columns_and_values(runs, tmp_path):
     # AUC / accuracy in percent like the poster (val: last epoch)
     assert single["test_auc_pct"] == pytest.approx(81.96) and single["test_acc_pct"] == pytest.approx(85.12)
     assert single["val_auc_pct"] == pytest.approx(80.0) and single["val_acc_pct"] == pytest.approx(84.0)
+    # the trainer's test means carry patient-bootstrap intervals; `cxrdist eval`'s metrics.json wins where present
+    assert single["test_auc_ci"] == "82.0 (80.0–84.0)" and single["test_comp5_ci"] == "85.0 (83.0–87.0)"
+    assert ddp["test_auc_ci"] == "81.5 (79.5–83.5)"
     assert ddp["status"] == "completed" and ddp["restarts"] == 1
 
     failed = _row(csv, "ddp-jpeg")
@@ -272,6 +284,18 @@ def test_csv_columns_and_values(runs, tmp_path):
     assert csv["run"].tolist() == ["single-shards", "dp-shards", "ddp-shards", "deepspeed-shards", "ddp-jpeg"]
 
 
+def test_eval_metrics_are_the_reference_with_their_protocol(runs, tmp_path):
+    single = runs[0]
+    (single / "eval" / "test").mkdir(parents=True)
+    mean = {"all": [0.7, 0.65, 0.75], "competition5": [0.8, 0.7, 0.9]}
+    (single / "eval" / "test" / "metrics.json").write_text(json.dumps({"protocol": "chexpert/official", "mean": mean}))
+    csv = build_report(runs, tmp_path / "r", print_table=False)
+    row = _row(csv, "single-shards")
+    assert row["test_auc_ci"] == "70.0 (65.0–75.0)" and row["test_comp5_ci"] == "80.0 (70.0–90.0)"
+    assert row["protocol"] == "chexpert/official"
+    assert "Comp-5 AUC (95% CI)" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_markdown_flags_and_plots(runs, tmp_path, capsys):
     out = tmp_path / "report"
     build_report(runs, out=out, skipped=SKIPPED)
@@ -280,7 +304,7 @@ def test_markdown_flags_and_plots(runs, tmp_path, capsys):
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 5  # header + one row per run, the skipped one included
     single_line = next(line for line in table if "single-shards" in line)
-    assert "1.67" in single_line and "81.96" in single_line and "85.12" in single_line
+    assert "1.67" in single_line and "82.0 (80.0–84.0)" in single_line and "85.12" in single_line
     assert "1.82×" in next(line for line in table if "| ddp-shards" in line)
     assert "skipped" in next(line for line in table if "dp-shards" in line and "| dp |" in line)
 
