@@ -1,4 +1,4 @@
-"""`cxrdist bench loader|pack|step|trainer`: the throughput ratios behind the poster's Table 4, measured here.
+"""`cxrdist bench loader|pack|step|trainer|eval`: the throughput ratios behind the poster's Table 4, measured here.
 
 - ``loader``: images/s of ONE loader worker (in-process, one torch thread) on a synthetic CheXpert-layout set
   packed at 256 px: raw JPEG decode alone (the ceiling), the shard loader as it feeds a GPU (read, decode,
@@ -10,6 +10,8 @@
 - ``pack``: images/s of the packer with 1 and N (= CPU count) workers, and the scaling.
 - ``step``: training-step throughput per backend (cxrdist.engine.benchstep).
 - ``trainer``: the trainer's steady-state images/s against a bare loop (goal >= 0.85x), same everything.
+- ``eval``: seconds `cxrdist eval` spends scoring a MIMIC-test-sized split (5,159 images, 14 labels, 1,000
+  patient-bootstrap replicates, subgroups) once its predictions are in (goal <= 30 s).
 
 ``run(what, out=None, quick=False)`` returns the result dict and writes it as JSON to ``out``.
 """
@@ -336,6 +338,45 @@ def _print(what: str, result: dict[str, Any]) -> None:
     log.console(stderr=True).print(table)
 
 
+MIMIC_TEST_IMAGES, MIMIC_TEST_PATIENTS = 5159, 1800  # MIMIC-CXR-JPG's official test split, about
+
+
+def bench_eval(quick: bool = False) -> dict[str, Any]:
+    """`cxrdist eval`'s scoring (bootstrap over patients, operating points, calibration, subgroups) on a
+    MIMIC-test-sized split of predictions: seconds of one rank-0 CPU, the model's forward excluded."""
+    from cxrdist.engine.benchstep import goal
+    from cxrdist.evaluate.record import Predictions, fit_operating_points, score
+    from cxrdist.labels import CHEXPERT
+
+    n, patients, reps = (800, 300, 200) if quick else (MIMIC_TEST_IMAGES, MIMIC_TEST_PATIENTS, 1000)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((n, len(CHEXPERT))) < 0.15).astype(np.float64)
+    pred = Predictions(
+        list(CHEXPERT),
+        [f"k{i:06d}" for i in range(n)],
+        [f"p{i}" for i in rng.integers(0, patients, n)],
+        np.clip(rng.normal(0.2 + 0.4 * labels, 0.2), 0.0, 1.0),
+        labels,
+        (rng.random(labels.shape) < 0.9).astype(np.float64),
+        rng.choice([0.0, 1.0], n),
+        rng.uniform(18, 95, n),
+        list(rng.choice(["AP", "PA"], n)),
+    )
+    t0 = time.perf_counter()
+    points = fit_operating_points(pred)
+    t1 = time.perf_counter()
+    score(pred, points, protocol="bench", split="test", replicates=reps)
+    t2 = time.perf_counter()
+    seconds = {"fit_operating_points_s": t1 - t0, "score_s": t2 - t1}
+    return {
+        "eval": {"images": n, "patients": patients, "labels": len(CHEXPERT), "replicates": reps, **seconds},
+        "ratios": {},
+        "goals": {"score_s": goal(seconds["score_s"], None, 30.0)},
+    }
+
+
 def run(what: str, out: str | Path | None = None, quick: bool = False) -> dict[str, Any]:
     if what == "loader":
         result = bench_loader(quick=quick)
@@ -349,9 +390,11 @@ def run(what: str, out: str | Path | None = None, quick: bool = False) -> dict[s
         from cxrdist.engine.benchstep import bench_trainer
 
         result = bench_trainer(quick=quick)
+    elif what == "eval":
+        result = bench_eval(quick=quick)
     else:
-        raise ValueError(f"bench what? loader, pack, step or trainer, not {what!r}")
-    if what in ("loader", "pack"):
+        raise ValueError(f"bench what? loader, pack, step, trainer or eval, not {what!r}")
+    if what in ("loader", "pack", "eval"):
         _print(what, result)
     if out is not None:
         out = Path(out)

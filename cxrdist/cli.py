@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     s = add("bench", help="measure loader / packing / training-step ratios in one run")
-    s.add_argument("what", choices=("loader", "pack", "step", "trainer"))
+    s.add_argument("what", choices=("loader", "pack", "step", "trainer", "eval"))
     s.add_argument("--out", type=Path)
     s.add_argument("--quick", action="store_true", help="fewer iterations (for tests)")
     s.set_defaults(func=cmd_bench)

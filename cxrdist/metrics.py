@@ -107,25 +107,35 @@ def patient_weights(patients, replicates: int = REPLICATES, seed: int = 0) -> np
     return np.concatenate([np.ones((1, len(codes))), counts[:, codes].astype(np.float64)])
 
 
-def _groups(sorted_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start index and group number of each run of tied scores in a sorted vector."""
-    new = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]] if len(sorted_scores) else np.zeros(0, bool)
-    return np.flatnonzero(new), np.cumsum(new) - 1
+def _runs(sorted_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each run of tied scores in a sorted vector: its start and its end (exclusive), and each element's
+    run number."""
+    new = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
+    starts = np.flatnonzero(new)
+    return starts, np.r_[starts[1:], len(sorted_scores)], np.cumsum(new) - 1
+
+
+def _cumsum_from_zero(x: np.ndarray) -> np.ndarray:
+    """Column-wise running sums with a leading zero column: out[:, k] = sum of x[:, :k]."""
+    out = np.zeros((x.shape[0], x.shape[1] + 1))
+    np.cumsum(x, axis=1, out=out[:, 1:])
+    return out
 
 
 def auroc_rows(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """AUROC under each row of weights ``w`` (R x n): the weighted Mann-Whitney statistic, ties counting
     half. NaN where a row has no positive or no negative weight."""
+    if not len(score):
+        return np.full(len(w), np.nan)
     order = np.argsort(score, kind="stable")
     pos, w = y[order] >= 0.5, w[:, order]
-    if not len(pos):
-        return np.full(len(w), np.nan)
-    starts, group = _groups(score[order])
-    neg = np.add.reduceat(w * ~pos, starts, axis=1)  # R x groups
-    credit = np.cumsum(neg, axis=1) - 0.5 * neg  # negatives below a score, ties half
-    wp = w * pos
-    num = (wp * credit[:, group]).sum(axis=1)
-    den = wp.sum(axis=1) * neg.sum(axis=1)
+    starts, ends, run = _runs(score[order])
+    neg = _cumsum_from_zero(w * ~pos)  # negative weight below each position
+    at = np.flatnonzero(pos)  # only positives' columns: they are the minority for nearly every finding
+    wp, r = w[:, at], run[at]
+    credit = 0.5 * (neg[:, starts[r]] + neg[:, ends[r]])  # below the tie run, plus half of it
+    num = (wp * credit).sum(axis=1)
+    den = wp.sum(axis=1) * neg[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
 
@@ -133,16 +143,16 @@ def auroc_rows(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
 def auprc_rows(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Average precision (scikit-learn's definition: sum over thresholds of recall gained x precision) under
     each row of weights. NaN where a row has no positive weight."""
+    if not len(score):
+        return np.full(len(w), np.nan)
     order = np.argsort(-score, kind="stable")
     pos, w = y[order] >= 0.5, w[:, order]
-    if not len(pos):
-        return np.full(len(w), np.nan)
-    starts, _ = _groups(-score[order])
-    tp = np.cumsum(np.add.reduceat(w * pos, starts, axis=1), axis=1)
-    fp = np.cumsum(np.add.reduceat(w * ~pos, starts, axis=1), axis=1)
+    _, ends, _ = _runs(-score[order])
+    tp = _cumsum_from_zero(w * pos)[:, ends]  # at each threshold (the end of a tie run)
+    called = _cumsum_from_zero(w)[:, ends]
     total = tp[:, -1:]
     with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        precision = np.where(called > 0, tp / called, 0.0)
         gained = np.diff(tp, axis=1, prepend=0.0) / total
         return np.where(total[:, 0] > 0, (gained * precision).sum(axis=1), np.nan)
 
@@ -161,19 +171,25 @@ def interval(rows: np.ndarray, confidence: float = CONFIDENCE) -> list | None:
     return [float(point), float(lo), float(hi)]
 
 
-def ranking(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray, names, weights: np.ndarray) -> dict:
-    """Per label AUROC and AUPRC as [value, low, high] (each over its masked-in rows; None where undefined),
-    the 14-label and competition-5 means with intervals from the same replicates, and the replicate rows
-    (``rows``) for callers that combine them further."""
-    rows = {"auroc": {}, "auprc": {}}
+CURVES = {"auroc": auroc_rows, "auprc": auprc_rows}
+
+
+def ranking(
+    probs: np.ndarray, labels: np.ndarray, mask: np.ndarray, names, weights: np.ndarray, kinds=("auroc", "auprc")
+) -> dict:
+    """Per label AUROC and AUPRC (``kinds``) as [value, low, high] (each over its masked-in rows; None where
+    undefined), the 14-label and competition-5 mean AUROCs with intervals from the same replicates, and the
+    replicate rows (``rows``) for callers that combine them further."""
+    rows: dict[str, dict] = {k: {} for k in kinds}
     for j, name in enumerate(names):
         keep = mask[:, j] > 0
         w, y, p = weights[:, keep], labels[keep, j], probs[keep, j]
-        rows["auroc"][name], rows["auprc"][name] = auroc_rows(p, y, w), auprc_rows(p, y, w)
+        for k in kinds:
+            rows[k][name] = CURVES[k](p, y, w)
     comp5 = [have for _, have in overlap(COMPETITION5, names)]
     means = {"all": mean_rows(rows["auroc"], names), "competition5": mean_rows(rows["auroc"], comp5)}
     return {
-        "labels": {n: {k: interval(rows[k][n]) for k in ("auroc", "auprc")} for n in names},
+        "labels": {n: {k: interval(rows[k][n]) for k in kinds} for n in names},
         "mean": {k: None if v is None else interval(v) for k, v in means.items()},
         "competition5_labels": comp5,
         "rows": rows,

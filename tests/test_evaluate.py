@@ -293,3 +293,11 @@ def test_gradcam_runs_on_a_fused_demographics_model():
     model = build_model("densenet121", num_classes=3, fuse_demographics=True).eval()
     heat = gradcam(model, torch.randn(1, 1, 64, 64), 1, age=torch.tensor([60.0]), sex=torch.tensor([1.0]))
     assert heat.shape == (64, 64) and 0 <= heat.min() and heat.max() <= 1
+
+
+def test_bench_eval_scores_a_split_and_reports_its_goal():
+    from cxrdist import bench
+
+    result = bench.run("eval", quick=True)
+    assert result["eval"]["images"] == 800 and result["eval"]["score_s"] > 0
+    assert result["goals"]["score_s"]["want"] == "<= 30.0"

@@ -205,7 +205,7 @@ def subgroups(pred: Predictions, weights: np.ndarray, thresholds: dict) -> dict:
         out[attribute] = {}
         for g, sel in groups.items():
             sub = pred.subset(sel)
-            ranked = metrics.ranking(sub.prob, sub.labels, sub.mask, sub.names, weights[:, sel])
+            ranked = metrics.ranking(sub.prob, sub.labels, sub.mask, sub.names, weights[:, sel], kinds=("auroc",))
             gaps = tprs[g] - median
             defined = np.isfinite(gaps)
             out[attribute][g] = {
