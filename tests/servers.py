@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for the streaming tests: an HTTP file server (ranges on or off, faults on
-request) and moto's S3 API server (the real boto3/s3fs clients talk to it over HTTP)."""
+request), moto's S3 API server (the real boto3/s3fs clients talk to it over HTTP) and gcp-storage-emulator's
+GCS JSON API server (gcsfs talks to it as to storage.googleapis.com)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,24 @@ def s3_server() -> Iterator[dict[str, str]]:
     try:
         host, port = server.get_host_and_port()
         yield {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def gcs_server(bucket: str) -> Iterator[dict[str, str]]:
+    """gcp-storage-emulator's GCS JSON API server on 127.0.0.1 with ``bucket``; yields the environment gcsfs
+    reads (``STORAGE_EMULATOR_HOST``, and gcsfs's bucket-type probe off: it speaks gRPC, which the emulator
+    does not, and would wait 60 s per bucket before falling back to the JSON API that real GCS also serves)."""
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    try:
+        yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     finally:
         server.stop()
 

@@ -16,7 +16,7 @@ from cxrdist.shards.tario import ShardError
 from cxrdist.shards.verify import verify
 
 from runs import train
-from servers import http_server, s3_server, upload
+from servers import gcs_server, http_server, s3_server, upload
 
 TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
 
@@ -287,3 +287,25 @@ def test_a_streamed_shard_left_unfinished_is_hashed_on_its_next_read(served):
     reader.close()
     assert verified == {shards[0].name}
     assert not rule(shards[0]) and rule(shards[1])
+
+
+@pytest.mark.slow
+def test_gcs_shards_written_verified_and_read_through_gcsfs(tiny_shards, tmp_path):
+    """`shard --out gs://`, `verify gs://` and the loader against a GCS API server on loopback."""
+    import subprocess
+    import sys
+
+    with gcs_server("cxr-gcs") as env, pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        url = "gs://cxr-gcs/tiny"
+        args = ["shard", "--source", "chexpert", "--root", tiny_shards["root"], "--out", url, "--staging", tmp_path]
+        args += ["--size", "32", "--samples-per-shard", "40", "--min-shards", "4", "--workers", "1"]
+        done = subprocess.run([sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert verify(url) == []
+        assert keys_and_labels(url) == keys_and_labels(tmp_path)
+        missing = subprocess.run(
+            [sys.executable, "-m", "cxrdist.cli", "verify", "gs://cxr-gcs/none"], capture_output=True, text=True
+        )
+        assert missing.returncode == 2 and "gs://cxr-gcs/none" in missing.stderr
