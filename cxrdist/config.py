@@ -16,7 +16,8 @@ import yaml
 from cxrdist.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-MODELS = ("densenet121", "densenet121d", "densenetblur121d")
+PRETRAINED_WORDS = ("timm", "imagenet")  # --pretrained by name: timm's weights, not a file
+MODELS = ("densenet121", "densenet121d", "densenetblur121d")  # the poster's Table 2; any timm name is accepted too
 FORMATS = ("shards", "jpeg", "dicom")
 SHA256_CHECKS = ("first", "every", "off")  # when the loader hashes shards (see engine.inputs)
 
@@ -42,7 +43,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "densenetblur121d"
     in_chans: int = 1
-    pretrained: str = ""  # local checkpoint path; never a hub download
+    pretrained: str = ""  # a local weights file, or timm / imagenet: timm's weights from the HF cache
     fuse_demographics: bool = False  # age and sex concatenated to the pooled features
     drop_rate: float = 0.0
 
@@ -101,7 +102,7 @@ class TrainConfig:
             unknown = set(sub) - known
             if unknown:
                 raise ValueError(f"config group {f.name!r} has unknown keys: {sorted(unknown)}")
-            groups[f.name] = f.default_factory(**sub)
+            groups[f.name] = f.default_factory(**_typed(f.name, f.default_factory(), sub))
         return cls(**groups)
 
     def save(self, path: str | Path) -> None:
@@ -137,8 +138,8 @@ class TrainConfig:
             errors.append(f"--out {self.run.out} is a file, not a run folder")
         if self.run.precision not in PRECISIONS:
             errors.append(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if self.model.name not in MODELS:
-            errors.append(f"--model must be one of {', '.join(MODELS)}")
+        if not self.model.name:
+            errors.append("--model must name a model")  # which names: models.check_model_name (timm's)
         if self.data.shard_cache and self.data.shard_cache_gb <= 0:
             errors.append("--shard-cache-gb must be above 0")
         if self.data.check_sha256 not in SHA256_CHECKS:
@@ -155,6 +156,28 @@ class TrainConfig:
             errors.append("--out (the run folder) is required")
         if errors:
             raise ConfigError("; ".join(errors))
+
+
+_KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
+
+
+def _typed(group: str, defaults: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` checked against the types of the group's defaults: an int where a float goes is taken, a
+    number YAML read as text (``1e-4``) is converted; anything else is a ValueError naming the key."""
+    out = {}
+    for key, value in values.items():
+        want = type(getattr(defaults, key))
+        if want is float and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ValueError(f"{group}.{key} must be {_KINDS.get(want, want.__name__)}, not {value!r}")
+        out[key] = value
+    return out
 
 
 class ConfigError(UserError, ValueError):
@@ -205,9 +228,20 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
         "node-local folder that keeps shards streamed from a URL after their first read",
     ),
     ("--shard-cache-gb", "data.shard_cache_gb", float, "the shard cache's bound in GB"),
-    ("--model", "model.name", str, "densenet121 | densenet121d | densenetblur121d"),
+    (
+        "--model",
+        "model.name",
+        str,
+        "densenet121 | densenet121d | densenetblur121d (the poster's) | any timm model name",
+    ),
     ("--in-chans", "model.in_chans", int, "1 (grey) or 3 input channels"),
-    ("--pretrained", "model.pretrained", str, "local checkpoint to start from"),
+    (
+        "--pretrained",
+        "model.pretrained",
+        str,
+        "timm (or imagenet): the model's ImageNet weights through timm, from the Hugging Face cache; or a "
+        "local .pt/.pth/.bin/.safetensors state dict or cxrdist checkpoint",
+    ),
     ("--fuse-demographics", "model.fuse_demographics", "store_true", "concatenate age and sex to the pooled features"),
     ("--drop-rate", "model.drop_rate", float, "dropout before the classifier"),
     ("--epochs", "optim.epochs", int, "epochs"),
@@ -236,22 +270,38 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
 
 
 def add_train_args(parser) -> None:
-    """Register the train flags on an argparse parser (defaults come from TrainConfig)."""
+    """Register the train flags on an argparse parser, and ``--config FILE.yaml`` (a config in the schema of
+    ``RUN/config.yaml``; the flags given beside it override it). A flag not given leaves no attribute
+    (``argparse.SUPPRESS``), so ``config_from_args`` knows which were given; the help shows the defaults."""
+    import argparse
+
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        default=None,
+        metavar="FILE.yaml",
+        help="start from this config (e.g. RUN/config.yaml to repeat a run); flags given override it",
+    )
     defaults = TrainConfig().to_dict()
     for flag, dest, kind, help_ in _TRAIN_FLAGS:
         group, name = dest.split(".")
         default = defaults[group][name]
         if isinstance(kind, str):
-            parser.add_argument(flag, dest=dest, action=kind, default=default, help=help_)
+            parser.add_argument(flag, dest=dest, action=kind, default=argparse.SUPPRESS, help=help_)
         else:
-            parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"{help_} (default: {default})")
+            parser.add_argument(
+                flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"{help_} (default: {default})"
+            )
 
 
 def config_from_args(ns) -> TrainConfig:
-    d: dict[str, dict[str, Any]] = {}
+    """The config file's values (or the defaults), then every flag that was given."""
+    path = getattr(ns, "config_file", None)
+    d = (TrainConfig.load(path) if path else TrainConfig()).to_dict()
     for _, dest, _, _ in _TRAIN_FLAGS:
-        group, name = dest.split(".")
-        d.setdefault(group, {})[name] = getattr(ns, dest)
+        if hasattr(ns, dest):
+            group, name = dest.split(".")
+            d[group][name] = getattr(ns, dest)
     return TrainConfig.from_dict(d)
 
 

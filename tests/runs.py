@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+# the smallest real training: DenseNet-121 at 32 px on the CPU, in-process loading
+TINY_CPU = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+
 
 def train(*args, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
