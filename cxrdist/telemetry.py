@@ -73,6 +73,7 @@ class Telemetry:
         folder = Path(run_dir) / "telemetry"
         folder.mkdir(parents=True, exist_ok=True)
         self.file = open(folder / f"rank{rank}.jsonl", "a", buffering=1)
+        self.tb = TensorBoard(Path(run_dir) / TB, rank)
         self.progress = None
         if show_progress and rank == 0:
             self.progress = Progress(
@@ -108,6 +109,7 @@ class Telemetry:
             **record,
         }
         self.file.write(json.dumps(record) + "\n")
+        self.tb.record(record)
         return record
 
     def start_epoch(
@@ -136,6 +138,7 @@ class Telemetry:
         loss_fn,
         lr: float,
         force: bool = False,
+        global_step: int | None = None,
     ) -> dict | None:
         """Account one step; every ``log_every`` steps write a record. ``loss_fn`` is only called then
         (it synchronises the device)."""
@@ -157,6 +160,7 @@ class Telemetry:
                 "event": "step",
                 "epoch": epoch,
                 "step": step,
+                **({} if global_step is None else {"global_step": global_step}),
                 "images_per_s": ips,
                 "step_time_s": self._win_step_time / max(1, self._win_steps),
                 "data_time_s": self._win_data_time / max(1, self._win_steps),
@@ -192,3 +196,45 @@ class Telemetry:
             self.progress.stop()
             self.progress = None
         self.file.close()
+        self.tb.close()
+
+
+TB = "tb"
+# step-record fields drawn per rank (tag "<field>/rank<R>"); loss and lr are the same on every rank: rank 0's
+PER_RANK = ("images_per_s", "step_time_s", "data_time_s", "mem_peak_mb", "mem_reserved_mb", "mem_device_used_mb")
+
+
+class TensorBoard:
+    """Mirrors telemetry records into ``RUN/tb/`` event files (torch's SummaryWriter), one file per rank in
+    the same folder, so ``tensorboard --logdir runs/`` shows each run as one curve set and compares runs and
+    backends live. Without the tensorboard package, nothing is written (the JSONL records stay the truth)."""
+
+    def __init__(self, folder: Path, rank: int):
+        self.rank, self.writer = rank, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.writer = SummaryWriter(log_dir=str(folder), filename_suffix=f".rank{rank}", flush_secs=30)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(tag, value, step)
+
+    def record(self, r: dict) -> None:
+        """A step record (x: the global step) or an epoch record (x: the epoch number, from 1)."""
+        if r.get("event") == "step" and "global_step" in r:
+            values = {f"{k}/rank{self.rank}": r[k] for k in PER_RANK if k in r}
+            if self.rank == 0:
+                values |= {"train/loss": r["loss"], "train/lr": r["lr"]}
+            self.scalars(values, r["global_step"])
+        elif r.get("event") == "epoch":
+            keys = ("epoch_time_s", "images_per_s", "mem_peak_mb")
+            self.scalars({f"epoch/{k}/rank{self.rank}": r[k] for k in keys if k in r}, r["epoch"] + 1)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

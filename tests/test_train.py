@@ -95,6 +95,17 @@ def test_ddp_two_ranks_equal_batches_and_exact_once_eval(tiny_shards, tmp_path):
     # identical initial weights, then each rank its own random stream (dropout), all kept for a resume
     rng = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    # TensorBoard: one event file per rank in RUN/tb, read back with tensorboard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "images_per_s/rank0", "images_per_s/rank1", "mem_peak_mb/rank1"} <= tags
+    assert {"val/auc_mean", "epoch/time_s", "epoch/epoch_time_s/rank1", "val/auc/Edema"} <= tags
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in steps0], rel=1e-6)
+    assert events.Scalars("val/auc_mean")[0].value == pytest.approx(summary["epochs"][0]["val_auc_mean"], rel=1e-6)
 
 
 @pytest.mark.slow
