@@ -1,4 +1,5 @@
-"""The poster's DenseNet-121 variants (Table 2), from timm, with a head for the shard folder's label set.
+"""The poster's DenseNet-121 variants (Table 2), and any other timm model, with a head for the shard folder's
+label set.
 
 - ``densenet121``: one 7x7 stem convolution, max-pool downsampling.
 - ``densenet121d``: timm's DenseNet-121 with ``stem_type='deep'`` (three 3x3 convolutions).
@@ -6,11 +7,21 @@
   says (Relu∘Conv(k,s) -> BlurPool(m,s)∘Relu∘Conv(k,1)): the stem and the three transitions, four blur
   filters. timm's registered ``densenetblur121d`` blurs only the stem (``aa_stem_only=True``); we pass
   ``aa_stem_only=False``.
-Weights are never fetched from a hub at run time: ``pretrained`` is a local file.
+Any other ``--model`` is a timm model name (``resnet50``, ``convnext_tiny``, ``efficientnet_b0``, ...) built by
+``timm.create_model`` with the same head, input channels and dropout; an unknown name is refused with timm's
+closest names.
+
+``pretrained``: a local file (a state dict in .pt/.pth/.bin/.safetensors, or a cxrdist checkpoint), or
+``timm`` / ``imagenet``: the model's ImageNet weights through timm itself, from the Hugging Face cache
+(``HF_HOME``; offline with ``HF_HUB_OFFLINE=1``), the stem adapted by timm (``adapt_input_conv``) and the
+classifier re-initialised. The poster's variants take ``densenet121.tv_in1k`` (``densenet121``,
+``densenet121d``: its deep stem has no ImageNet weights and stays random) and ``densenetblur121d.ra_in1k``;
+every tensor whose name and shape match is loaded, and what stayed random is reported (``pretrained_info``).
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
@@ -18,6 +29,7 @@ import torch
 from timm.layers import BlurPool2d
 from torch import nn
 
+from cxrdist.config import PRETRAINED_WORDS
 from cxrdist.errors import UserError
 from cxrdist.labels import NUM_CLASSES, checkpoint_labels
 
@@ -51,6 +63,38 @@ class DemographicsFusion(nn.Module):
         return self.classifier(torch.cat([feats, demo.to(feats.dtype)], 1))
 
 
+POSTER_TAGS = {"densenet121": "densenet121.tv_in1k", "densenet121d": "densenet121.tv_in1k"}
+POSTER_TAGS["densenetblur121d"] = "densenetblur121d.ra_in1k"
+
+
+DESCRIPTIONS = {
+    "densenet121": "DenseNet-121: 7x7 stem, max-pool downsampling",
+    "densenet121d": "DenseNet-121d: deep stem (three 3x3 convolutions)",
+    "densenetblur121d": "DenseNet-121d + BlurPool before every downsampling (anti-aliased)",
+}
+
+
+def model_info(name: str, model: nn.Module) -> dict:
+    """What a run's summary says about its model (the report's Table 2 columns)."""
+    return {
+        "name": name,
+        "description": DESCRIPTIONS.get(name, f"timm {name}"),
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
+def check_model_name(name: str) -> None:
+    """A poster variant or a timm model name; otherwise a UserError with timm's closest names."""
+    if name in VARIANTS or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, list(VARIANTS) + timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise UserError(
+        f"--model {name}: neither one of the poster's ({', '.join(VARIANTS)}) nor a timm model{hint} "
+        "(python -c \"import timm; print(timm.list_models('*resnet*'))\" lists them)"
+    )
+
+
 def build_model(
     name: str = "densenetblur121d",
     num_classes: int = NUM_CLASSES,
@@ -61,21 +105,57 @@ def build_model(
     drop_rate: float = 0.0,
 ) -> nn.Module:
     """The ``nn.Module`` training uses: ``model(images)`` or, fused, ``model(images, age, sex)`` -> logits."""
-    if name not in VARIANTS:
-        raise UserError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
+    check_model_name(name)
+    arch, options = ("densenet121", VARIANTS[name]) if name in VARIANTS else (name, {})
     model = timm.create_model(
-        "densenet121",
-        pretrained=False,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        drop_rate=drop_rate,
-        **VARIANTS[name],
+        arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, **options
     )
-    if pretrained:
+    info = None
+    if str(pretrained or "").lower() in PRETRAINED_WORDS:
+        info = load_timm_pretrained(model, name, num_classes, in_chans)
+    elif pretrained:
         load_pretrained(model, pretrained, in_chans=in_chans)
+        info = {"source": str(pretrained)}
     if fuse_demographics:
         model = DemographicsFusion(model, num_classes)
+    model.pretrained_info = info  # what was loaded from where (the run's summary records it)
     return model
+
+
+def _offline_hint(tag: str) -> str:
+    import os
+
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return (
+        f"--pretrained timm: the weights of {tag} are not in the Hugging Face cache ({home}) and the hub cannot be "
+        f"reached here; on a login node with network and the same HF_HOME run: "
+        f"python -c \"import timm; timm.create_model('{tag}', pretrained=True)\" "
+        f"(or: huggingface-cli download timm/{tag})"
+    )
+
+
+def load_timm_pretrained(model: nn.Module, name: str, num_classes: int, in_chans: int) -> dict:
+    """Copy timm's pretrained weights for ``name`` into ``model`` where name and shape match; timm itself
+    fetches them (Hugging Face cache first) and adapts the stem to ``in_chans``. The classifier keeps its
+    fresh initialisation. Returns what was loaded from where, and which tensors stayed random."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    tag = POSTER_TAGS.get(name, name)
+    try:
+        source = timm.create_model(tag, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+    except (OSError, HfHubHTTPError) as e:  # LocalEntryNotFoundError is an OSError: not cached, offline
+        raise UserError(_offline_hint(tag)) from e
+    head = str(source.pretrained_cfg.get("classifier") or "classifier")
+    own, theirs = model.state_dict(), source.state_dict()
+    take = {
+        k: v
+        for k, v in theirs.items()
+        if k in own and own[k].shape == v.shape and not (k == head or k.startswith(head + "."))
+    }
+    model.load_state_dict(take, strict=False)
+    random = [k for k in own if k not in take and not k.endswith("num_batches_tracked")]
+    hub = source.pretrained_cfg.get("hf_hub_id") or tag
+    return {"source": f"timm:{hub}", "loaded": len(take), "random": random}
 
 
 def uses_demographics(model: nn.Module) -> bool:
@@ -88,8 +168,8 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int = 1) -> No
     when its size differs and summing RGB stem weights into one channel for grey input."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--pretrained {path}: no such file (weights are never downloaded at run time)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise UserError(f"--pretrained {path}: no such file (or --pretrained timm for timm's ImageNet weights)")
+    state = _read_state(path)
     state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     own = model.state_dict()
@@ -106,6 +186,19 @@ def load_pretrained(model: nn.Module, path: str | Path, in_chans: int = 1) -> No
             f"--pretrained {path}: not a {type(model).__name__} checkpoint "
             f"(missing {len(missing)} tensors, e.g. {missing[0]})"
         )
+
+
+def _read_state(path: Path) -> dict:
+    """A state dict from .safetensors (safetensors) or a torch file (``weights_only=True``), one line if not."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many kinds for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--pretrained {path}: not a readable weights file ({first[:200]})") from None
 
 
 def count_blur_filters(model: nn.Module) -> int:

@@ -70,6 +70,8 @@ class RunSummary:
     test: dict | None = None
     best_val_auc_mean: float | None = None
     error: str | None = None
+    model: dict | None = None  # name, description, params
+    pretrained: dict | None = None  # what --pretrained loaded: source, tensors loaded, which stayed random
     exit_codes: list | None = None  # `--nproc`: the ranks' exit codes when one failed
 
     @classmethod

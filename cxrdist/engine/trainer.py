@@ -31,7 +31,7 @@ from cxrdist.engine.backends import Backend, get_backend, validate_config
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
 from cxrdist.errors import UserError
 from cxrdist.labels import check_same, checkpoint_labels, set_name
-from cxrdist.models import build_model, uses_demographics
+from cxrdist.models import build_model, model_info, uses_demographics
 from cxrdist.runfolder import RunFolder, RunSummary, TrainState
 from cxrdist.telemetry import Telemetry
 
@@ -164,6 +164,8 @@ class Trainer:
             drop_rate=cfg.model.drop_rate,
             num_classes=len(self.loaders.labels),
         )
+        self.pretrained = getattr(model, "pretrained_info", None)
+        self.model_info = model_info(cfg.model.name, model)  # before a backend shards the parameters
         # identical initial weights above; from here each rank draws its own dropout masks
         torch.manual_seed(cfg.run.seed + 1 + env.rank)
         backend.setup(model, self.total_steps)
@@ -354,6 +356,7 @@ class Trainer:
                 loss_fn=lambda: (window / window_n).item(),
                 lr=self.backend.lr(),
                 force=last,
+                global_step=self.state.global_step,
             )  # >= 1 record per epoch
             t_end = now
             if record is not None:
@@ -417,6 +420,12 @@ class Trainer:
             }
         )
         self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+        if self.env.is_main:  # the evaluation is the same on every rank: drawn once
+            aucs = {f"val/auc/{k}": v for k, v in val["auc"].items() if v is not None}
+            done = self.state.history[-1]
+            self.telemetry.tb.scalars(
+                {"val/auc_mean": val["auc_mean"], "epoch/time_s": done["time_s"], **aucs}, epoch + 1
+            )
         self.checkpoint("last")
         auc = val["auc_mean"]
         if auc is not None and (self.state.best_auc is None or auc > self.state.best_auc):
@@ -490,6 +499,8 @@ class Trainer:
             test=test,
             best_val_auc_mean=self.state.best_auc,
             error=error,
+            pretrained=self.pretrained,
+            model=self.model_info,
         )
         if self.env.is_main:
             RunFolder(self.run_dir).write_summary(summary)

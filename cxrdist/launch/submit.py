@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import submitit
 
-from cxrdist.config import TrainConfig
+from cxrdist.config import PRETRAINED_WORDS, TrainConfig
 from cxrdist.demo import demo_shards, ensure_demo_shards
 from cxrdist.errors import UserError
 from cxrdist.launch.args import LaunchError, with_defaults
@@ -60,7 +60,8 @@ def prepare_config(args: argparse.Namespace, cfg: TrainConfig) -> TrainConfig:
         shards=_absolute(cfg.data.shards) or str(demo_shards()),
         source_root=_absolute(cfg.data.source_root),
     )
-    model = replace(cfg.model, pretrained=_absolute(cfg.model.pretrained))
+    keep = cfg.model.pretrained.lower() in PRETRAINED_WORDS  # timm's weights by name, not a file
+    model = replace(cfg.model, pretrained=cfg.model.pretrained if keep else _absolute(cfg.model.pretrained))
     cfg = replace(cfg, data=data, run=replace(cfg.run, out=_absolute(out)), model=model)
     from cxrdist.engine.backends import validate_config
 

@@ -29,6 +29,7 @@ from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.errors import UserError
+from cxrdist.models import check_model_name
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,6 +82,10 @@ def validate_config(cfg: TrainConfig) -> None:
             group, key = dest.split(".")
             if current[group][key] != defaults[group][key]:
                 errors.append(f"{flag} {current[group][key]} needs --backend {other.name}")
+    try:
+        check_model_name(cfg.model.name)
+    except UserError as e:
+        errors.append(str(e))
     if not cls.layout.per_gpu and cfg.dist.nproc != 1:
         errors.append(f"--backend {cls.name} runs one process; --nproc must be 1")
     errors += cls.validate(cfg)
@@ -114,7 +119,12 @@ def read_weights(path: Path, tag: str = "best", backend: str | None = None) -> t
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    """AdamW with weight decay on weight matrices and kernels only: never on biases and norm parameters
+    (timm's ``param_groups_weight_decay``: 1-D tensors and biases go to a group without decay)."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(module, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
