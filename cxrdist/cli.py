@@ -81,6 +81,14 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from cxrdist.export import export
+
+    meta = export(a.checkpoint, a.format, a.out)
+    print(json.dumps({k: meta[k] for k in ("file", "format", "inputs", "image", "labels", "temperature")}, indent=1))
+    return 0
+
+
 def cmd_predict(a) -> int:
     from cxrdist.evaluate import predict_files
 
@@ -231,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("runs", nargs="+", type=Path)
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
     s.set_defaults(func=cmd_report)
+
+    s = add("export", help="the checkpoint's eval-mode model as ONNX or TorchScript, preprocessing recorded")
+    s.add_argument("--checkpoint", type=Path, required=True, help="a run folder, its checkpoints folder or a file")
+    s.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    s.add_argument("--out", type=Path, required=True, metavar="FILE")
+    s.set_defaults(func=cmd_export)
 
     s = add("bench", help="measure loader / packing / training-step ratios in one run")
     s.add_argument("what", choices=("loader", "pack", "step", "trainer", "eval"))

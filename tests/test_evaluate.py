@@ -61,6 +61,7 @@ def test_intervals_cover_a_known_auc_about_95_percent_of_the_time():
         p = rng.normal(d * y, 1.0)
         lo, hi = metrics.interval(metrics.auroc_rows(p, y, metrics.patient_weights(np.arange(150), 500, seed=i)))[1:]
         covered += lo <= truth <= hi
+    print(f"coverage of the 95% patient-bootstrap interval at AUC {truth:.4f}: {covered}/{draws}")
     assert 0.90 <= covered / draws <= 0.99, covered
 
 
@@ -283,6 +284,8 @@ def test_gradcam_finds_the_drawn_heart_of_a_cardiomegaly_and_randomised_weights_
     assert len(ratio) >= 6 and np.median(ratio) > 1.5, ratio
     random = build_model("densenet121", num_classes=len(CHEXPERT)).eval()
     changed = [np.corrcoef(h.ravel(), gradcam(random, xt[i : i + 1], j).ravel())[0, 1] for h, i in zip(maps, positives)]
+    r = np.nanmedian(changed)
+    print(f"grad-cam heat inside/outside the heart: median {np.median(ratio):.2f}; random weights: median r {r:.2f}")
     assert np.nanmedian(changed) < 0.5, changed
 
 
@@ -301,3 +304,35 @@ def test_bench_eval_scores_a_split_and_reports_its_goal():
     result = bench.run("eval", quick=True)
     assert result["eval"]["images"] == 800 and result["eval"]["score_s"] > 0
     assert result["goals"]["score_s"]["want"] == "<= 30.0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_reproduces_the_pytorch_outputs_with_the_preprocessing_recorded(fmt, tiny_run, tmp_path):
+    from cxrdist.evaluate import load_checkpoint, model_from_checkpoint
+
+    out = tmp_path / f"model.{fmt}"
+    ex = cli("export", "--checkpoint", tiny_run, "--format", fmt, "--out", out)
+    assert ex.returncode == 0, ex.stderr[-2000:]
+    weights, client = load_checkpoint(tiny_run, "best")
+    model = model_from_checkpoint(weights, client)
+    x = torch.randn(5, 1, 32, 32)  # another batch size than the export's example: the batch is dynamic
+    with torch.no_grad():
+        want = model(x).numpy()
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["cxrdist"])
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"image": x.numpy()})[0]
+    else:
+        extra = {"cxrdist.json": ""}
+        loaded = torch.jit.load(str(out), _extra_files=extra)
+        meta = json.loads(extra["cxrdist.json"])
+        got = loaded(x).detach().numpy()
+    print(f"{fmt} export: max |logit difference| {np.abs(got - want).max():.2e} on a batch of 5")
+    assert np.abs(got - want).max() < 1e-4
+    assert meta["labels"] == list(CHEXPERT) and meta["preprocessing"]["mean"] == 0.5
+    stored = tiny_run / "operating_points.json"  # written by `cxrdist eval` when it ran first
+    assert meta["temperature"] == (json.loads(stored.read_text())["temperature"] if stored.is_file() else 1.0)

@@ -12,6 +12,7 @@ FLOORS = {  # module prefix -> floor (the longest matching prefix wins)
     "cxrdist.cli": 7,
     "cxrdist.launch": 6,
     "cxrdist.evaluate": 6,
+    "cxrdist.export": 6,
     "cxrdist.bench": 6,
     "cxrdist.gpucheck": 6,
     "cxrdist.engine": 5,
