@@ -42,6 +42,9 @@ FORMAT_ORDER = ("shards", "jpeg", "dicom")
 
 COLUMNS = [
     "run",
+    "model",
+    "model_description",
+    "params_m",
     "backend",
     "format",
     "layout",
@@ -252,8 +255,12 @@ def run_row(run: dict) -> dict[str, Any]:
     test = s.test or {}
     means, protocol = _test_means(run["path"], test)
     pct = lambda v: 100.0 * _num(v)  # noqa: E731
+    model = s.model or {}
     return {
         "run": run["name"],
+        "model": model.get("name") or (cfg.get("model") or {}).get("name", ""),
+        "model_description": model.get("description", ""),
+        "params_m": _num(model.get("params")) / 1e6,
         "backend": s.backend or dist.get("backend", ""),
         "format": s.format or data.get("format", ""),
         "layout": _layout(world, nodes, device, gpus, s.backend_info),
@@ -344,7 +351,8 @@ def _is_reference(row: dict) -> bool:
 
 
 def _add_speedup(rows: list[dict]) -> None:
-    """Speed-up by epoch time over the single-device run of the same format (else any single-device run)."""
+    """Speed-up by epoch time over the single-device run of the same format and model (else of the same
+    format, else any single-device run)."""
     refs = [
         r
         for r in rows
@@ -357,7 +365,8 @@ def _add_speedup(rows: list[dict]) -> None:
     for r in rows:
         if r["status"] == "skipped" or math.isnan(r["epoch_time_s"]) or r["epoch_time_s"] <= 0 or not refs:
             continue
-        ref = next((x for x in refs if x["format"] == r["format"]), refs[0])
+        same = [x for x in refs if x["format"] == r["format"]]
+        ref = next((x for x in same if x.get("model") == r.get("model")), same[0] if same else refs[0])
         r["speedup"] = ref["epoch_time_s"] / r["epoch_time_s"]
         r["speedup_ref"] = ref["run"]
         devices = r.pop("_gpus", None) or r["world_size"] or 1
@@ -380,6 +389,8 @@ def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
 # (header, column, format spec, suffix)
 DISPLAY = [
     ("Run", "run", "", ""),
+    ("Model", "model", "", ""),
+    ("Params (M)", "params_m", ".1f", ""),
     ("Backend", "backend", "", ""),
     ("Format", "format", "", ""),
     ("Layout", "layout", "", ""),
@@ -451,6 +462,7 @@ def _print_terminal(df: pd.DataFrame, flags: list[str], out: Path) -> None:
     table = Table(title="cxrdist: backends × input formats (AUC / accuracy in %)", header_style="bold")
     cols = [
         ("Run", "run"),
+        ("Model", "model"),
         ("Backend", "backend"),
         ("Format", "format"),
         ("Layout", "layout"),
@@ -468,7 +480,7 @@ def _print_terminal(df: pd.DataFrame, flags: list[str], out: Path) -> None:
     ]
     index = {col: i for i, (_, col, *_) in enumerate(DISPLAY)}
     for header, col in cols:
-        left = col in ("run", "backend", "format", "layout", "status")
+        left = col in ("run", "model", "backend", "format", "layout", "status")
         table.add_column(header, justify="left" if left else "right", no_wrap=col != "run", overflow="fold")
     for cells, (_, r) in zip(_display_rows(df), df.iterrows()):
         style = {"completed": None, "skipped": "dim"}.get(r["status"], "red")
@@ -608,10 +620,12 @@ def build_report(
     loaded = [load_run(p) for p in paths]
     rows = [run_row(r) for r in loaded]
     for s in list(skipped or []) + sweep_skipped:
-        b, f = s.get("backend", ""), s.get("format", "")
+        b, f, m = s.get("backend", ""), s.get("format", ""), s.get("model", "")
         row = {c: math.nan for c in COLUMNS}
         row.update(
-            run=s.get("run") or f"{b}-{f}".strip("-"),
+            run=s.get("run") or "-".join(x for x in (m, b, f) if x),
+            model=m,
+            model_description="",
             backend=b,
             format=f,
             layout="",
@@ -656,6 +670,7 @@ def build_report(
         "efficiency_pct": 1,
         "mem_peak_mb_max": 1,
         "mem_peak_mb_spread": 1,
+        "params_m": 2,
         "data_wait_pct": 2,
         "val_auc_pct": 2,
         "val_acc_pct": 2,

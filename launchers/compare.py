@@ -2,12 +2,14 @@
 """Run the same training under several backends (and input formats), then compare them (poster Tables 3/4).
 
     python launchers/compare.py --nodes 1 --gpus 4 --backends single,dp,ddp,deepspeed,fsdp [--formats shards,jpeg] \\
-        --epochs 3 [submit.py's launcher flags] [--wait] [--report-dir DIR] -- --shards shards/x --image-size 224
+        [--models densenet121,densenet121d,densenetblur121d,resnet50] --epochs 3 [submit.py's launcher flags] \\
+        [--wait] [--report-dir DIR] -- --shards shards/x --image-size 224
 
-One run per backend x format with identical data, model, per-rank batch and seed: only ``dist.backend``,
-``data.format`` and the run folder (``<sweep dir>/<backend>-<format>``) differ. The sweep dir is the train
-option ``--out`` (default ``runs/compare-<time>``); it gets a ``sweep.json`` listing the runs and the skipped
-backends, so ``cxrdist report <sweep dir>`` can be re-run at any time. A backend that cannot run on the
+One run per model x backend x format with identical data, per-rank batch, schedule and seed: only
+``model.name``, ``dist.backend``, ``data.format`` and the run folder (``<sweep dir>/<backend>-<format>``, with
+``<model>-`` in front under ``--models``) differ; ``--models`` regenerates the poster's Table 2. The sweep
+dir is the train option ``--out`` (default ``runs/compare-<time>``); it gets a ``sweep.json`` listing the runs
+and the skipped backends, so ``cxrdist report <sweep dir>`` can be re-run at any time. A backend that cannot run on the
 target (``cxrdist.launch.preflight``: e.g. dp without >= 2 GPUs) is recorded as skipped with the reason.
 
 On SLURM every run is submitted at once; on the local executor (this machine) the runs go one after
@@ -39,6 +41,21 @@ def _csv(choices: tuple[str, ...], what: str):
     return parse
 
 
+def _names(text: str) -> list[str]:
+    from cxrdist.errors import UserError
+    from cxrdist.models import check_model_name
+
+    items = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    try:
+        for name in items:
+            check_model_name(name)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not items:
+        raise argparse.ArgumentTypeError("--models needs at least one name")
+    return items
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from cxrdist.launch import get_args_parser as launch_parser
 
@@ -68,9 +85,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=["shards"],
         help="comma list of shards,jpeg,dicom (default: shards)",
     )
+    g.add_argument(
+        "--models",
+        type=_names,
+        default=None,
+        metavar="NAMES",
+        help="comma list of models to sweep (the poster's three, any timm name; default: the train option --model)",
+    )
     g.add_argument("--epochs", type=int, default=None, help="epochs per run (same as the train option --epochs)")
     g.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: <sweep dir>/report)")
     return p
+
+
+def plan_runs(models: list[str] | None, formats: list[str], backends: list[str]) -> list[tuple[str, str, str]]:
+    """(model, format, backend) of every run, in submission order; model '' when not swept."""
+    return [(m, f, b) for m in (models or [""]) for f in formats for b in backends]
 
 
 def _write_sweep(sweep_dir: Path, data: dict) -> None:
@@ -79,15 +108,15 @@ def _write_sweep(sweep_dir: Path, data: dict) -> None:
     tmp.replace(sweep_dir / "sweep.json")
 
 
-def launch_args_for(args: argparse.Namespace, backend: str, fmt: str) -> argparse.Namespace:
+def launch_args_for(args: argparse.Namespace, backend: str, fmt: str, model: str = "") -> argparse.Namespace:
     """The submit.py flags of one run: one-process backends on one node, the others as asked."""
     from cxrdist.engine.backends import layout_of
 
     la = argparse.Namespace(**vars(args))
-    for k in ("backends", "formats", "epochs", "report_dir"):
+    for k in ("backends", "formats", "models", "epochs", "report_dir"):
         delattr(la, k)
     la.backend, la.wait = backend, False
-    la.name = f"{args.name or 'cxrdist'}-{backend}-{fmt}"
+    la.name = "-".join(x for x in (args.name or "cxrdist", model, backend, fmt) if x)
     if not layout_of(backend).per_gpu:
         la.nodes, la.tasks_per_node = 1, None
     return la
@@ -108,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = get_args_parser().parse_args(launcher_argv)
     try:
-        for flag in ("--backend", "--format", "--nproc"):
+        swept = ("--backend", "--format", "--nproc") + (("--model",) if args.models else ())
+        for flag in swept:
             if flag in train_argv:
                 raise UserError(
-                    f"{flag} after `--` is set per run by the sweep: use --backends / --formats "
+                    f"{flag} after `--` is set per run by the sweep: use --backends / --formats / --models "
                     "before `--` (and --gpus / --tasks-per-node for the ranks)"
                 )
         if args.epochs is not None:
@@ -137,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "tasks_per_node": args.tasks_per_node,
         "backends": args.backends,
         "formats": args.formats,
+        "models": args.models or [base.model.name],
         "train_argv": train_argv,
         "command": ["launchers/compare.py", *argv],
         "report_dir": str(report_dir),
@@ -145,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     _write_sweep(sweep_dir, sweep)
     print(
-        f"sweep: {len(args.backends)} backend(s) x {len(args.formats)} format(s) on {cluster} "
+        f"sweep: {len(args.models or [base.model.name])} model(s) x {len(args.backends)} backend(s) x "
+        f"{len(args.formats)} format(s) on {cluster} "
         f"-> {sweep_dir}" + (" (one run at a time)" if sequential else ""),
         flush=True,
     )
@@ -153,55 +185,57 @@ def main(argv: list[str] | None = None) -> int:
     subs: list[tuple[dict, object]] = []
     failed = 0
     try:
-        for fmt in args.formats:
-            for backend in args.backends:
-                la = launch_args_for(args, backend, fmt)
-                run_dir = sweep_dir / f"{backend}-{fmt}"
-                cfg = replace(
-                    base,
-                    dist=replace(base.dist, backend=backend),
-                    data=replace(base.data, format=fmt),
-                    run=replace(base.run, out=str(run_dir)),
+        for model, fmt, backend in plan_runs(args.models, args.formats, args.backends):
+            la = launch_args_for(args, backend, fmt, model)
+            run_dir = sweep_dir / "-".join(x for x in (model, backend, fmt) if x)
+            cfg = replace(
+                base,
+                model=replace(base.model, name=model or base.model.name),
+                dist=replace(base.dist, backend=backend),
+                data=replace(base.data, format=fmt),
+                run=replace(base.run, out=str(run_dir)),
+            )
+            reason = launch.preflight(la, cfg)
+            sub = None
+            if reason is None:
+                try:
+                    sub = launch.submit(la, cfg)
+                except UserError as e:
+                    reason = f"not submitted: {e}"
+            if sub is None:
+                print(f"skip {run_dir.name}: {reason}", flush=True)
+                sweep["skipped"].append(
+                    {
+                        "backend": backend,
+                        "format": fmt,
+                        "model": model,
+                        "reason": reason,
+                        "backend_info": backend_class(backend).info(),
+                    }
                 )
-                reason = launch.preflight(la, cfg)
-                sub = None
-                if reason is None:
-                    try:
-                        sub = launch.submit(la, cfg)
-                    except UserError as e:
-                        reason = f"not submitted: {e}"
-                if sub is None:
-                    print(f"skip {backend}-{fmt}: {reason}", flush=True)
-                    sweep["skipped"].append(
-                        {
-                            "backend": backend,
-                            "format": fmt,
-                            "reason": reason,
-                            "backend_info": backend_class(backend).info(),
-                        }
-                    )
-                    _write_sweep(sweep_dir, sweep)
-                    continue
-                entry = {
-                    "backend": backend,
-                    "format": fmt,
-                    "run_dir": run_dir.name,
-                    "job_id": sub.job_id,
-                    "log_dir": str(sub.log_dir),
-                    "executor": sub.executor,
-                    "world_size": sub.plan.world_size if sub.plan else None,
-                    "gpus_per_node": sub.plan.gpus_per_node if sub.plan else None,
-                    "rc": None,
-                }
-                sweep["runs"].append(entry)
                 _write_sweep(sweep_dir, sweep)
-                print(launch.describe(sub), flush=True)
-                if sequential:  # local: finish this one before the next starts
-                    entry["rc"] = launch.wait(sub, stream=True)
-                    failed += entry["rc"] != 0
-                    _write_sweep(sweep_dir, sweep)
-                else:
-                    subs.append((entry, sub))
+                continue
+            entry = {
+                "backend": backend,
+                "format": fmt,
+                "model": model or base.model.name,
+                "run_dir": run_dir.name,
+                "job_id": sub.job_id,
+                "log_dir": str(sub.log_dir),
+                "executor": sub.executor,
+                "world_size": sub.plan.world_size if sub.plan else None,
+                "gpus_per_node": sub.plan.gpus_per_node if sub.plan else None,
+                "rc": None,
+            }
+            sweep["runs"].append(entry)
+            _write_sweep(sweep_dir, sweep)
+            print(launch.describe(sub), flush=True)
+            if sequential:  # local: finish this one before the next starts
+                entry["rc"] = launch.wait(sub, stream=True)
+                failed += entry["rc"] != 0
+                _write_sweep(sweep_dir, sweep)
+            else:
+                subs.append((entry, sub))
         if subs and args.wait:
             for entry, sub in subs:
                 entry["rc"] = launch.wait(sub, stream=True)

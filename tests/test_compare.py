@@ -161,3 +161,30 @@ def test_compare_cpu_ranks_end_to_end(tiny_shards, tmp_path):
 
     assert main(["report", str(sweep), "--out", str(tmp_path / "again")]) == 0
     assert len(pd.read_csv(tmp_path / "again" / "report.csv")) == 4
+
+
+@pytest.mark.slow
+def test_compare_sweeps_models_into_the_table_2_columns(tiny_shards, tmp_path):
+    """--models: one run per model with the same data, backend, seed and schedule; the report carries the
+    model, its description and parameter count beside accuracy, AUROC with its interval and speed."""
+    sweep = tmp_path / "models"
+    args = ["--nodes", "1", "--gpus", "0", "--backends", "single", "--models", "densenet121,resnet18"]
+    args += ["--cluster", "local", "--wait", "--time", "10", "--cpus-per-task", "1", "--log-dir", str(tmp_path / "l")]
+    args += ["--", "--shards", str(tiny_shards["shards"]), "--image-size", "32", "--batch-size", "8"]
+    args += ["--epochs", "1", "--workers", "0", "--device", "cpu", "--max-steps", "3", "--out", str(sweep)]
+    proc = _run(args, cwd=tmp_path, timeout=540)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    data = json.loads((sweep / "sweep.json").read_text())
+    assert [(r["model"], r["run_dir"]) for r in data["runs"]] == [
+        ("densenet121", "densenet121-single-shards"),
+        ("resnet18", "resnet18-single-shards"),
+    ]
+    csv = pd.read_csv(sweep / "report" / "report.csv").set_index("model")
+    assert csv.loc["densenet121", "params_m"] == pytest.approx(6.96, abs=0.05)  # DenseNet-121, 14-way head
+    assert csv.loc["resnet18", "params_m"] == pytest.approx(11.18, abs=0.05)
+    assert csv.loc["resnet18", "model_description"] == "timm resnet18"
+    for m in ("densenet121", "resnet18"):
+        assert csv.loc[m, "status"] == "completed" and csv.loc[m, "speedup"] == pytest.approx(1.0)
+        assert "(" in csv.loc[m, "test_auc_ci"]  # the test AUROC with its interval
+    bad = _run(["--models", "resnet5", "--", "--model", "x"], cwd=tmp_path, timeout=60)
+    assert bad.returncode == 2 and "closest" in bad.stderr
