@@ -17,7 +17,6 @@ from cxrdist.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRETRAINED_WORDS = ("timm", "imagenet")  # --pretrained by name: timm's weights, not a file
-MODELS = ("densenet121", "densenet121d", "densenetblur121d")  # the poster's Table 2; any timm name is accepted too
 FORMATS = ("shards", "jpeg", "dicom")
 SHA256_CHECKS = ("first", "every", "off")  # when the loader hashes shards (see engine.inputs)
 

@@ -7,7 +7,6 @@ never as 0.5.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -78,12 +77,6 @@ def fmt_interval(value: list | None) -> str:
     if len(value) < 3 or value[1] is None:
         return f"{100 * value[0]:.1f}"
     return f"{100 * value[0]:.1f} ({100 * value[1]:.1f}–{100 * value[2]:.1f})"
-
-
-def fmt(value: float | None, percent: bool = True) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "undef"
-    return f"{100 * value:.2f}" if percent else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -197,14 +197,15 @@ def subgroups(pred: Predictions, weights: np.ndarray, thresholds: dict) -> dict:
     for attribute, groups in groups_of(pred).items():
         if not groups:
             continue
-        tprs = {g: _tpr(pred.subset(sel), thresholds) for g, sel in groups.items()}
+        subs = {g: pred.subset(sel) for g, sel in groups.items()}
+        tprs = {g: _tpr(sub, thresholds) for g, sub in subs.items()}
         stacked = np.stack(list(tprs.values()))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a label no group has positives for: NaN
             median = np.nanmedian(stacked, axis=0)
         out[attribute] = {}
         for g, sel in groups.items():
-            sub = pred.subset(sel)
+            sub = subs[g]
             ranked = metrics.ranking(sub.prob, sub.labels, sub.mask, sub.names, weights[:, sel], kinds=("auroc",))
             gaps = tprs[g] - median
             defined = np.isfinite(gaps)
