@@ -280,7 +280,7 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     for workers in (0, 2):
         batches = list(make_loader(tmp_path / "shards", "train", batch_size=BS, workers=workers, train=False))
         assert planted in keys_of(batches)
-        assert set(batches[0]) == {"image", "labels", "mask", "age", "sex", "key"}
+        assert set(batches[0]) == {"image", "labels", "mask", "age", "sex", "key", "patient_id", "view"}
     assert not marker.exists()
 
 
