@@ -51,9 +51,16 @@ class ModelConfig:
 class OptimConfig:
     epochs: int = 5
     batch_size: int = 64  # per rank (the poster: 64 per GPU)
-    lr: float = 1e-3  # for the global batch; AdamW
-    weight_decay: float = 1e-5
-    warmup_steps: int = 0  # linear warm-up, then cosine to 0 over the run
+    lr: float = 1e-3  # for the global batch
+    opt: str = "adamw"  # any timm optimizer (timm.optim.list_optimizers()): adamw, sgd (Nesterov), momentum, ...
+    momentum: float = 0.9  # optimizers with momentum (sgd, momentum, rmsprop, ...)
+    beta1: float = 0.9  # optimizers with two betas (adamw, adam, lamb, ...)
+    beta2: float = 0.999
+    weight_decay: float = 1e-5  # never on biases and norm parameters
+    sched: str = "cosine"  # cosine (to 0 at the last step) | step (x decay_rate every decay_epochs)
+    decay_epochs: int = 2
+    decay_rate: float = 0.1
+    warmup_steps: int = 0  # linear warm-up, then the schedule
     grad_clip: float = 0.0  # 0: off
 
 
@@ -79,6 +86,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     cudnn_benchmark: bool = True  # cuDNN picks its fastest algorithms for the fixed input size (GPU)
     eval_test: bool = True  # evaluate the test split at the end
+    compile: bool = False  # torch.compile the training forward (every backend but dp)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
+    log_to: str = ""  # also send the TensorBoard scalars to: mlflow, wandb (comma-separated; extras)
 
 
 @dataclass
@@ -153,8 +163,30 @@ class TrainConfig:
             errors.append("--batch-size and --epochs must be >= 1")
         if not self.run.out:
             errors.append("--out (the run folder) is required")
+        errors += check_log_to(self.run.log_to)
         if errors:
             raise ConfigError("; ".join(errors))
+
+
+# --log-to sinks -> (the module they import, the extra that installs it)
+LOG_SINKS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+def log_sinks(text: str) -> list[str]:
+    return [s.strip().lower() for s in text.split(",") if s.strip()]
+
+
+def check_log_to(text: str) -> list[str]:
+    """--log-to names known sinks whose packages are installed (checked before any rank starts)."""
+    import importlib.util
+
+    errors = []
+    for sink in log_sinks(text):
+        if sink not in LOG_SINKS:
+            errors.append(f"--log-to takes {', '.join(LOG_SINKS)} (comma-separated), not {sink!r}")
+        elif importlib.util.find_spec(LOG_SINKS[sink][0]) is None:
+            errors.append(f"--log-to {sink} needs the {sink} package: pip install 'cxrdist[{LOG_SINKS[sink][1]}]'")
+    return errors
 
 
 _KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
@@ -245,9 +277,16 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--drop-rate", "model.drop_rate", float, "dropout before the classifier"),
     ("--epochs", "optim.epochs", int, "epochs"),
     ("--batch-size", "optim.batch_size", int, "images per rank per step (poster: 64)"),
-    ("--lr", "optim.lr", float, "AdamW learning rate"),
-    ("--weight-decay", "optim.weight_decay", float, "AdamW weight decay"),
-    ("--warmup-steps", "optim.warmup_steps", int, "linear warm-up steps before the cosine decay"),
+    ("--lr", "optim.lr", float, "learning rate"),
+    ("--opt", "optim.opt", str, "optimizer: any timm name (adamw, sgd = Nesterov momentum, momentum, lamb, ...)"),
+    ("--momentum", "optim.momentum", float, "momentum (sgd, momentum, rmsprop, ...)"),
+    ("--beta1", "optim.beta1", float, "first beta (adamw, adam, lamb, ...)"),
+    ("--beta2", "optim.beta2", float, "second beta"),
+    ("--weight-decay", "optim.weight_decay", float, "weight decay (never on biases and norm parameters)"),
+    ("--sched", "optim.sched", str, "cosine | step"),
+    ("--decay-epochs", "optim.decay_epochs", int, "--sched step: epochs between decays"),
+    ("--decay-rate", "optim.decay_rate", float, "--sched step: factor at each decay"),
+    ("--warmup-steps", "optim.warmup_steps", int, "linear warm-up steps before the schedule"),
     ("--grad-clip", "optim.grad_clip", float, "clip gradient norm (0: off)"),
     ("--backend", "dist.backend", str, "how the model is distributed"),
     ("--nproc", "dist.nproc", int, "local ranks to start (backends with one process per device)"),
@@ -265,6 +304,9 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device", "run.device", str, "auto | cpu | cuda"),
     ("--no-cudnn-benchmark", "run.cudnn_benchmark", "store_false", "keep cuDNN's default algorithm choice"),
     ("--no-test", "run.eval_test", "store_false", "skip the final test-split evaluation"),
+    ("--compile", "run.compile", "store_true", "torch.compile the training forward (every backend but dp)"),
+    ("--compile-mode", "run.compile_mode", str, "torch.compile mode: default | reduce-overhead | max-autotune"),
+    ("--log-to", "run.log_to", str, "also send the scalars to mlflow and/or wandb (comma-separated; extras)"),
 ]
 
 
@@ -282,14 +324,20 @@ def add_train_args(parser) -> None:
         help="start from this config (e.g. RUN/config.yaml to repeat a run); flags given override it",
     )
     defaults = TrainConfig().to_dict()
+    groups = {g: parser.add_argument_group(f"{g} options") for g in defaults}  # the config's groups, as timm's
     for flag, dest, kind, help_ in _TRAIN_FLAGS:
         group, name = dest.split(".")
         default = defaults[group][name]
         if isinstance(kind, str):
-            parser.add_argument(flag, dest=dest, action=kind, default=argparse.SUPPRESS, help=help_)
+            groups[group].add_argument(flag, dest=dest, action=kind, default=argparse.SUPPRESS, help=help_)
         else:
-            parser.add_argument(
-                flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"{help_} (default: {default})"
+            groups[group].add_argument(
+                flag,
+                dest=dest,
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=name.upper(),
+                help=f"{help_} (default: {default})",
             )
 
 

@@ -127,7 +127,7 @@ def test_any_timm_model_is_built_and_an_unknown_name_gets_timms_closest():
 
 def test_no_weight_decay_on_norm_and_bias_parameters():
     from cxrdist.config import TrainConfig
-    from cxrdist.engine.backends.base import make_optimizer
+    from cxrdist.engine.optim import make_optimizer
 
     model = build_model("densenet121", num_classes=14)
     opt = make_optimizer(model, TrainConfig())

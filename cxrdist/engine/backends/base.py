@@ -8,13 +8,14 @@ outside its module names it: every other module asks the registry (``get_backend
 ``layout_of``, ``read_weights``).
 
 The trainer calls only what ``Backend`` defines and never asks which backend it holds. All use the same
-loss (the trainer's), AdamW, and warm-up + cosine schedule over the run's steps.
+loss (the trainer's) and the same recipe (``engine.optim``: timm's optimizer, the step-wise schedule,
+torch.compile of the training forward).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from cxrdist import dist, telemetry
 from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
+from cxrdist.engine.optim import check_recipe, compiled, make_optimizer, make_scheduler
 from cxrdist.errors import UserError
 from cxrdist.models import check_model_name
 
@@ -86,6 +88,7 @@ def validate_config(cfg: TrainConfig) -> None:
         check_model_name(cfg.model.name)
     except UserError as e:
         errors.append(str(e))
+    errors += check_recipe(cfg)
     if not cls.layout.per_gpu and cfg.dist.nproc != 1:
         errors.append(f"--backend {cls.name} runs one process; --nproc must be 1")
     errors += cls.validate(cfg)
@@ -118,27 +121,6 @@ def read_weights(path: Path, tag: str = "best", backend: str | None = None) -> t
     )
 
 
-def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices and kernels only: never on biases and norm parameters
-    (timm's ``param_groups_weight_decay``: 1-D tensors and biases go to a group without decay)."""
-    from timm.optim import param_groups_weight_decay
-
-    groups = param_groups_weight_decay(module, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine to zero at the last step."""
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 class Backend:
     """Common behaviour; subclasses wrap the model and own the optimizer step."""
 
@@ -167,6 +149,12 @@ class Backend:
     def check(cls, cfg: TrainConfig, env: dist.DistEnv, device: torch.device) -> None:
         if cfg.run.precision == "fp16" and device.type != "cuda":
             raise ConfigError("--precision fp16 needs a GPU (its GradScaler is CUDA-only); on CPU use bf16 or fp32")
+        compiler = os.environ.get("CXX", "g++")
+        if cfg.run.compile and device.type == "cpu" and not shutil.which(compiler):
+            raise ConfigError(
+                f"--compile on the CPU needs a C++ compiler (inductor builds C++ kernels), and {compiler} is not on "
+                "PATH: install one (apt-get install g++) or set CXX"
+            )
         if env.world_size > 1 and not cls.distributed:
             others = ", ".join(n for n, c in REGISTRY.items() if c.layout.per_gpu)
             raise ConfigError(
@@ -305,9 +293,11 @@ class TorchBackend(Backend):
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         self._module = self.prepare_model(model)
-        self.wrapped = self.wrap(self._module)
+        # the wrapper is compiled (DDP whole: dynamo's DDPOptimizer splits the graph at its gradient buckets,
+        # so the all-reduce still overlaps the backward)
+        self.wrapped = compiled(self.wrap(self._module), self.cfg)
         self.optimizer = make_optimizer(self._module, self.cfg)
-        self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.optim.warmup_steps)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.run.precision == "fp16")
 
     def train_step(self, loss_fn):

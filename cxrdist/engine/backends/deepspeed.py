@@ -19,13 +19,12 @@ from cxrdist.engine.backends.base import (
     activations_channels_last,
     average_buffers,
     folder_bytes,
-    make_optimizer,
-    make_scheduler,
     pointed_folder,
     publish,
     register,
     unique_tag,
 )
+from cxrdist.engine.optim import compile_kwargs, make_optimizer, make_scheduler
 
 
 @register
@@ -99,7 +98,7 @@ class DeepSpeedBackend(Backend):
 
         module = model.to(self.device)  # contiguous: DeepSpeed's byte-view broadcast needs stride(-1) == 1
         optimizer = make_optimizer(module, self.cfg)
-        scheduler = make_scheduler(optimizer, total_steps, self.cfg.optim.warmup_steps)
+        scheduler = make_scheduler(optimizer, self.cfg, total_steps)
         os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # DeepSpeed asserts it is set
         args = argparse.Namespace(device_rank=self.device.index if self.device.type == "cuda" else 0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -117,6 +116,8 @@ class DeepSpeedBackend(Backend):
                 self.engine.module.to(memory_format=torch.channels_last)
             else:
                 activations_channels_last(self.engine.module)
+        if self.cfg.run.compile:  # DeepSpeed's own: compiles engine.module in place (evaluation runs it too)
+            self.engine.compile(compile_kwargs=compile_kwargs(self.cfg))
 
     def train_step(self, loss_fn):
         self.engine.train()

@@ -20,6 +20,15 @@ class DataParallelBackend(TorchBackend):
     layout = Layout(per_gpu=False, all_gpus=True, min_gpus=2)
 
     @classmethod
+    def validate(cls, cfg):
+        if cfg.run.compile:
+            return [
+                "--compile does not work with --backend dp: DataParallel builds new replicas in every forward, "
+                "which torch.compile cannot reuse (pytorch/pytorch#94636); use --backend ddp"
+            ]
+        return []
+
+    @classmethod
     def check(cls, cfg, env, device):
         super().check(cfg, env, device)
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0

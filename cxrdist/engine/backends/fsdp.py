@@ -36,13 +36,12 @@ from cxrdist.engine.backends.base import (
     activations_channels_last,
     average_buffers,
     folder_bytes,
-    make_optimizer,
-    make_scheduler,
     pointed_folder,
     publish,
     register,
     unique_tag,
 )
+from cxrdist.engine.optim import compiled, make_optimizer, make_scheduler
 
 CLIENT = "client.pt"
 
@@ -94,13 +93,16 @@ class FSDPBackend(Backend):
                 fully_shard(unit, mp_policy=low)
         fully_shard(model, mp_policy=low)
         self._module = model
+        # after fully_shard, as FSDP2 wants it; static shapes: inductor's dynamic-shape lowering of FSDP2's
+        # graphs fails on the CPU ("Cannot convert expression to float"), and training batches never change
+        self._train = compiled(model, self.cfg, dynamic=False)
         self.optimizer = make_optimizer(model, self.cfg)
-        self.scheduler = make_scheduler(self.optimizer, total_steps, self.cfg.optim.warmup_steps)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg, total_steps)
 
     def train_step(self, loss_fn):
         self._module.train()
         with self.step_autocast():  # FSDP casts parameters; autocast also covers buffers used as conv
-            loss = loss_fn(self._module)  # weights (the blur filters of densenetblur121d)
+            loss = loss_fn(self._train)  # weights (the blur filters of densenetblur121d)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.grad_clip:
