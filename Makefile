@@ -8,7 +8,7 @@ export MPLBACKEND := Agg
 # pinned: local wheels on this machine (pip is capped at these versions)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup lint demo test test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
+.PHONY: setup lint demo test test-heavy test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
 
 $(BIN)/cxrdist: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,7 +45,11 @@ lint: setup
 	$(BIN)/ruff format --check cxrdist launchers tests
 
 test: lint slurm-deps
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -x -q tests -m "not heavy"
+
+# what `make test` leaves out for time (DeepSpeed under --compile)
+test-heavy: lint
+	$(BIN)/python -m pytest -x -q tests -m heavy
 
 test-fast: lint
 	$(BIN)/python -m pytest -x -q tests -m "not slow and not slurm"

@@ -73,6 +73,7 @@ class RunSummary:
     model: dict | None = None  # name, description, params
     pretrained: dict | None = None  # what --pretrained loaded: source, tensors loaded, which stayed random
     exit_codes: list | None = None  # `--nproc`: the ranks' exit codes when one failed
+    compile: dict | None = None  # --compile: mode, graphs captured, graph breaks (rank 0)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunSummary:

@@ -1,4 +1,4 @@
-"""Per-rank JSONL telemetry and rank 0's progress bar.
+"""Per-rank JSONL telemetry, rank 0's progress bar, and the scalar sinks (``trackers``: TensorBoard, MLflow, W&B).
 
 ``RUN/telemetry/rank{R}.jsonl`` gets a ``step`` record every ``log_every`` steps (throughput over the
 window since the last record, step and data-wait time, loss, lr, peak memory) and an ``epoch`` record per
@@ -16,6 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cxrdist.trackers import Sinks
 
 
 def peak_rss_mb() -> float:
@@ -66,6 +68,8 @@ class Telemetry:
         memory_fn,
         show_progress: bool = True,
         sync_fn=None,
+        log_to: str = "",
+        config: dict | None = None,
     ):
         self.rank, self.local_rank, self.host, self.device = rank, local_rank, host, device
         self.world_size, self.log_every, self.memory_fn = world_size, max(1, log_every), memory_fn
@@ -73,7 +77,7 @@ class Telemetry:
         folder = Path(run_dir) / "telemetry"
         folder.mkdir(parents=True, exist_ok=True)
         self.file = open(folder / f"rank{rank}.jsonl", "a", buffering=1)
-        self.tb = TensorBoard(Path(run_dir) / TB, rank)
+        self.sinks = Sinks(run_dir, rank, log_to, config)  # TensorBoard; rank 0: the --log-to trackers
         self.progress = None
         if show_progress and rank == 0:
             self.progress = Progress(
@@ -109,7 +113,7 @@ class Telemetry:
             **record,
         }
         self.file.write(json.dumps(record) + "\n")
-        self.tb.record(record)
+        self.sinks.record(record)
         return record
 
     def start_epoch(
@@ -191,50 +195,9 @@ class Telemetry:
         }
         return self.write(record) if write else record
 
-    def close(self) -> None:
+    def close(self, status: str = "completed") -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
         self.file.close()
-        self.tb.close()
-
-
-TB = "tb"
-# step-record fields drawn per rank (tag "<field>/rank<R>"); loss and lr are the same on every rank: rank 0's
-PER_RANK = ("images_per_s", "step_time_s", "data_time_s", "mem_peak_mb", "mem_reserved_mb", "mem_device_used_mb")
-
-
-class TensorBoard:
-    """Mirrors telemetry records into ``RUN/tb/`` event files (torch's SummaryWriter), one file per rank in
-    the same folder, so ``tensorboard --logdir runs/`` shows each run as one curve set and compares runs and
-    backends live. Without the tensorboard package, nothing is written (the JSONL records stay the truth)."""
-
-    def __init__(self, folder: Path, rank: int):
-        self.rank, self.writer = rank, None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        self.writer = SummaryWriter(log_dir=str(folder), filename_suffix=f".rank{rank}", flush_secs=30)
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for tag, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(tag, value, step)
-
-    def record(self, r: dict) -> None:
-        """A step record (x: the global step) or an epoch record (x: the epoch number, from 1)."""
-        if r.get("event") == "step" and "global_step" in r:
-            values = {f"{k}/rank{self.rank}": r[k] for k in PER_RANK if k in r}
-            if self.rank == 0:
-                values |= {"train/loss": r["loss"], "train/lr": r["lr"]}
-            self.scalars(values, r["global_step"])
-        elif r.get("event") == "epoch":
-            keys = ("epoch_time_s", "images_per_s", "mem_peak_mb")
-            self.scalars({f"epoch/{k}/rank{self.rank}": r[k] for k in keys if k in r}, r["epoch"] + 1)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.sinks.close(status)

@@ -25,6 +25,7 @@ FLOORS = {  # module prefix -> floor (the longest matching prefix wins)
     "cxrdist.models": 2,
     "cxrdist.metrics": 2,
     "cxrdist.telemetry": 2,
+    "cxrdist.trackers": 2,
     "cxrdist.runfolder": 2,
     "cxrdist.labels": 1,
     "cxrdist.imaging": 1,

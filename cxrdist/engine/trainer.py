@@ -29,6 +29,7 @@ from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.engine.backends import Backend, get_backend, validate_config
 from cxrdist.engine.evaluation import gather_and_score, predict_loader
+from cxrdist.engine.optim import compile_stats
 from cxrdist.errors import UserError
 from cxrdist.labels import check_same, checkpoint_labels, set_name
 from cxrdist.models import build_model, model_info, uses_demographics
@@ -185,6 +186,8 @@ class Trainer:
             log_every=cfg.run.log_every,
             memory_fn=backend.peak_memory,
             sync_fn=backend.synchronize,
+            log_to=cfg.run.log_to,
+            config=cfg.to_dict(),
         )
         self.telemetry.write(
             {
@@ -423,7 +426,7 @@ class Trainer:
         if self.env.is_main:  # the evaluation is the same on every rank: drawn once
             aucs = {f"val/auc/{k}": v for k, v in val["auc"].items() if v is not None}
             done = self.state.history[-1]
-            self.telemetry.tb.scalars(
+            self.telemetry.sinks.scalars(
                 {"val/auc_mean": val["auc_mean"], "epoch/time_s": done["time_s"], **aucs}, epoch + 1
             )
         self.checkpoint("last")
@@ -463,7 +466,7 @@ class Trainer:
             )
         summary = self.write_summary(status, test=test)
         if status == "preempted" and self.env.is_main:
-            self.telemetry.close()
+            self.telemetry.close(status)
             dist.destroy()
             self.stop.hand_over()  # submitit: checkpoint() -> requeue -> exit; elsewhere returns
         return summary
@@ -501,12 +504,14 @@ class Trainer:
             error=error,
             pretrained=self.pretrained,
             model=self.model_info,
+            compile=compile_stats(self.cfg),
         )
         if self.env.is_main:
             RunFolder(self.run_dir).write_summary(summary)
+        self.status = status  # what the trackers are told at close
         return summary.to_dict()
 
     def close(self) -> None:
         self.stop.restore()
-        self.telemetry.close()
+        self.telemetry.close(getattr(self, "status", "failed"))
         self.loaders.close()
