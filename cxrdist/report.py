@@ -416,11 +416,33 @@ DISPLAY = [
 ]
 
 
-def _display_rows(df: pd.DataFrame) -> list[list[str]]:
+# the poster's Table 2: one row per model (shown when the runs compare models, as compare.py --models does)
+TABLE2 = [
+    ("Model", "model", "", ""),
+    ("Description", "model_description", "", ""),
+    ("Test acc", "test_acc_pct", ".2f", ""),
+    ("Test AUC (95% CI)", "test_auc_ci", "", ""),
+    ("Comp-5 AUC (95% CI)", "test_comp5_ci", "", ""),
+    ("Params (M)", "params_m", ".1f", ""),
+    ("img/s", "images_per_s", ".1f", ""),
+    ("Epoch (min)", "epoch_time_min", ".2f", ""),
+    ("Peak MB/rank", "mem_peak_mb_max", ".0f", ""),
+    ("Backend", "backend", "", ""),
+    ("Run", "run", "", ""),
+]
+
+
+def _models_compared(df: pd.DataFrame) -> pd.DataFrame | None:
+    """The completed runs, when they hold more than one model (else None: no Table 2)."""
+    done = df[df["status"] == "completed"]
+    return done if done["model"].nunique() > 1 else None
+
+
+def _display_rows(df: pd.DataFrame, display: list[tuple[str, str, str, str]] = DISPLAY) -> list[list[str]]:
     out = []
     for _, r in df.iterrows():
         cells = []
-        for _, col, spec, suffix in DISPLAY:
+        for _, col, spec, suffix in display:
             v = r[col]
             if spec == "d" and isinstance(v, float) and not math.isnan(v):
                 v = int(v)
@@ -443,7 +465,20 @@ def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
     ]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _display_rows(df)]
+    lines += _md_rows(_display_rows(df))
+    models = _models_compared(df)
+    if models is not None:
+        lines += [
+            "",
+            "## Models (the poster's Table 2)",
+            "",
+            "Same data, backend, seed and schedule per model (`launchers/compare.py --models`); test accuracy "
+            "at 0.5 and AUROC means in percent.",
+            "",
+            "| " + " | ".join(h for h, *_ in TABLE2) + " |",
+            "|" + "|".join("---" for _ in TABLE2) + "|",
+        ]
+        lines += _md_rows(_display_rows(models, TABLE2))
     reasons = [
         (r["run"], r["status"], r["reason"]) for _, r in df.iterrows() if r["status"] == "skipped" and r["reason"]
     ]
@@ -453,6 +488,22 @@ def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
     lines += [f"- {f}" for f in flags] if flags else ["- none: no stragglers, no loader-bound runs, nothing missing"]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _md_rows(rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+
+
+def _print_models(console, models: pd.DataFrame) -> None:
+    from rich.table import Table
+
+    table = Table(title="models (the poster's Table 2; AUC / accuracy in %)", header_style="bold")
+    for header, col, *_ in TABLE2:
+        left = col in ("model", "model_description", "backend", "run")
+        table.add_column(header, justify="left" if left else "right", overflow="fold")
+    for cells in _display_rows(models, TABLE2):
+        table.add_row(*cells)
+    console.print(table)
 
 
 def _print_terminal(df: pd.DataFrame, flags: list[str], out: Path) -> None:
@@ -489,6 +540,9 @@ def _print_terminal(df: pd.DataFrame, flags: list[str], out: Path) -> None:
             row[-1] += f" ({int(r['restarts'])} restart{'s' if r['restarts'] != 1 else ''})"
         table.add_row(*row, style=style)
     console.print(table)
+    models = _models_compared(df)
+    if models is not None:
+        _print_models(console, models)
     for f in flags:
         console.print(f"[yellow]flag[/yellow] {f}", highlight=False, markup=True)
     console.print(f"report: {out / 'report.md'}  {out / 'report.csv'}  plots: {out}/*.png", highlight=False)

@@ -303,6 +303,7 @@ def test_markdown_flags_and_plots(runs, tmp_path, capsys):
     term = capsys.readouterr().out
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 5  # header + one row per run, the skipped one included
+    assert "Table 2" not in md  # one model: no model comparison
     single_line = next(line for line in table if "single-shards" in line)
     assert "1.67" in single_line and "82.0 (80.0–84.0)" in single_line and "85.12" in single_line
     assert "1.82×" in next(line for line in table if "| ddp-shards" in line)

@@ -51,17 +51,21 @@ def _arms(cpus: int, quick: bool) -> list[dict]:
             "precision": "bf16",
             "channels_last": True,
         },
+        # torch.compile: the warm-up steps include the compilation (reported as warm-up s), the timed ones not
+        {"name": "single fp32 compiled", "backend": "single", "ranks": 1, "precision": "fp32", "compile": True},
     ]
     if not quick:
-        arms.append(
+        arms += [
             {
                 "name": "single fp32 channels_last",
                 "backend": "single",
                 "ranks": 1,
                 "precision": "fp32",
                 "channels_last": True,
-            }
-        )
+            },
+            {"name": f"ddp {ranks} ranks fp32 compiled", "backend": "ddp", "ranks": ranks, "precision": "fp32"}
+            | {"compile": True},
+        ]
     return arms
 
 
@@ -82,14 +86,18 @@ def bench_step(
     results = [{**arm, **best[arm["name"]]} for arm in arms]
     by = {r["name"]: r for r in results}
     single = by["single fp32"]["images_per_s"]
-    ddp = next(r for r in results if r["backend"] == "ddp")["images_per_s"]
+    ddp = next(r for r in results if r["backend"] == "ddp" and not r.get("compile"))["images_per_s"]
     ds = next(r for r in results if r["backend"] == "deepspeed")["images_per_s"]
     ratios = {
         "ddp_vs_single": ddp / single,
         "deepspeed_zero1_vs_ddp": ds / ddp,
         "bf16_vs_fp32": by["single bf16"]["images_per_s"] / single,
         "bf16_channels_last_vs_fp32": by["single bf16 channels_last"]["images_per_s"] / single,
+        "compile_vs_eager": by["single fp32 compiled"]["images_per_s"] / single,
     }
+    compiled_ddp = next((r for r in results if r["backend"] == "ddp" and r.get("compile")), None)
+    if compiled_ddp:
+        ratios["ddp_compile_vs_eager"] = compiled_ddp["images_per_s"] / ddp
     projection = {r["name"]: {ds: n / r["images_per_s"] / 60 for ds, n in EPOCH_IMAGES.items()} for r in results}
     result = {
         "step": {r["name"]: r["images_per_s"] for r in results},
@@ -112,6 +120,7 @@ def bench_step(
         "threads/rank",
         "images/s",
         "x single fp32",
+        "warm-up (s)",
         "CheXpert epoch (min)",
         "MIMIC-CXR epoch (min)",
     ):
@@ -124,6 +133,7 @@ def bench_step(
             str(r["threads"]),
             f"{r['images_per_s']:.1f}",
             f"{r['images_per_s'] / single:.2f}",
+            f"{r['warmup_s']:.1f}",
             f"{p['chexpert']:.0f}",
             f"{p['mimic']:.0f}",
         )
@@ -158,6 +168,7 @@ def _run_arm(arm: dict, model: str, image_size: int, global_batch: int, steps: i
     return {
         "threads": threads,
         "seconds": seconds,
+        "warmup_s": max(r["warmup_s"] for r in reports),
         "images_per_s": global_batch * steps / seconds,
         "tf32": reports[0]["tf32"],
         "memory": {str(i): r["memory"] for i, r in enumerate(reports)},
@@ -165,8 +176,9 @@ def _run_arm(arm: dict, model: str, image_size: int, global_batch: int, steps: i
 
 
 def _worker(spec: dict) -> None:
-    """One rank of one arm: warm up, then time ``steps`` optimizer steps (synchronised), and report the
-    rank's memory. Spec keys: backend, zero, precision, channels_last, cudnn_benchmark, group_at_world1
+    """One rank of one arm: warm up (and compile), then time ``steps`` optimizer steps (synchronised), and
+    report the rank's memory. Spec keys: backend, zero, precision, channels_last, cudnn_benchmark, compile,
+    group_at_world1
     (DDP wrapped even for one rank, to measure its hooks), model, image_size, batch, steps."""
     from cxrdist.config import TrainConfig
     from cxrdist.engine.backends import get_backend
@@ -178,6 +190,7 @@ def _worker(spec: dict) -> None:
     cfg.dist.backend, cfg.dist.zero_stage = spec["backend"], spec.get("zero", 0)
     cfg.run.precision, cfg.run.channels_last = spec["precision"], spec.get("channels_last", False)
     cfg.run.cudnn_benchmark = spec.get("cudnn_benchmark", True)
+    cfg.run.compile = spec.get("compile", False)
     cfg.optim.batch_size, cfg.run.out = spec["batch"], "bench"
     device = dist.select_device(env, "auto")
     backend = get_backend(cfg, env, device)
@@ -195,8 +208,11 @@ def _worker(spec: dict) -> None:
     def loss_fn(model):
         return torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
 
+    t0 = time.perf_counter()
     for _ in range(spec.get("warmup", 2)):
         backend.train_step(loss_fn)
+    backend.synchronize()
+    warmup_s = time.perf_counter() - t0
     dist.barrier()
     backend.synchronize()
     backend.reset_peak_memory()
@@ -210,6 +226,7 @@ def _worker(spec: dict) -> None:
         json.dumps(
             {
                 "seconds": seconds,
+                "warmup_s": warmup_s,
                 "memory": backend.peak_memory(),
                 "channels_last": backend.channels_last,
                 "tf32": dist.tf32_convolutions(device) and spec["precision"] == "fp32",
