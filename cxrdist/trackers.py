@@ -183,12 +183,14 @@ class Sinks:
         return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
 
     def record(self, r: dict) -> None:
-        drawn = record_scalars(r, self.rank)
+        drawn = record_scalars(r, self.rank)  # already finite
         if drawn and drawn[0]:
-            self.scalars(*drawn)
+            self._send(*drawn)
 
     def scalars(self, values: dict[str, Any], step: int, axis: str = "epoch") -> None:
-        values = finite(values)
+        self._send(finite(values), step, axis)
+
+    def _send(self, values: dict[str, float], step: int, axis: str) -> None:
         for sink in self.sinks:
             sink.scalars(values, step, axis)
 
