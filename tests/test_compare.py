@@ -189,7 +189,7 @@ def test_compare_sweeps_models_into_the_table_2_columns(tiny_shards, tmp_path):
     md = (sweep / "report" / "report.md").read_text()
     table2 = md[md.index("## Models (the poster's Table 2)") :].split("\n## ")[0]
     rows = [ln for ln in table2.splitlines() if ln.startswith("| densenet121 |") or ln.startswith("| resnet18 |")]
-    assert len(rows) == 2 and "| timm resnet18 |" in rows[1] and "Single 7x7 convolution" in rows[0]
+    assert len(rows) == 2 and "| timm resnet18 |" in rows[1] and "| DenseNet-121: 7x7 stem" in rows[0]
     assert "Table 2" in proc.stdout + proc.stderr  # the terminal shows it too
     bad = _run(["--models", "resnet5", "--", "--model", "x"], cwd=tmp_path, timeout=60)
     assert bad.returncode == 2 and "closest" in bad.stderr
