@@ -2,6 +2,10 @@
 
 Write to a temporary file in the same folder, fsync it, ``os.replace`` it over the target (an atomic rename
 on POSIX), then fsync the folder so the rename itself survives a power cut.
+
+The file gets the mode an ``open()`` would give it (0666 less the umask): ``mkstemp`` makes its temporary
+file 0600 whatever the umask, which left manifests, configs and checkpoints private to their writer in a
+lab's shared shard and run folders (and unreadable to a web server serving shards as another user).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def atomic_file(path: str | Path, keep: str | Path | None = None) -> Iterator[Bi
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -34,6 +39,22 @@ def atomic_file(path: str | Path, keep: str | Path | None = None) -> Iterator[Bi
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process's umask: Linux shows it in /proc/self/status; elsewhere it is read by setting it and
+    setting it straight back (os has no getter), which another thread creating a file at that instant
+    could notice."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -58,13 +58,19 @@ def cmd_verify(a) -> int:
 
 
 def cmd_train(a) -> int:
+    cfg = config_from_args(a)
+    cfg.validate()  # the options' own checks need no torch: a mistake is said in a fraction of a second
     from cxrdist.engine.trainer import launch
 
-    summary = launch(config_from_args(a))
+    summary = launch(cfg)
     return 0 if summary.get("status") == "completed" else 1
 
 
 def cmd_eval(a) -> int:
+    if not a.run.is_dir():  # before the imports of torch and the model zoo
+        from cxrdist.errors import UserError
+
+        raise UserError(f"--run {a.run}: no such run folder")
     from cxrdist.evaluate import evaluate_run
 
     result = evaluate_run(
@@ -76,8 +82,30 @@ def cmd_eval(a) -> int:
         rule=a.operating_point,
         replicates=a.bootstrap,
         seed=a.seed,
+        allow_pipe=a.allow_pipe,
     )
     print(json.dumps({k: result[k] for k in ("protocol", "split", "n", "mean")}, indent=1))
+    return below_floor(a.run, result, a.min_auc) if a.min_auc is not None else 0
+
+
+def below_floor(run: Path, result: dict, floor: float) -> int:
+    """``--min-auc``: 1 (with one line saying which) when the run's best val mean AUROC, as training measured
+    it, or the evaluated split's mean AUROC is below ``floor``: a run that did not learn fails its job."""
+    from cxrdist.runfolder import RunFolder
+
+    summary = RunFolder(run).read_summary()
+    means = {
+        "best val": summary.best_val_auc_mean if summary else None,
+        result["split"]: (result["mean"]["all"] or [None])[0],
+    }
+    low = [f"{k} mean AUROC {v:.3f}" if v is not None else f"{k} mean AUROC undefined" for k, v in means.items()
+           if v is None or v < floor]  # fmt: skip
+    if low:
+        print(
+            f"cxrdist eval: {run}: {' and '.join(low)} below --min-auc {floor}: the run did not learn", file=sys.stderr
+        )
+        return 1
+    print(f"{run}: " + ", ".join(f"{k} mean AUROC {v:.3f}" for k, v in means.items()) + f" >= --min-auc {floor}")
     return 0
 
 
@@ -98,11 +126,12 @@ def cmd_predict(a) -> int:
 
 def cmd_report(a) -> int:
     from cxrdist.errors import UserError
-    from cxrdist.report import build_report
 
     missing = [str(r) for r in a.runs if not Path(r).exists()]
     if missing:
         raise UserError(f"no such run folder: {', '.join(missing)}")
+    from cxrdist.report import build_report
+
     build_report(a.runs, out=a.out)
     return 0
 
@@ -219,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", type=int, default=1000, metavar="N", help="patient-bootstrap replicates (default 1000)"
     )
     s.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    s.add_argument(
+        "--allow-pipe",
+        action="store_true",
+        help="run the pipe: command RUN/config.yaml names as its shards (refused otherwise: whoever wrote the "
+        "run folder chose that command)",
+    )
+    s.add_argument(
+        "--min-auc",
+        type=float,
+        default=None,
+        metavar="AUC",
+        help="exit 1 when the run's best val mean AUROC or this split's is below AUC (a gate: make demo uses it)",
+    )
     s.set_defaults(func=cmd_eval)
 
     s = add("predict", help="print the checkpoint's label probabilities for DICOM, JPEG or PNG files")
@@ -257,11 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cxrdist import dist
+    from cxrdist.redact import redact
+
+    sys.argv[:] = [redact(a) for a in sys.argv]  # parsed: what the process reports of its command line (W&B
+    # records it) holds no credentials from here on
 
     return dist.leave(run_command(args))  # a rank with peers ends here (see dist.leave)
 
 
 def run_command(args) -> int:
+    from cxrdist.redact import redact
+
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -270,9 +318,12 @@ def run_command(args) -> int:
         from cxrdist.errors import UserError
 
         if isinstance(e, UserError):
-            print(f"cxrdist {args.command}: error: {e}", file=sys.stderr)
+            print(f"cxrdist {args.command}: error: {redact(str(e))}", file=sys.stderr)
             return 2
-        raise
+        import traceback
+
+        print(redact("".join(traceback.format_exception(e))), file=sys.stderr, end="")  # no credentials in it
+        return 1
 
 
 if __name__ == "__main__":

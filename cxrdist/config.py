@@ -100,7 +100,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The values as they are (credentials in a URL included): for this process and the ranks it starts."""
         return dataclasses.asdict(self)
+
+    def to_record(self) -> dict[str, Any]:
+        """The values as written anywhere (config.yaml, summary.json, checkpoints, trackers): a location's
+        password or signature replaced by *** (cxrdist.redact)."""
+        from cxrdist.redact import redact_tree
+
+        return redact_tree(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -117,7 +125,7 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         from cxrdist.atomic import atomic_write_bytes
 
-        atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+        atomic_write_bytes(path, yaml.safe_dump(self.to_record(), sort_keys=False).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -164,8 +172,39 @@ class TrainConfig:
         if not self.run.out:
             errors.append("--out (the run folder) is required")
         errors += check_log_to(self.run.log_to)
+        errors += self.number_problems()
         if errors:
             raise ConfigError("; ".join(errors))
+
+    def number_problems(self) -> list[str]:
+        """Every numeric option finite and in its range (``--lr nan`` or ``lr: .nan`` in a config would
+        otherwise reach torch's "Invalid learning rate" after the ranks started)."""
+        import math
+
+        o, d, r = self.optim, self.data, self.run
+        rules = [  # (flag, value, lowest, above the highest, whether the lowest itself is allowed)
+            ("--lr", o.lr, 0.0, None, False),
+            ("--weight-decay", o.weight_decay, 0.0, None, True),
+            ("--momentum", o.momentum, 0.0, 1.0, True),
+            ("--beta1", o.beta1, 0.0, 1.0, True),
+            ("--beta2", o.beta2, 0.0, 1.0, True),
+            ("--decay-rate", o.decay_rate, 0.0, None, False),
+            ("--warmup-steps", o.warmup_steps, 0, None, True),
+            ("--grad-clip", o.grad_clip, 0.0, None, True),
+            ("--drop-rate", self.model.drop_rate, 0.0, 1.0, True),
+            ("--shard-cache-gb", d.shard_cache_gb, 0.0, None, False),
+            ("--shuffle-buffer", d.shuffle_buffer, 0, None, True),
+            ("--log-every", r.log_every, 1, None, True),
+            ("--checkpoint-every", r.checkpoint_every, 0, None, True),
+            ("--max-steps", r.max_steps, 0, None, True),
+            ("--timeout", self.dist.timeout_s, 1, None, True),
+        ]
+        out = []
+        for flag, v, lo, hi, lo_ok in rules:
+            if not math.isfinite(v) or (v < lo if lo_ok else v <= lo) or (hi is not None and v >= hi):
+                where = f"{'>=' if lo_ok else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
+                out.append(f"{flag} must be a finite number {where}, not {v!r}")
+        return out
 
 
 # --log-to sinks -> (the module they import, the extra that installs it)
@@ -342,14 +381,29 @@ def add_train_args(parser) -> None:
 
 
 def config_from_args(ns) -> TrainConfig:
-    """The config file's values (or the defaults), then every flag that was given."""
+    """The config file's values (or the defaults), then every flag that was given. A ``pipe:`` location
+    (a shell command) from the file is refused: commands run only when typed on this command line."""
     path = getattr(ns, "config_file", None)
     d = (TrainConfig.load(path) if path else TrainConfig()).to_dict()
+    if path and not hasattr(ns, "data.shards"):
+        refuse_pipe(d["data"]["shards"], f"{path}: data.shards", "pass --shards 'pipe:...' yourself")
     for _, dest, _, _ in _TRAIN_FLAGS:
         if hasattr(ns, dest):
             group, name = dest.split(".")
             d[group][name] = getattr(ns, dest)
     return TrainConfig.from_dict(d)
+
+
+def refuse_pipe(shards: str, where: str, how: str) -> None:
+    """A ``pipe:CMD`` location read from a file (someone else's config.yaml, a run folder) would run CMD as
+    this user: refused, naming the file and key; ``how`` says what the user may type instead."""
+    if str(shards).startswith("pipe:"):
+        from cxrdist.redact import redact
+
+        raise ConfigError(
+            f"{where} is a pipe: location ({redact(shards)}), a shell command: cxrdist runs commands only "
+            f"when they are typed on its command line ({how} if you trust it)"
+        )
 
 
 def config_to_argv(cfg: TrainConfig) -> list[str]:

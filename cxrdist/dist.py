@@ -176,7 +176,7 @@ def cuda_unavailable_reason() -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    driver = _driver_version()
+    driver = driver_version()
     if driver is None:
         return (
             f"no NVIDIA driver answers (nvidia-smi missing or failing); torch {torch.__version__} needs one "
@@ -188,7 +188,7 @@ def cuda_unavailable_reason() -> str:
     )
 
 
-def _driver_version() -> str | None:
+def driver_version() -> str | None:
     import subprocess
 
     try:
@@ -204,17 +204,24 @@ def _driver_version() -> str | None:
     return lines[0].strip() if lines else None
 
 
-def check_gpu_sharing(local_world: int, visible: int, gpus_on_node: int | None = None, same_view: bool = False) -> None:
-    """Refuse two ranks on one GPU (NCCL would fail later with "Duplicate GPU").
+def gpu_index(
+    local_rank: int, local_world: int, visible: int, gpus_on_node: int | None = None, same_view: bool = False
+) -> int:
+    """Which visible GPU this local rank takes: ``local_rank % visible``.
 
-    ``visible``: GPUs this process sees; ``gpus_on_node``: GPUs the scheduler gave the job on this node
-    (SLURM_GPUS_ON_NODE), when known; ``same_view``: every local rank sees the same GPUs (``--nproc``),
-    so one visible GPU cannot be one per rank as under ``srun --gpus-per-task=1``.
+    Every local rank sees the same GPUs (``--nproc``; SLURM gres with all GPUs visible to each task, 4 tasks
+    on 4 GPUs): rank r takes GPU r. Each task sees a subset of its own (``srun --gpus-per-task=1``, or
+    ``--gpu-bind=closest``/``map_gpu``: 8 tasks on a 2-socket, 8-GPU node see 4 each): rank r takes GPU
+    ``r % visible`` of its view, a different physical GPU per task. Counts alone cannot tell a shared GPU
+    from per-task views, so what is refused here is only what is certain: ``same_view`` with fewer GPUs than
+    ranks, or more ranks than SLURM gave the node GPUs. Real sharing is caught after ``set_device`` by
+    comparing the devices' UUIDs across the ranks of a host (``check_distinct_gpus``).
     """
     from cxrdist.config import ConfigError
 
-    shared = local_world > visible and (visible >= 2 or same_view)
-    if shared:
+    if visible < 1:
+        raise ConfigError("no GPU is visible to this rank (CUDA_VISIBLE_DEVICES?)")
+    if same_view and local_world > visible:
         raise ConfigError(
             f"{local_world} ranks on this node but {visible} visible GPU(s): two ranks would share "
             "a GPU; start one rank per GPU (--nproc / --gpus / --ntasks-per-node)"
@@ -224,13 +231,92 @@ def check_gpu_sharing(local_world: int, visible: int, gpus_on_node: int | None =
             f"{local_world} ranks on this node but SLURM gave it {gpus_on_node} GPU(s): two ranks "
             "would share a GPU; ask for one task per GPU"
         )
+    return local_rank % visible
+
+
+def visible_gpus_text() -> str:
+    """CUDA_VISIBLE_DEVICES as the messages name it (indices, GPU-/MIG- UUIDs, or unset)."""
+    v = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "CUDA_VISIBLE_DEVICES unset" if v is None else f"CUDA_VISIBLE_DEVICES={v}"
+
+
+def shared_gpus(devices: list[tuple[str, str]]) -> list[tuple[str, str, list[int]]]:
+    """``devices[rank] = (host, gpu uuid)`` -> ``(host, uuid, ranks)`` for every GPU that two ranks use."""
+    seen: dict[tuple[str, str], list[int]] = {}
+    for rank, key in enumerate(devices):
+        seen.setdefault(tuple(key), []).append(rank)
+    return [(h, u, ranks) for (h, u), ranks in seen.items() if len(ranks) > 1]
+
+
+def check_distinct_gpus(device: torch.device, group=None) -> None:
+    """One all-gather of (host, GPU UUID) after ``set_device``: two ranks on one physical GPU are refused,
+    naming them (NCCL would fail later with "Duplicate GPU detected", or the two would share its memory)."""
+    import torch
+
+    if device.type != "cuda" or not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return
+    from cxrdist.config import ConfigError
+
+    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine, group=group)
+    shared = shared_gpus(everyone)
+    if shared:
+        host, uuid, ranks = shared[0]
+        raise ConfigError(
+            f"ranks {', '.join(map(str, ranks))} on {host} use the same GPU {uuid} ({visible_gpus_text()} on "
+            "this rank): give each task its own GPU (srun --gpus-per-task=1, or --ntasks-per-node = GPUs)"
+        )
+
+
+# torch wheels and the GPU families they carry kernels for: what to install when this one has none
+WHEEL_FOR_OLD_GPUS = (
+    "a torch wheel that still carries them, e.g. pip install 'torch<2.10' --index-url "
+    "https://download.pytorch.org/whl/cu126 (CUDA 12.6 builds: sm_50 to sm_90)"
+)
+
+
+def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build with ``arch_list`` (``torch.cuda.get_arch_list()``: ``sm_80``, ``sm_90a``,
+    ``compute_90``) runs on a GPU of ``capability``: a cubin of the same major version and no higher minor
+    (sm_80 runs on 8.6), or PTX (``compute_XY``) of a lower or equal version, which the driver compiles."""
+    major, minor = capability
+    for arch in arch_list:
+        m = re.fullmatch(r"(sm|compute)_(\d+?)(\d)[a-z]?", arch)
+        if not m:
+            continue
+        kind, a_major, a_minor = m.group(1), int(m.group(2)), int(m.group(3))
+        if kind == "sm" and a_major == major and a_minor <= minor and not arch[-1].isalpha():
+            return True
+        if kind == "sm" and arch[-1].isalpha() and (a_major, a_minor) == (major, minor):
+            return True  # sm_90a: arch-specific, that exact GPU only
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def check_arch(index: int = 0) -> None:
+    """Refuse a GPU this torch has no kernels for (a V100 under a sm_75+ wheel passes is_available() and then
+    dies at the first kernel with "no kernel image is available", after every rank has started)."""
+    import torch
+
+    from cxrdist.config import ConfigError
+
+    cap, archs = torch.cuda.get_device_capability(index), torch.cuda.get_arch_list()
+    if archs and not arch_supported(cap, archs):
+        raise ConfigError(
+            f"GPU {index} ({torch.cuda.get_device_name(index)}) is sm_{cap[0]}{cap[1]}, and this torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda}) has kernels for {', '.join(archs)} only: install "
+            f"{WHEEL_FOR_OLD_GPUS}"
+        )
 
 
 def select_device(d: DistEnv, requested: str = "auto", same_view: bool = False) -> torch.device:
-    """The visible GPU for this local rank (submitit/SLURM may leave one visible per task), or the CPU.
+    """The visible GPU for this local rank (``gpu_index``), or the CPU.
 
     ``auto`` falls back to the CPU only where no GPU exists at all; where NVIDIA devices are present but
-    CUDA does not start (a wheel too new for the driver), it raises instead of training on the CPU.
+    CUDA does not start (a wheel too new for the driver), it raises instead of training on the CPU, and a
+    GPU the wheel has no kernels for is refused here, before any rank starts (``check_arch``).
     """
     import torch
 
@@ -245,9 +331,9 @@ def select_device(d: DistEnv, requested: str = "auto", same_view: bool = False) 
         raise ConfigError(
             f"{what} but CUDA is unavailable: {cuda_unavailable_reason()} (--device cpu to train on the CPU on purpose)"
         )
-    count = torch.cuda.device_count()
-    check_gpu_sharing(d.local_world_size, count, cpus._first_int(os.environ.get("SLURM_GPUS_ON_NODE")), same_view)
-    index = d.local_rank if count > 1 else 0
+    gpus_on_node = cpus._first_int(os.environ.get("SLURM_GPUS_ON_NODE"))
+    index = gpu_index(d.local_rank, d.local_world_size, torch.cuda.device_count(), gpus_on_node, same_view)
+    check_arch(index)
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -278,11 +364,60 @@ def tf32_convolutions(device: torch.device) -> bool:
     )
 
 
-def _gloo_interface() -> None:
+def nccl_ifname_to_gloo(spec: str, interfaces: list[str]) -> str | None:
+    """The interface gloo should bind to for a job that names only ``NCCL_SOCKET_IFNAME``: NCCL's syntax
+    resolved against this host's ``interfaces`` (names with an IPv4 address, in the host's order).
+
+    gloo takes exact interface names; NCCL takes a comma list of *prefixes* (``eth`` selects eth0, eth1),
+    exact names after ``=``, and exclusions after ``^`` (``^docker0,lo``: anything but those; ``^=`` exact).
+    Copying the text over makes gloo look for an interface literally named ``^docker0,lo`` or ``eth``.
+    Loopback is picked only when the spec names it, as NCCL does. None: nothing matches (gloo then picks
+    the interface of the host name itself, and NCCL would fail on the same spec anyway).
+    """
+    spec = spec.strip()
+    exclude = spec.startswith("^")
+    spec = spec[1:] if exclude else spec
+    exact = spec.startswith("=")
+    names = [n.strip() for n in (spec[1:] if exact else spec).split(",") if n.strip()]
+
+    def named(iface: str) -> bool:
+        return any(iface == n if exact else iface.startswith(n) for n in names)
+
+    if exclude:
+        chosen = [i for i in interfaces if not named(i) and not i.startswith("lo")]
+    else:
+        chosen = [i for i in interfaces if named(i)]
+    return chosen[0] if chosen else None
+
+
+def ipv4_interfaces() -> list[str]:
+    """This host's interface names that carry an IPv4 address, in the kernel's order."""
+    import psutil
+
+    addrs = psutil.net_if_addrs()
+    order = [name for _, name in socket.if_nameindex()]
+    return [n for n in order if any(a.family == socket.AF_INET for a in addrs.get(n, ()))]
+
+
+def gloo_interface() -> None:
     """Multi-node gloo (the control group, CPU ranks) needs a routable interface like NCCL does: a job that
-    names only NCCL_SOCKET_IFNAME gets the same for gloo; GLOO_SOCKET_IFNAME, when set, is kept."""
-    if os.environ.get("NCCL_SOCKET_IFNAME") and not os.environ.get("GLOO_SOCKET_IFNAME"):
-        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"].lstrip("=^")
+    names only NCCL_SOCKET_IFNAME gets the interface NCCL's rule selects (``nccl_ifname_to_gloo``);
+    GLOO_SOCKET_IFNAME, when set, is kept."""
+    spec = os.environ.get("NCCL_SOCKET_IFNAME", "")
+    if not spec or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    interfaces = ipv4_interfaces()
+    chosen = nccl_ifname_to_gloo(spec, interfaces)
+    if chosen is None:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "NCCL_SOCKET_IFNAME=%s selects none of this host's interfaces (%s): gloo picks its own",
+            spec,
+            ", ".join(interfaces) or "none with IPv4",
+        )
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = chosen
 
 
 def init_process_group(d: DistEnv, device: torch.device, timeout_s: int = 300, always: bool = False) -> None:
@@ -297,7 +432,7 @@ def init_process_group(d: DistEnv, device: torch.device, timeout_s: int = 300, a
         return
     _PEERS = _PEERS or d.distributed
     export_env(d)
-    _gloo_interface()
+    gloo_interface()
     backend = "nccl" if device.type == "cuda" else "gloo"
     where = (
         {"init_method": f"tcp://{d.master_addr}:{d.master_port}"}

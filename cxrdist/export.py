@@ -62,37 +62,64 @@ def example_inputs(model: torch.nn.Module, client: dict, batch: int = 2) -> tupl
 def export(checkpoint: Path, fmt: str, out: Path) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name the file to write (e.g. {out / ('model.' + fmt)})")
     weights, client = load_checkpoint(Path(checkpoint), "best")
     model = model_from_checkpoint(weights, client)
     meta = describe(client, operating_points(Path(checkpoint), list(checkpoint_labels(client))))
     inputs = example_inputs(model, client)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        _onnx(model, inputs, meta, out)
-    else:
-        traced = torch.jit.trace(model, inputs, check_trace=False)
-        torch.jit.save(traced, str(out), _extra_files={"cxrdist.json": json.dumps(meta)})
+    data = _onnx(model, inputs, meta) if fmt == "onnx" else _torchscript(model, inputs, meta)
+    write_atomically(out, data)
     return meta | {"file": str(out), "format": fmt}
 
 
-def _onnx(model: torch.nn.Module, inputs: tuple, meta: dict, out: Path) -> None:
+def write_atomically(out: Path, data: bytes) -> None:
+    """The exported bytes, made in memory, written whole or not at all (temporary file, fsync, rename): a full
+    disk or a read-only mount is one line naming the file, and leaves no truncated model behind. (Writing
+    straight from torch.jit.save on a full disk aborts the process from C++.)"""
+    from cxrdist.atomic import atomic_write_bytes
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, data)  # a failed write removes its temporary file; `out` is as it was
+    except OSError as e:
+        raise UserError(f"--out {out}: not written ({len(data) / 1e6:,.1f} MB): {e.strerror or e}") from None
+
+
+def _torchscript(model: torch.nn.Module, inputs: tuple, meta: dict) -> bytes:
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript with a FutureWarning per call: the
+        warnings.simplefilter("ignore", FutureWarning)  # format is what the user asked for, said once in the docs
+        traced = torch.jit.trace(model, inputs, check_trace=False)
+        torch.jit.save(traced, buf, _extra_files={"cxrdist.json": json.dumps(meta)})
+    return buf.getvalue()
+
+
+def _onnx(model: torch.nn.Module, inputs: tuple, meta: dict) -> bytes:
     try:
         import onnx
     except ImportError:
         raise UserError("exporting ONNX needs onnx and onnxscript: pip install 'cxrdist[export]'") from None
+    import tempfile
+
     batch = torch.export.Dim("batch")
     names = meta["inputs"]
-    torch.onnx.export(
-        model,
-        inputs,
-        str(out),
-        input_names=names,
-        output_names=["logits"],
-        dynamic_shapes=tuple({0: batch} for _ in names),
-        dynamo=True,
-    )
-    proto = onnx.load(str(out))
+    with tempfile.TemporaryDirectory(prefix="cxrdist-export-") as tmp:  # the exporter writes a file itself
+        path = str(Path(tmp) / "model.onnx")
+        torch.onnx.export(
+            model,
+            inputs,
+            path,
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes=tuple({0: batch} for _ in names),
+            dynamo=True,
+        )
+        proto = onnx.load(path)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "cxrdist", json.dumps(meta)
-    onnx.save(proto, str(out))
+    return proto.SerializeToString()

@@ -54,6 +54,10 @@ class Ctx:
     images: int  # synthetic dataset size
     shards: Path | None = None
     results: dict = field(default_factory=dict)
+    deadline: float = float("inf")  # time.monotonic() when --budget-s is spent
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
 
     @property
     def gpu(self) -> bool:
@@ -65,7 +69,7 @@ def make_ctx(dry: bool, work: Path) -> Ctx:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         return Ctx(dry, device, work, size=224, packed=256, batch=64, images=1200)
-    return Ctx(dry, device, work, size=32, packed=40, batch=8, images=240)
+    return Ctx(dry, device, work, size=32, packed=40, batch=8, images=160)  # ~13 steps an epoch: plumbing only
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -185,6 +189,8 @@ def need(proc: subprocess.CompletedProcess, what: str) -> None:
 # the checks: each returns (status, one-line summary, details)
 # --------------------------------------------------------------------------------------------------------
 def check_device(ctx: Ctx):
+    from cxrdist import provenance
+
     facts = {
         "torch": torch.__version__,
         "cuda_build": torch.version.cuda,
@@ -192,6 +198,7 @@ def check_device(ctx: Ctx):
         "cpus": dist.cpu_count(),
         "device": str(ctx.device),
         "device_name": dist.device_name(ctx.device),
+        "versions": provenance.versions(),  # timm, DeepSpeed, NCCL, cuDNN, cxrdist and its commit
     }
     if ctx.gpu:
         props = torch.cuda.get_device_properties(ctx.device)
@@ -199,7 +206,7 @@ def check_device(ctx: Ctx):
             capability=f"{props.major}.{props.minor}",
             memory_gb=round(props.total_memory / 2**30, 1),
             gpus=torch.cuda.device_count(),
-            driver=dist._driver_version(),
+            driver=dist.driver_version(),
             cudnn=torch.backends.cudnn.version(),
             bf16=torch.cuda.is_bf16_supported(),
             tf32_convolutions=dist.tf32_convolutions(ctx.device),
@@ -400,7 +407,9 @@ def train_argv(ctx: Ctx, out: Path, *extra: str) -> list[str]:
 
 
 def preempt_and_resume(ctx: Ctx, out: Path, *extra: str) -> dict:
-    """Start a run, send it SIGUSR2 mid-epoch (what SLURM sends before the time limit), then --resume it."""
+    """Start a run, send it SIGUSR2 mid-epoch (what SLURM sends before the time limit), then --resume it (the
+    dry run: one epoch, preempted inside it)."""
+    extra = (*extra, "--epochs", "1") if ctx.dry else extra
     argv = [sys.executable, "-m", "cxrdist.cli", *train_argv(ctx, out, *extra)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     tel = out / "telemetry" / "rank0.jsonl"
@@ -422,6 +431,24 @@ def preempt_and_resume(ctx: Ctx, out: Path, *extra: str) -> dict:
         "val_auc": final["epochs"][-1]["val_auc_mean"],
         "precision": final["precision"],
     }
+
+
+def fsdp_round_trip(ctx: Ctx, precision: str) -> dict:
+    """FSDP's sharded checkpoint: one epoch saved, a second resumed from it, then `cxrdist eval` reads it in
+    one process without a group."""
+    run = ctx.work / "e2e-fsdp"
+    fsdp = ("--backend", "fsdp", "--precision", precision, "--channels-last", "--epochs", "1")
+    # the dry run saves after a few steps and resumes into the test evaluation; on a GPU, a whole epoch each
+    first, then = (("--max-steps", "4", "--no-test"), ()) if ctx.dry else (("--no-test",), ("--epochs", "2"))
+    need(cli(*train_argv(ctx, run, *fsdp, *first)), "FSDP training")
+    need(cli(*train_argv(ctx, run, *fsdp, *then, "--resume")), "FSDP resumed from its checkpoint")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "completed" and s["restarts"] == 1 and s["test"], s["status"]
+    ev = cli("eval", "--run", str(run), "--split", "test", "--checkpoint", "last")  # what the run's test scored
+    need(ev, "cxrdist eval on the FSDP checkpoint")
+    result = json.loads(ev.stdout[ev.stdout.index("{") :])
+    assert result["n"] == s["test"]["n"], (result["n"], s["test"]["n"])
+    return {"restarts": s["restarts"], "train_test_auc": s["test"]["auc_mean"], "eval": result["mean"]}
 
 
 def check_end_to_end(ctx: Ctx):
@@ -451,6 +478,7 @@ def check_end_to_end(ctx: Ctx):
     ev = cli("eval", "--run", str(run), "--split", "test")
     need(ev, "cxrdist eval on the DeepSpeed checkpoint")
     out["deepspeed zero-1 + eval"] = json.loads(ev.stdout[ev.stdout.index("{") :])
+    out["fsdp save + resume + eval"] = fsdp_round_trip(ctx, precision)
     tel = [json.loads(ln) for ln in (ctx.work / "e2e-bf16" / "telemetry" / "rank0.jsonl").read_text().splitlines()]
     steps = [r for r in tel if r.get("event") == "step"]
     wait = sum(r["data_time_s"] for r in steps) / max(1e-9, sum(r["step_time_s"] for r in steps))
@@ -486,6 +514,15 @@ THROUGHPUT_ARMS = [
         "group_at_world1": True,
     },
     {
+        "name": "ddp world 1 bf16 channels_last compiled",
+        "backend": "ddp",
+        "precision": "bf16",
+        "channels_last": True,
+        "group_at_world1": True,
+        "compile": True,
+    },
+    {"name": "fsdp bf16 channels_last (activations)", "backend": "fsdp", "precision": "bf16", "channels_last": True},
+    {
         "name": "deepspeed zero-0 bf16 channels_last",
         "backend": "deepspeed",
         "precision": "bf16",
@@ -499,31 +536,39 @@ THROUGHPUT_ARMS = [
         "channels_last": True,
         "zero": 1,
     },
-    {"name": "fsdp bf16 channels_last (activations)", "backend": "fsdp", "precision": "bf16", "channels_last": True},
 ]
 
 
-def run_arm(ctx: Ctx, arm: dict, batch: int, steps: int) -> dict:
-    spec = {
-        **arm,
-        "model": MODEL,
-        "image_size": ctx.size,
-        "batch": batch,
-        "steps": steps,
-        "warmup": 3 if ctx.gpu else 1,
-    }
+def run_arms(ctx: Ctx, arms: list[dict], steps: int) -> dict[str, dict]:
+    """Arms measured in one `benchstep many` process (one import, one cuDNN autotune cache), within the time
+    left: ``{name: numbers}``, or ``{name: {"error": ...}}`` for an arm that failed or was not reached."""
+    specs = [{"model": MODEL, "image_size": ctx.size, "batch": ctx.batch, "steps": steps} | a for a in arms]
+    for spec in specs:
+        spec["warmup"] = 3 if ctx.gpu else 1
     env = child_env(CXRDIST_THREADS=str(min(8, dist.cpu_count())))
-    p = subprocess.run(
-        [sys.executable, "-m", "cxrdist.engine.benchstep", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    need(p, f"throughput arm {arm['name']}")
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    argv = [sys.executable, "-m", "cxrdist.engine.benchstep", "many", json.dumps(specs)]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=max(30.0, ctx.left()))
+        stdout, why = p.stdout, f"the process exited {p.returncode}: {(p.stderr or '').strip()[-300:]}"
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        why = "not reached within --budget-s"
+    got = {}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            got[r.pop("name")] = r
     return {
-        "images_per_s": round(batch * steps / r["seconds"], 1),
+        a["name"]: arm_numbers(spec, got[a["name"]]) if a["name"] in got else {"error": why}
+        for a, spec in zip(arms, specs)
+    }
+
+
+def arm_numbers(spec: dict, r: dict) -> dict:
+    if "error" in r:
+        return r
+    return {
+        "images_per_s": round(spec["batch"] * spec["steps"] / r["seconds"], 1),
         "warmup_s": round(r["warmup_s"], 1),
         "tf32": r["tf32"],
         "channels_last": r["channels_last"],
@@ -548,41 +593,65 @@ def loader_rate(ctx: Ctx, workers: int, batches: int) -> float:
     return n / max(1e-9, time.perf_counter() - (t0 or time.perf_counter()))
 
 
-def check_throughput(ctx: Ctx):
-    # the dry run leaves out fp16 (CUDA-only) and compile (minutes on 2 cores; tests/test_recipe.py has it)
+def throughput_arms(ctx: Ctx) -> list[list[dict]]:
+    """The arms, grouped by process: every eager arm in one, each compiled arm in its own (a compiler that
+    fails on the node's triton must not take the eager numbers with it). The dry run leaves out fp16 (CUDA
+    only) and compile (minutes on 2 cores; tests/test_recipe.py trains it on every backend)."""
     arms = [a for a in THROUGHPUT_ARMS if ctx.gpu or (a["precision"] != "fp16" and not a.get("compile"))]
+    eager = [a for a in arms if not a.get("compile")]
+    if ctx.gpu:  # the goal's batch range: the better of 64 and 128
+        eager.insert(3, THROUGHPUT_ARMS[2] | {"name": "bf16 channels_last, batch 128", "batch": 128})
+    return [eager] + [[a] for a in arms if a.get("compile")]
+
+
+def check_throughput(ctx: Ctx):
     steps = 20 if ctx.gpu else 1
     out = {"arms": {}, "batch": ctx.batch, "image_size": ctx.size}
-    for arm in arms:
-        label = arm["name"] + (" (TF32)" if arm["precision"] == "fp32" and dist.tf32_convolutions(ctx.device) else "")
-        out["arms"][label] = run_arm(ctx, arm, ctx.batch, steps)
-    if ctx.gpu:  # the goal's batch range: the better of 64 and 128
-        big = run_arm(ctx, THROUGHPUT_ARMS[2], 128, steps)
-        out["arms"]["bf16 channels_last, batch 128"] = big
+    skipped = []
+    for group in throughput_arms(ctx):
+        if ctx.left() < (60 if ctx.gpu else 5):
+            skipped += [a["name"] for a in group]
+            continue
+        out["arms"].update(run_arms(ctx, group, steps))
+    for name in skipped:
+        out["arms"][name] = {"error": "skipped: --budget-s spent"}
     workers = (2, 12) if ctx.gpu else (0, 1)
     out["loader_ips"] = {str(w): round(loader_rate(ctx, w, 30 if ctx.gpu else 3), 1) for w in workers}
+    if ctx.left() > (120 if ctx.gpu else 5):  # the trainer's own data path against a bare loop
+        from cxrdist.engine.benchstep import bench_trainer
+
+        steps = 0 if ctx.gpu else 2  # the dry run: that the arm runs, not what it measures
+        bt = bench_trainer(not ctx.gpu, MODEL, ctx.size, ctx.batch, steps=steps, workdir=str(ctx.work))
+        out["trainer_vs_bare"] = bt["trainer"] | bt["ratios"]
+    failed = [k for k, v in out["arms"].items() if "error" in v and k not in skipped]
+    status = "FAIL" if failed else "PASS"
+    note = f"; failed: {', '.join(failed)}" if failed else ""
+    note += f"; skipped for time: {', '.join(skipped)}" if skipped else ""
     if not ctx.gpu:
-        return "PASS", "dry run: every arm ran one step (not timed)", out
-    eager = {k: v for k, v in out["arms"].items() if "compiled" not in k}
+        return status, "dry run: every arm ran one step (not timed)" + note, out
+    arms = {k: v for k, v in out["arms"].items() if "images_per_s" in v}
     best = max(
-        v["images_per_s"] for k, v in eager.items() if k.startswith("bf16 channels_last") and "no cudnn" not in k
-    )
-    arms = out["arms"]
-    out["compile_vs_eager"] = round(
-        arms["bf16 channels_last compiled"]["images_per_s"] / arms["bf16 channels_last"]["images_per_s"], 3
-    )
+        (v["images_per_s"] for k, v in arms.items() if k.startswith("bf16 channels_last") and "no cudnn" not in k
+         and "compiled" not in k),
+        default=0.0,
+    )  # fmt: skip
+    if "bf16 channels_last compiled" in arms and "bf16 channels_last" in arms:
+        out["compile_vs_eager"] = round(
+            arms["bf16 channels_last compiled"]["images_per_s"] / arms["bf16 channels_last"]["images_per_s"], 3
+        )
     out["goal"] = {
         "want_ips": GOAL_IPS,
         "best_bf16_channels_last_ips": best,
         "met": best >= GOAL_IPS,
         "loader_12_workers_feeds_it": out["loader_ips"]["12"] >= best,
     }
-    table = ", ".join(f"{k} {v['images_per_s']:.0f}" for k, v in out["arms"].items())
+    table = ", ".join(f"{k} {v['images_per_s']:.0f}" for k, v in arms.items())
+    tvb = out.get("trainer_vs_bare", {}).get("trainer_vs_bare")
     return (
-        "PASS",
+        status,
         f"img/s: {table}; loader 2/12 workers {out['loader_ips']['2']:.0f}/{out['loader_ips']['12']:.0f}; "
         f"goal {GOAL_IPS}: {'met' if best >= GOAL_IPS else 'MISSED'} ({best:.0f}); "
-        f"--compile x{out['compile_vs_eager']}",
+        f"--compile x{out.get('compile_vs_eager')}; trainer/bare x{tvb}" + note,
         out,
     )
 
@@ -602,40 +671,56 @@ CHECKS = [
 # --------------------------------------------------------------------------------------------------------
 # run + report
 # --------------------------------------------------------------------------------------------------------
-def run(dry: bool, out_dir: Path, only: list[str] | None = None) -> dict:
+def run(dry: bool, out_dir: Path, only: list[str] | None = None, budget_s: float = 420.0) -> dict:
+    """Every check in order, each within the time left of ``budget_s`` (what is left when it is spent is a
+    SKIP line with the reason); gpucheck.json/.md are rewritten after every check, so a node that dies or a
+    job that times out keeps every number measured until then."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"dry": dry, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "checks": []}
+    report = {"dry": dry, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": budget_s, "checks": []}
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cxrdist-gpucheck-") as tmp:
         ctx = make_ctx(dry, Path(tmp))
+        ctx.deadline = time.monotonic() + budget_s
         for name, fn in CHECKS:
             if only and name not in only:
                 continue
             t0 = time.perf_counter()
-            try:
-                status, summary, details = fn(ctx)
-            except Exception as e:  # one check failing must not hide the others
-                status, summary = (
-                    "FAIL",
-                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                )
-                details = {"traceback": traceback.format_exc().splitlines()[-12:]}
+            if ctx.left() <= 0:
+                status, summary, details = "SKIP", f"--budget-s {budget_s:g} spent before this check", {}
+            else:
+                status, summary, details = run_check(fn, ctx)
             secs = time.perf_counter() - t0
             print(f"{status} {name} ({secs:.1f} s): {summary}", flush=True)
             report["checks"].append(
                 {"name": name, "status": status, "summary": summary, "seconds": round(secs, 1), "details": details}
             )
+            write_report(report, out_dir, time.perf_counter() - t_all)
         dist.destroy(sync=True)
-    report["seconds"] = round(time.perf_counter() - t_all, 1)
-    report["passed"] = all(c["status"] != "FAIL" for c in report["checks"])
-    (out_dir / "gpucheck.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out_dir / "gpucheck.md").write_text(markdown(report))
+    write_report(report, out_dir, time.perf_counter() - t_all)
     print(
         f"{'PASS' if report['passed'] else 'FAIL'} gpu-check{' (dry)' if dry else ''} in {report['seconds']:.0f} s; "
         f"{out_dir / 'gpucheck.json'}",
         flush=True,
     )
     return report
+
+
+def run_check(fn, ctx: Ctx) -> tuple[str, str, dict]:
+    try:
+        return fn(ctx)
+    except Exception as e:  # one check failing must not hide the others
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return "FAIL", f"{type(e).__name__}: {first}", {"traceback": traceback.format_exc().splitlines()[-12:]}
+
+
+def write_report(report: dict, out_dir: Path, seconds: float) -> None:
+    """gpucheck.json and gpucheck.md as they stand (atomically: a kill mid-write keeps the previous ones)."""
+    from cxrdist.atomic import atomic_write_bytes
+
+    report["seconds"] = round(seconds, 1)
+    report["passed"] = all(c["status"] != "FAIL" for c in report["checks"])
+    atomic_write_bytes(out_dir / "gpucheck.json", (json.dumps(report, indent=1, default=str) + "\n").encode())
+    atomic_write_bytes(out_dir / "gpucheck.md", markdown(report).encode())
 
 
 def markdown(report: dict) -> str:
@@ -660,10 +745,15 @@ def markdown(report: dict) -> str:
         ]
         for k, v in thr["arms"].items():
             lines.append(
-                f"| {k} | {v['images_per_s']} | {v.get('mem_peak_mb', '')} | {v.get('mem_reserved_mb', '')} | "
-                f"{v.get('mem_device_used_mb', '')} |"
+                f"| {k} | {v.get('images_per_s', v.get('error', ''))} | {v.get('mem_peak_mb', '')} | "
+                f"{v.get('mem_reserved_mb', '')} | {v.get('mem_device_used_mb', '')} |"
             )
         lines += ["", "loader images/s by workers: " + ", ".join(f"{w}: {r}" for w, r in thr["loader_ips"].items())]
+        if "trainer_vs_bare" in thr:
+            t = thr["trainer_vs_bare"]
+            lines += [
+                f"trainer vs bare loop: {t['trainer_ips']} / {t['bare_loop_ips']} img/s = x{t['trainer_vs_bare']}"
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -674,12 +764,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Run every GPU path of cxrdist on this node (or --dry on the CPU).",
     )
     p.add_argument("--dry", action="store_true", help="CPU, gloo, tiny images, nothing timed")
-    p.add_argument("--out", type=Path, default=Path("reports/gpu"), metavar="DIR")
+    p.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("GPU_REPORT") or "reports/gpu"), metavar="DIR",
+        help="where gpucheck.json/.md go (default: $GPU_REPORT, else reports/gpu)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget-s", type=float, default=420.0, metavar="S",
+        help="stop starting checks and arms after S seconds; what is left is SKIP with the reason (default 420)",
+    )  # fmt: skip
     p.add_argument(
         "--only", default="", metavar="NAMES", help="comma list of checks: " + ", ".join(n for n, _ in CHECKS)
     )
     a = p.parse_args(argv)
-    report = run(a.dry, a.out, [x.strip() for x in a.only.split(",") if x.strip()] or None)
+    report = run(a.dry, a.out, [x.strip() for x in a.only.split(",") if x.strip()] or None, a.budget_s)
     return 0 if report["passed"] else 1
 
 

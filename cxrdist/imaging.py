@@ -377,8 +377,14 @@ def decode(data: bytes, ext: str) -> np.ndarray:
     raise ValueError(f"unknown image extension {ext!r}; expected jpg or png")
 
 
-def load_for_model(path, size: int, encoding: str = "jpg") -> np.ndarray:
+def load_for_model(path, size: int, encoding: str = "jpg", min_side: int = 0) -> np.ndarray:
     """read_image -> fit_square -> encode -> decode: exactly the pixels a shard would hold for ``path``
-    (uint8 for ``jpg``, uint16 for ``png16``)."""
-    ext, data = encode(fit_square(read_image(path), size), encoding)
+    (uint8 for ``jpg``, uint16 for ``png16``). ``min_side``: a smaller image is UnusableImage (a 1x1 file
+    would otherwise be upscaled and scored as if it were a radiograph)."""
+    img = read_image(path)
+    if min(img.shape) < min_side:
+        raise UnusableImage(
+            f"too small: {img.shape[1]}x{img.shape[0]} px, a radiograph is at least {min_side} px a side"
+        )
+    ext, data = encode(fit_square(img, size), encoding)
     return decode(data, ext)

@@ -13,12 +13,20 @@ LOGGER = "cxrdist"
 
 
 class _RankFilter(logging.Filter):
+    """Adds the rank prefix, and redacts the message: a log line never shows a location's credentials."""
+
     def __init__(self, prefix: str):
         super().__init__()
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from cxrdist.redact import redact
+
         record.rank_prefix = self.prefix
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
         return True
 
 

@@ -76,6 +76,7 @@ COLUMNS = [
     "restarts",
     "reason",
     "path",
+    "provenance",
 ]
 
 
@@ -293,8 +294,30 @@ def run_row(run: dict) -> dict[str, Any]:
         "restarts": _int(s.restarts) or 0,
         "reason": "; ".join(([f"error: {s.error}"] if s.error else []) + run["problems"]),
         "path": str(run["path"]),
+        "provenance": provenance_line(s.provenance),
         "_gpus": gpus,
     }
+
+
+def provenance_line(prov: dict | None) -> str:
+    """One line of what ran (summary.json's ``provenance``): versions, hardware, the SLURM job, reduce dtype."""
+    if not prov:
+        return ""
+    v = prov.get("versions") or {}
+    parts = [" ".join(f"{k} {v[k]}" for k in ("torch", "cuda", "cudnn", "nccl", "deepspeed", "timm") if v.get(k))]
+    if v.get("cxrdist"):
+        parts.append(f"cxrdist {v['cxrdist']}" + (f" @ {v['git_commit'][:12]}" if v.get("git_commit") else ""))
+    for host, hw in (prov.get("hardware") or {}).items():
+        gpus = hw.get("gpus") or []
+        names = sorted({f"{g['name']} (sm {g['capability']})" for g in gpus})
+        what = f"{len(gpus)} x {', '.join(names)}, driver {hw.get('driver')}" if gpus else hw.get("cpu", "")
+        parts.append(f"{host}: {what}")
+    job = prov.get("slurm") or {}
+    if job:
+        parts.append(f"SLURM job {job.get('job_id')}" + (f" ({job['partition']})" if job.get("partition") else ""))
+    if prov.get("reduce_precision"):
+        parts.append(f"gradients reduced in {prov['reduce_precision']}")
+    return "; ".join(p for p in parts if p)
 
 
 def run_flags(run: dict) -> list[str]:
@@ -486,6 +509,9 @@ def _markdown(df: pd.DataFrame, flags: list[str], plots: list[str]) -> str:
         lines += ["", "## Skipped", ""] + [f"- {run}: {why}" for run, _, why in reasons]
     lines += ["", "## Flags", ""]
     lines += [f"- {f}" for f in flags] if flags else ["- none: no stragglers, no loader-bound runs, nothing missing"]
+    if "provenance" in df and df["provenance"].astype(bool).any():
+        lines += ["", "## Provenance (what ran)", ""]
+        lines += [f"- {r['run']}: {r['provenance']}" for _, r in df.iterrows() if r["provenance"]]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

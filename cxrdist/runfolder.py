@@ -74,6 +74,7 @@ class RunSummary:
     pretrained: dict | None = None  # what --pretrained loaded: source, tensors loaded, which stayed random
     exit_codes: list | None = None  # `--nproc`: the ranks' exit codes when one failed
     compile: dict | None = None  # --compile: mode, graphs captured, graph breaks (rank 0)
+    provenance: dict | None = None  # versions, hardware per host, the SLURM job, the gradient reduce precision
 
     @classmethod
     def from_dict(cls, d: dict) -> RunSummary:
@@ -134,7 +135,10 @@ class RunFolder:
         return self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
 
     def write_summary(self, summary: RunSummary) -> None:
-        atomic_write_bytes(self.summary_path, json.dumps(summary.to_dict(), indent=1).encode())
+        """Written redacted (an error message may quote a location with its credentials)."""
+        from cxrdist.redact import redact_tree
+
+        atomic_write_bytes(self.summary_path, json.dumps(redact_tree(summary.to_dict()), indent=1).encode())
 
     def read_summary(self, problems: list[str] | None = None) -> RunSummary | None:
         """None when there is no summary.json (the run has not finished, or never started)."""
@@ -215,3 +219,75 @@ class RunFolder:
             if isinstance(rec, dict) and rec.get("event") in events:
                 return rec
         return None
+
+
+LOCK = ".lock"
+
+
+class RunInUse(Exception):
+    """Another live process trains into this run folder (the message names it)."""
+
+
+class RunLock:
+    """The writer's claim on a run folder: ``flock`` on ``RUN/.lock``, which holds the holder's host and pid.
+
+    Two trainings with one ``--out`` would overwrite each other's results and interleave their telemetry;
+    the second is refused, naming the first. The kernel releases a dead process's flock (on NFS too: Linux
+    maps flock to POSIX locks there), so a lock whose holder died is simply taken, and the name it still
+    holds is reported as taken over. Rank 0 holds it for the life of the run; a requeued job takes it anew.
+    """
+
+    def __init__(self, run: str | Path):
+        self.path = Path(run) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock (RunInUse when a live process holds it); a note when a dead holder's is taken over."""
+        import os
+        import socket
+
+        fd, before = self._take()
+        me = f"pid {os.getpid()} on {socket.gethostname()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        self._fd = fd
+        if before and before != me:
+            return f"{self.path.parent}: took over the lock of {before}, which no longer holds it (it ended)"
+        return None
+
+    def probe(self) -> None:
+        """RunInUse if a live process holds the lock now; nothing is kept or written (the check before any
+        rank starts)."""
+        import os
+
+        if not self.path.exists():  # nobody has claimed the folder (it may not exist yet): nothing made here
+            return
+        fd, _ = self._take()
+        os.close(fd)
+
+    def _take(self) -> tuple[int, str]:
+        """The locked descriptor and the name the file held."""
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        before = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUse(
+                f"{self.path.parent} is in use by {before or 'another process'} ({self.path}): wait for that run "
+                "to end, or choose another --out"
+            ) from None
+        return fd, before
+
+    def release(self) -> None:
+        """Clear the holder's name (a clean end leaves nothing to take over) and drop the lock."""
+        import os
+
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None

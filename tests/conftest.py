@@ -23,7 +23,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytest_plugins = ["fixtures_data"]  # tiny_shards, learnable_shards
+pytest_plugins = ["fixtures_data", "fixtures_runs"]  # shards; reference runs
+
+
+# --- honest markers ------------------------------------------------------------------------------------
+# fixtures that train (or start a cluster job): a test using one is in the second tier, `slow`
+TRAINING_FIXTURES = {"tiny_run", "straight_run", "nih_run", "ddp_reference"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the fast tier first on the word of the markers; a test that trains without saying so
+    would make that tier slow again, so it is an error at collection. Under pytest-xdist the tests that use
+    the one SLURM cluster run in one group, on one worker (``--dist loadgroup``)."""
+    for item in items:
+        trains = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if trains and not item.get_closest_marker("slow"):
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(trains))} (it trains): mark it slow")
+        if item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 # --- SLURM ---------------------------------------------------------------------------------------------

@@ -17,11 +17,22 @@ from pathlib import Path
 
 class Faults:
     """What the HTTP server does wrong, per file name: ``drop`` (send half, then cut the connection) for
-    the next N requests of it, ``gone`` (404)."""
+    the next N requests of it, ``gone`` (404), ``status`` (that status code and its reason, e.g. 403),
+    ``html`` (200 with an HTML error page, as a captive portal or a proxy does), ``stall`` (promise the
+    Content-Length, send that many bytes, then go silent), ``redirect`` (302 to that URL), ``huge`` (a body of
+    that many bytes, produced as it is read), ``hang`` (no answer at all; ``*.tar``: every shard);
+    ``auth``: "user:password" every request must carry."""
 
     def __init__(self):
         self.drop: dict[str, int] = {}
         self.gone: set[str] = set()
+        self.status: dict[str, int] = {}
+        self.html: set[str] = set()
+        self.stall: dict[str, int] = {}
+        self.redirect: dict[str, str] = {}
+        self.huge: dict[str, int] = {}
+        self.hang: set[str] = set()  # never answered: no status line, nothing
+        self.auth: str | None = None
         self.requests: list[tuple[str, str]] = []  # (file name, Range header or "")
 
 
@@ -33,10 +44,9 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def do_GET(self):
-        name = self.path.rstrip("/").rsplit("/", 1)[-1]
+        name = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
         self.faults.requests.append((name, self.headers.get("Range", "")))
-        if name in self.faults.gone:
-            self.send_error(404)
+        if self.refused(name):
             return
         path = Path(self.translate_path(self.path))
         if not path.is_file():
@@ -64,7 +74,64 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             return
         self.wfile.write(body)
 
+    def refused(self, name: str) -> bool:
+        """Answer with the fault set for ``name`` (True), or leave it to the normal reply (False)."""
+        f = self.faults
+        if f.auth is not None:
+            import base64
+
+            want = "Basic " + base64.b64encode(f.auth.encode()).decode()
+            if self.headers.get("Authorization") != want:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="shards"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+        if name in f.hang or "*.tar" in f.hang and name.endswith(".tar"):
+            time.sleep(3600)  # the request is read, no answer ever comes; the server's thread is a daemon
+        elif name in f.gone:
+            self.send_error(404)
+        elif name in f.status:
+            self.send_error(f.status[name])
+        elif name in f.redirect:
+            self.send_response(302)
+            self.send_header("Location", f.redirect[name])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif name in f.html:
+            page = b"<html><body><h1>Session expired</h1><p>Please log in again.</p></body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+        elif name in f.stall:
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 << 30))  # promises 10 GiB
+            self.end_headers()
+            self.wfile.write(b"\0" * f.stall[name])
+            self.wfile.flush()
+            time.sleep(3600)  # silent; the server's thread is a daemon
+        elif name in f.huge:
+            self.send_response(200)
+            self.send_header("Content-Length", str(f.huge[name]))
+            self.end_headers()
+            left, block = f.huge[name], b"{" + b" " * ((1 << 20) - 1)
+            try:
+                while left > 0:
+                    self.wfile.write(block[: min(left, len(block))])
+                    left -= len(block)
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: what is wanted
+                pass
+        else:
+            return False
+        return True
+
     def do_HEAD(self):
+        name = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        if self.faults.auth is not None or name in self.faults.status or name in self.faults.redirect:
+            self.refused(name)
+            return
         path = Path(self.translate_path(self.path))
         if path.is_file():
             self.send_response(200)
@@ -88,6 +155,35 @@ def http_server(root: Path, ranges: bool = True) -> Iterator[tuple[str, Faults, 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers: yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for c in held:
+            c.close()
+        sock.close()
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

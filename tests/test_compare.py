@@ -111,7 +111,7 @@ def test_compare_cpu_ranks_end_to_end(tiny_shards, tmp_path):
             "--shards",
             str(tiny_shards["shards"]),
             "--model",
-            "densenet121",
+            "cxrtiny",
             "--image-size",
             "32",
             "--batch-size",

@@ -3,14 +3,11 @@ types checked; the launchers read the same flags."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from cxrdist.config import ConfigError, TrainConfig, parse_train_argv
 
-from runs import TINY_CPU, records, train
+from runs import TINY, in_process, records
 
 
 def test_flags_override_the_config_file_and_only_given_flags_do(tmp_path):
@@ -31,11 +28,7 @@ def test_a_config_with_unknown_keys_or_wrong_types_is_one_error_naming_the_file(
         TrainConfig.load(bad)
     bad.write_text("optim:\n  lr: 1e-4\n  epochs: 2\n")  # YAML 1.1 reads 1e-4 as text: taken as the number
     assert TrainConfig.load(bad).optim.lr == 1e-4
-    cli = subprocess.run(
-        [sys.executable, "-m", "cxrdist.cli", "train", "--config", str(tmp_path / "none.yaml")],
-        capture_output=True,
-        text=True,
-    )
+    cli = in_process("train", "--config", tmp_path / "none.yaml")
     assert cli.returncode == 2 and cli.stderr.strip().endswith("none.yaml: no such file")
 
 
@@ -43,8 +36,8 @@ def test_a_config_with_unknown_keys_or_wrong_types_is_one_error_naming_the_file(
 def test_a_run_repeated_from_its_config_yaml_follows_the_same_curve(tiny_shards, tmp_path):
     first, again = tmp_path / "first", tmp_path / "again"
     once = ["--shards", tiny_shards["shards"], "--backend", "single", "--max-steps", "6", "--log-every", "2"]
-    train(*once, "--out", first, "--model", "densenet121", "--no-test", *TINY_CPU)
-    train("--config", first / "config.yaml", "--out", again)
+    in_process("train", *once, "--out", first, *TINY, "--no-test", check=True)
+    in_process("train", "--config", first / "config.yaml", "--out", again, check=True)
     loss = lambda run: [r["loss"] for r in records(run, 0, "step")]  # noqa: E731
     assert loss(again) == loss(first) and len(loss(first)) >= 3
     assert TrainConfig.load(again / "config.yaml").optim == TrainConfig.load(first / "config.yaml").optim

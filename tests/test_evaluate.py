@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,15 +16,7 @@ from cxrdist import metrics
 from cxrdist.evaluate.record import Predictions, fit_operating_points, score
 from cxrdist.labels import CHEXPERT, COMPETITION5
 
-from runs import train
-
-TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
-
-
-def cli(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+from runs import cli, in_process
 
 
 # --- pure metrics ---------------------------------------------------------------------------------------
@@ -159,20 +149,13 @@ def test_chexpert_official_protocol_is_recorded_in_the_manifest(tmp_path):
     assert "valid.csv" in manifest["split_info"]["note"] and "-> test" in manifest["split_info"]["note"]
 
 
-# --- cxrdist eval / predict end to end ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tiny_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("eval") / "run"
-    train("--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--epochs", "1", *TINY)
-    return run
-
-
+# --- cxrdist eval / predict end to end (tiny_run: the session's one-epoch run, fixtures_runs.py) ----------
 @pytest.mark.slow
 def test_eval_writes_the_contract_files_and_predict_applies_the_operating_points(tiny_run, tiny_shards, tmp_path):
     summary = json.loads((tiny_run / "summary.json").read_text())
     lo, hi = summary["test"]["auc_mean_ci"][1:]  # the trainer's test numbers carry intervals too
     assert lo <= summary["test"]["auc_mean"] <= hi
-    ev = cli("eval", "--run", tiny_run, "--split", "test", "--bootstrap", "300")
+    ev = in_process("eval", "--run", tiny_run, "--split", "test", "--bootstrap", "300")
     assert ev.returncode == 0, ev.stderr[-2000:]
     out = tiny_run / "eval" / "test"
     assert {
@@ -200,7 +183,7 @@ def test_eval_writes_the_contract_files_and_predict_applies_the_operating_points
     image = next(tiny_shards["root"].glob("train/*/*/*.jpg"))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    pr = cli(
+    pr = in_process(
         "predict",
         "--checkpoint",
         tiny_run,
@@ -234,7 +217,7 @@ def test_eval_writes_the_contract_files_and_predict_applies_the_operating_points
     ]
     (cam,) = good["cam"]
     assert Image.open(cam).size == Image.open(image).resize((32, 32)).size  # the packed geometry
-    unknown = cli("predict", "--checkpoint", tiny_run, "--cam", tmp_path / "c2", "--cam-labels", "Nope", image)
+    unknown = in_process("predict", "--checkpoint", tiny_run, "--cam", tmp_path / "c2", "--cam-labels", "Nope", image)
     assert unknown.returncode == 2 and "--cam-labels Nope" in unknown.stderr
 
 
@@ -312,7 +295,7 @@ def test_export_reproduces_the_pytorch_outputs_with_the_preprocessing_recorded(f
     from cxrdist.evaluate import load_checkpoint, model_from_checkpoint
 
     out = tmp_path / f"model.{fmt}"
-    ex = cli("export", "--checkpoint", tiny_run, "--format", fmt, "--out", out)
+    ex = in_process("export", "--checkpoint", tiny_run, "--format", fmt, "--out", out)
     assert ex.returncode == 0, ex.stderr[-2000:]
     weights, client = load_checkpoint(tiny_run, "best")
     model = model_from_checkpoint(weights, client)

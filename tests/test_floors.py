@@ -31,6 +31,8 @@ FLOORS = {  # module prefix -> floor (the longest matching prefix wins)
     "cxrdist.imaging": 1,
     "cxrdist.config": 1,
     "cxrdist.dist": 1,
+    "cxrdist.provenance": 1,
+    "cxrdist.redact": 1,
     "cxrdist.cpus": 1,
     "cxrdist.log": 1,
     "cxrdist.atomic": 1,

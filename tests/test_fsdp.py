@@ -9,17 +9,13 @@ the backend's own description reaching the summary that `cxrdist report` reads.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from cxrdist.engine.backends import read_weights
 
-from runs import preempted, summary, train
-
-TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+from runs import TINY, in_process, preempted, summary, train
 
 
 @pytest.mark.slow
@@ -48,12 +44,7 @@ def test_fsdp_trains_in_bf16_and_eval_reads_its_sharded_checkpoint(tiny_shards, 
     assert (folder / ".metadata").is_file() and (folder / "client.pt").is_file()  # a DCP folder
     weights, client = read_weights(run, "best", backend="fsdp")  # one process, no group
     assert client["config"]["dist"]["backend"] == "fsdp" and all(not hasattr(v, "to_local") for v in weights.values())
-    ev = subprocess.run(
-        [sys.executable, "-m", "cxrdist.cli", "eval", "--run", str(run), "--split", "test"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ev = in_process("eval", "--run", run, "--split", "test")  # one process, no group
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert json.loads(ev.stdout[ev.stdout.index("{") :])["n"] == s["test"]["n"]
 
@@ -71,9 +62,9 @@ def test_fsdp_preempted_mid_epoch_resumes_to_the_uninterrupted_weights(tiny_shar
         "2",
         "--seed",
         "3",
+        *TINY,
         "--log-every",
         "1",
-        *TINY,
     ]
     train(*args, "--out", tmp_path / "straight")
     run = tmp_path / "preempted"

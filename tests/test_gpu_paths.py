@@ -6,6 +6,7 @@ is tests/test_gpucheck.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ from cxrdist.engine.spawn import free_port
 import runs
 from runs import summary
 
-TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--log-every", "2", "--device", "cpu"]
+TINY = ["--model", "cxrtiny", "--image-size", "32", "--batch-size", "8", "--log-every", "2", "--device", "cpu"]
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -101,15 +102,113 @@ def test_reading_the_rank_layout_does_not_load_torch():
     )
 
 
-def test_two_ranks_on_one_gpu_are_refused():
-    dist.check_gpu_sharing(4, 4)  # one GPU per rank
-    dist.check_gpu_sharing(4, 1)  # srun --gpus-per-task=1: each task sees its own
-    with pytest.raises(ConfigError, match="4 ranks on this node but 2 visible GPU"):
-        dist.check_gpu_sharing(4, 2)
-    with pytest.raises(ConfigError, match="SLURM gave it 2 GPU"):
-        dist.check_gpu_sharing(4, 1, gpus_on_node=2)
-    with pytest.raises(ConfigError, match="2 ranks on this node but 1 visible GPU"):
-        dist.check_gpu_sharing(2, 1, same_view=True)  # --nproc 2 on a 1-GPU machine
+@pytest.mark.parametrize(
+    "layout, local_world, visible, gpus_on_node, same_view, want",
+    [
+        # srun --gpus-per-task=1: each of 4 tasks sees its own one GPU
+        ("--gpus-per-task=1", 4, 1, 4, False, [0, 0, 0, 0]),
+        # srun --gpu-bind=closest on an 8-GPU, 2-socket node: 8 tasks, each sees its socket's 4
+        ("--gpu-bind=closest", 8, 4, 8, False, [0, 1, 2, 3, 0, 1, 2, 3]),
+        # gres: 4 tasks, all 4 GPUs visible to each
+        ("gres 4 tasks on 4 GPUs", 4, 4, 4, False, [0, 1, 2, 3]),
+        # CUDA_VISIBLE_DEVICES=MIG-<uuid> per task (a MIG slice is one device to CUDA)
+        ("MIG UUIDs, one per task", 2, 1, None, False, [0, 0]),
+        # CUDA_VISIBLE_DEVICES=GPU-<uuid>,GPU-<uuid> for 2 ranks of --nproc 2
+        ("GPU UUIDs, --nproc 2", 2, 2, None, True, [0, 1]),
+        # --nproc beyond the GPUs: every rank sees both, 4 ranks cannot have one each
+        ("--nproc 4 on 2 GPUs", 4, 2, None, True, "4 ranks on this node but 2 visible GPU"),
+        # more tasks than SLURM gave the node GPUs
+        ("4 tasks, 2 GPUs on the node", 4, 1, 2, False, "SLURM gave it 2 GPU"),
+    ],
+)
+def test_each_rank_picks_its_gpu_from_its_own_view(layout, local_world, visible, gpus_on_node, same_view, want):
+    pick = lambda r: dist.gpu_index(r, local_world, visible, gpus_on_node, same_view)  # noqa: E731
+    if isinstance(want, str):
+        with pytest.raises(ConfigError, match=want):
+            pick(0)
+    else:
+        assert [pick(r) for r in range(local_world)] == want, layout
+
+
+def test_two_ranks_on_one_physical_gpu_are_found_by_uuid():
+    # gpu-bind=closest, 4 tasks on each of 2 nodes: distinct per host, the same UUIDs across hosts are fine
+    ok = [(h, f"GPU-{h}-{i}") for h in ("n1", "n2") for i in range(4)]
+    assert dist.shared_gpus(ok) == []
+    # two tasks whose views overlap (a map_gpu typo): ranks 1 and 3 on n1 land on one GPU
+    bad = [("n1", "GPU-a"), ("n1", "GPU-b"), ("n1", "GPU-c"), ("n1", "GPU-b")]
+    assert dist.shared_gpus(bad) == [("n1", "GPU-b", [1, 3])]
+
+
+@pytest.mark.parametrize(
+    "capability, archs, ok",
+    [
+        ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], False),  # V100 on cu130 torch 2.14
+        ((6, 0), ["sm_75", "sm_80", "sm_90"], False),  # P100
+        ((8, 6), ["sm_80", "sm_90"], True),  # A40/A6000: sm_80 cubins run on 8.6
+        ((9, 0), ["sm_90a"], True),  # H100/H200: arch-specific
+        ((8, 9), ["sm_90a"], False),
+        ((12, 0), ["sm_80", "compute_90"], True),  # PTX the driver compiles for a newer GPU
+        ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], True),  # cu126 builds
+        ((10, 0), ["sm_100", "sm_120"], True),
+    ],
+)
+def test_a_gpu_the_wheel_has_no_kernels_for_is_found(capability, archs, ok):
+    assert dist.arch_supported(capability, archs) is ok
+
+
+def test_an_unsupported_gpu_is_refused_before_any_rank_starts(monkeypatch):
+    """select_device (check_run calls it for local rank 0 before --nproc spawns) names the GPU and a wheel."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90", "sm_100", "sm_120"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device before the arch check"))
+    with pytest.raises(ConfigError, match=r"GPU 0 \(Tesla V100-SXM2-32GB\) is sm_70.*kernels for sm_75.*cu126"):
+        dist.select_device(dist.DistEnv(), "auto")
+
+
+def test_nccl_socket_ifname_is_translated_for_gloo_on_this_hosts_interfaces():
+    """NCCL's forms against this machine's real interfaces (here: lo and eth0)."""
+    interfaces = dist.ipv4_interfaces()
+    others = [i for i in interfaces if not i.startswith("lo")]
+    assert "lo" in interfaces and others, interfaces
+    nic = others[0]
+    table = {
+        nic.rstrip("0123456789"): nic,  # a prefix, as NCCL reads it ("eth" -> eth0)
+        f"={nic}": nic,  # exact
+        "^docker0,lo": nic,  # exclusions: anything else
+        "^lo": nic,  # not loopback (copying the text over bound gloo to lo)
+        "no-such-nic": None,  # "ib" on a host without InfiniBand: gloo is left to pick
+        "lo": "lo",  # named explicitly
+        f"^={nic}": others[1] if len(others) > 1 else None,  # everything but it
+    }
+    for spec, want in table.items():
+        assert dist.nccl_ifname_to_gloo(spec, interfaces) == want, spec
+
+
+def test_gloo_binds_to_the_interface_nccls_spec_selects(monkeypatch):
+    """A real gloo group (one rank, TCP rendezvous) built with NCCL_SOCKET_IFNAME in NCCL's own syntax."""
+    from torch import distributed as tdist
+
+    from cxrdist.engine.spawn import free_port
+
+    interfaces = dist.ipv4_interfaces()
+    for spec in ("^docker0,lo", "eth", "^lo"):
+        monkeypatch.setenv("NCCL_SOCKET_IFNAME", spec)
+        monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+        dist.gloo_interface()
+        chosen = os.environ.get("GLOO_SOCKET_IFNAME")
+        assert chosen == dist.nccl_ifname_to_gloo(spec, interfaces) and chosen != "lo", spec
+        if chosen is None:
+            continue
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        try:
+            t = torch.ones(1)
+            tdist.all_reduce(t)
+            assert t.item() == 1.0
+        finally:
+            tdist.destroy_process_group()
 
 
 def test_gpus_asked_for_but_cuda_unavailable_fails_loudly_with_the_reason(monkeypatch):
@@ -128,7 +227,7 @@ def test_cuda_unavailable_reason_names_the_wheel_and_the_driver(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert "hides every GPU" in dist.cuda_unavailable_reason()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setattr(dist, "_driver_version", lambda: "535.104")
+    monkeypatch.setattr(dist, "driver_version", lambda: "535.104")
     reason = dist.cuda_unavailable_reason()
     if torch.version.cuda:
         assert f"CUDA {torch.version.cuda}" in reason and "driver 535.104" in reason
@@ -137,8 +236,10 @@ def test_cuda_unavailable_reason_names_the_wheel_and_the_driver(monkeypatch):
 def test_cxrdist_train_device_cuda_without_a_gpu_is_one_line(tiny_shards, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA works on this host")
-    proc = train("--shards", tiny_shards["shards"], "--out", tmp_path / "r", *TINY[:-2], "--device", "cuda")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = runs.in_process(
+        "train", "--shards", tiny_shards["shards"], "--out", tmp_path / "r", *TINY[:-2], "--device", "cuda"
+    )
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr[-2000:]
     assert "--device cuda was asked for but CUDA is unavailable" in proc.stderr
 
 
@@ -213,8 +314,8 @@ def test_one_rank_trains_with_channels_last(tiny_shards, tmp_path, backend, zero
 # --------------------------------------------------------------------------------------------------------
 # --nproc inside an srun step
 # --------------------------------------------------------------------------------------------------------
-def srun_step_env(tasks: int) -> dict:
-    return clean_env(
+def srun_step_vars(tasks: int) -> dict:
+    return dict(
         SLURM_PROCID="0",
         SLURM_STEP_NUM_TASKS=str(tasks),
         SLURM_NTASKS=str(tasks),
@@ -224,6 +325,10 @@ def srun_step_env(tasks: int) -> dict:
         SLURM_STEP_NODELIST="localhost",
         SLURM_JOB_NODELIST="localhost",
     )
+
+
+def srun_step_env(tasks: int) -> dict:
+    return clean_env(**srun_step_vars(tasks))
 
 
 @pytest.mark.slow
@@ -252,8 +357,13 @@ def test_nproc_inside_a_one_task_srun_step_starts_the_ranks(tiny_shards, tmp_pat
     assert summary(run)["world_size"] == 2
 
 
-def test_nproc_inside_a_multi_task_srun_step_is_refused(tiny_shards, tmp_path):
-    proc = train(
+def test_nproc_inside_a_multi_task_srun_step_is_refused(tiny_shards, tmp_path, monkeypatch):
+    for k in [*RANK_VARS, *(k for k in os.environ if k.startswith("SLURM_"))]:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in srun_step_vars(4).items():
+        monkeypatch.setenv(k, v)
+    proc = runs.in_process(
+        "train",
         "--shards",
         tiny_shards["shards"],
         "--out",
@@ -263,9 +373,8 @@ def test_nproc_inside_a_multi_task_srun_step_is_refused(tiny_shards, tmp_path):
         "--nproc",
         "2",
         *TINY,
-        env=srun_step_env(4),
     )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "--nproc 2 inside a launch of 4 ranks (slurm)" in proc.stderr
 
 
@@ -401,3 +510,114 @@ def test_defaults_fit_a_two_cpu_node_partition(slurm_cluster, tmp_path):
         )
         p = launch.plan.plan(args, cfg)
         assert (p.cpus_per_task, p.nodes, p.tasks_per_node) == (want, 2, tasks), p
+
+
+# --------------------------------------------------------------------------------------------------------
+# fixed before, tested here: DeepSpeed's device, the CUDA RNG of this rank's device, cudnn.benchmark
+# --------------------------------------------------------------------------------------------------------
+def test_deepspeed_takes_the_device_cxrdist_chose_not_local_rank(monkeypatch):
+    """srun --gpus-per-task=1: local rank 3 sees one GPU, index 0; DeepSpeed must be told 0, not 3."""
+    from cxrdist.config import TrainConfig
+    from cxrdist.engine.backends.deepspeed import DeepSpeedBackend
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    env = dist.DistEnv(rank=3, world_size=4, local_rank=3, local_world_size=4)
+    backend = DeepSpeedBackend(TrainConfig(), env, torch.device("cuda", 0))
+    assert backend.ds_args().device_rank == 0
+    backend = DeepSpeedBackend(TrainConfig(), env, torch.device("cuda", 2))  # --gpu-bind=closest: 3 % 4 -> ...
+    assert backend.ds_args().device_rank == 2
+
+
+def test_the_rng_state_is_this_ranks_device_only(monkeypatch):
+    """A requeued task may see one GPU where the first run saw four: only its own device's state is kept and
+    restored, on whatever index the device has now."""
+    from cxrdist.engine import checkpoint as ckpt
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: calls.append(("get", d)) or torch.full((4,), d))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("set", d, s.tolist())))
+    state = ckpt.rng_state()
+    assert torch.equal(state["cuda"], torch.full((4,), 3)) and calls == [("get", 3)]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ckpt.set_rng_state(state)
+    assert calls[-1] == ("set", 0, [3, 3, 3, 3])
+
+
+@pytest.mark.parametrize("flag, device, want", [(True, "cuda", True), (False, "cuda", False), (True, "cpu", False)])
+def test_cudnn_benchmark_is_set_on_cuda_and_off_with_the_flag(flag, device, want, monkeypatch):
+    from cxrdist.config import TrainConfig
+    from cxrdist.engine.backends.single import SingleBackend
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not flag)  # the opposite first: a CPU run leaves it
+    cfg = TrainConfig()
+    cfg.run.cudnn_benchmark = flag
+    SingleBackend(cfg, dist.DistEnv(), torch.device(device))
+    assert torch.backends.cudnn.benchmark is want
+
+
+def test_evaluation_runs_without_cudnn_benchmark_and_restores_it(monkeypatch):
+    """Evaluation batches end short (a shape per worker): no re-tuning for them, the training setting after."""
+    from cxrdist.engine.evaluation import predict_loader
+
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return super().forward(x.flatten(1))
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    batch = {"image": torch.zeros(3, 1, 1, 2), "labels": torch.zeros(3, 2), "mask": torch.ones(3, 2)}
+    batch |= {"age": torch.zeros(3), "sex": torch.zeros(3), "key": ["a", "b", "c"]}
+    out = predict_loader(Probe(2, 2), [batch], lambda b: b["image"], contextlib.nullcontext, 2)
+    assert seen == [False] and torch.backends.cudnn.benchmark is True and out["prob"].shape == (3, 2)
+
+
+def test_backends_record_the_precision_gradients_are_reduced_in():
+    from cxrdist.config import TrainConfig
+    from cxrdist.engine.backends import get_backend
+
+    def backend(name, precision="bf16", world=2, **dist_opts):
+        cfg = TrainConfig()
+        cfg.dist.backend, cfg.run.precision, cfg.run.out = name, precision, "x"
+        for k, v in dist_opts.items():
+            setattr(cfg.dist, k, v)
+        return get_backend(cfg, dist.DistEnv(world_size=world), torch.device("cpu"))
+
+    assert backend("ddp").reduce_precision() == "fp32"
+    assert backend("fsdp").reduce_precision() == "fp32"
+    ds = backend("deepspeed", zero_stage=2)
+    assert ds.reduce_precision() == "fp32"  # DeepSpeed's own default would reduce Conv/Linear grads in bf16
+    assert ds.ds_config()["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
+    assert backend("single", world=1).reduce_precision() == "none (one device)"
+
+
+def test_provenance_names_versions_hardware_and_the_slurm_job(monkeypatch):
+    from cxrdist import provenance
+
+    v = provenance.versions()
+    assert v["torch"] == torch.__version__ and v["python"] and v["timm"] and v["deepspeed"]
+    assert v["git_commit"] is None or len(v["git_commit"].removesuffix("+dirty")) == 40
+    assert provenance.hardware("cpu")["cpu"] == dist.device_name(torch.device("cpu"))
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_PARTITION": "gpu", "SLURM_RESTART_COUNT": "1"}
+    assert provenance.slurm(job) == {"job_id": "4242", "partition": "gpu", "restart_count": "1"}
+    assert provenance.slurm({}) is None
+    from cxrdist.report import provenance_line
+
+    line = provenance_line(
+        {
+            "versions": v,
+            "hardware": {"gpu07": {"gpus": [{"name": "NVIDIA H200", "capability": "9.0"}] * 8, "driver": "580.1"}},
+            "slurm": provenance.slurm(job),
+            "reduce_precision": "fp32",
+        }
+    )
+    assert f"torch {torch.__version__}" in line and "gpu07: 8 x NVIDIA H200 (sm 9.0), driver 580.1" in line
+    assert "SLURM job 4242 (gpu)" in line and "gradients reduced in fp32" in line

@@ -52,4 +52,41 @@ def test_gpu_check_dry_run_passes_every_check(tmp_path):
     }
     e2e = checks["end to end"]["details"]["single bf16 channels_last, preempted + resumed"]
     assert 0 < e2e["preempted_at_step"] < e2e["final_steps"]
+    fsdp = checks["end to end"]["details"]["fsdp save + resume + eval"]
+    # the same weights; bf16 convolutions in the trainer's channels_last replica and eval's plain model round
+    # differently (as in tests/test_train.py's contract run)
+    assert fsdp["restarts"] == 1 and fsdp["eval"]["all"][0] == pytest.approx(fsdp["train_test_auc"], abs=0.02)
+    thr = checks["throughput"]["details"]
+    assert not [k for k, v in thr["arms"].items() if "error" in v], thr["arms"]
+    assert {
+        "fp32",
+        "bf16 channels_last",
+        "ddp world 1 bf16 channels_last",
+        "fsdp bf16 channels_last (activations)",
+    } <= set(thr["arms"])
+    assert thr["trainer_vs_bare"]["trainer_ips"] > 0 and thr["trainer_vs_bare"]["bare_loop_ips"] > 0
+    versions = checks["device"]["details"]["versions"]
+    assert versions["timm"] and versions["deepspeed"] and "nccl" in versions
     assert (tmp_path / "gpu-dry" / "gpucheck.md").read_text().startswith("# cxrdist gpu-check (dry run on CPU)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_spent_budget_leaves_skip_lines_and_a_valid_report(tmp_path):
+    """--budget-s 2: the first check runs, every later one is SKIP with the reason; the JSON, rewritten after
+    every check, stays whole."""
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxrdist.gpucheck", "--dry", "--budget-s", "2"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env={**__import__("os").environ, "GPU_REPORT": str(tmp_path / "r")},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    skips = [ln for ln in proc.stdout.splitlines() if ln.startswith("SKIP ")]
+    report = json.loads((tmp_path / "r" / "gpucheck.json").read_text())  # GPU_REPORT names the folder
+    assert report["budget_s"] == 2 and report["checks"][0]["status"] == "PASS"
+    assert len(skips) == len([c for c in report["checks"] if c["status"] == "SKIP"]) >= 5
+    assert all("--budget-s 2 spent" in c["summary"] for c in report["checks"] if c["status"] == "SKIP")

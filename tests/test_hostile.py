@@ -374,12 +374,15 @@ def test_a_full_disk_refuses_a_checkpoint_before_writing_and_keeps_the_previous(
 
 
 @pytest.mark.slow
-def test_training_onto_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_shards, mount_disk):
+def test_training_onto_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_shards, tiny_run, mount_disk):
     import torch
 
-    run = mount_disk(200) / "run"  # room for two ~85 MB checkpoints of densenet121 + AdamW, not three
+    from runs import TINY
+
+    ckpt_mb = (tiny_run / "checkpoints" / "last.pt").stat().st_size / 2**20  # the same model and optimizer
+    run = mount_disk(max(2, round(2.4 * ckpt_mb))) / "run"  # room for two checkpoints, not three
     args = ["train", "--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--epochs", "2"]
-    proc = cxrdist_cli(*args, "--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0")
+    proc = cxrdist_cli(*args, *TINY)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("cxrdist train: error: ")]
     assert "not written: no space left on device" in error and "the previous checkpoint is intact" in error
@@ -420,9 +423,11 @@ def test_a_checkpoint_that_needs_pickled_code_is_refused_by_resume_in_one_line(t
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"model": {}, "x": Payload()}, run / "checkpoints" / "last.pt")
     monkeypatch.setenv("CXRDIST_PWNED", str(flag))
-    args = ["train", "--shards", tiny_shards["shards"], "--out", run, "--resume", "--workers", "0"]
-    proc = cxrdist_cli(*args, "--backend", "single", "--model", "densenet121", "--image-size", "32")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    from runs import TINY, in_process
+
+    args = ["train", "--shards", tiny_shards["shards"], "--out", run, "--resume", "--backend", "single", *TINY]
+    proc = in_process(*args)  # in this process: the payload would run here, in the test's own interpreter
+    assert proc.returncode == 2, proc.stderr[-2000:]
     (error,) = [line for line in proc.stderr.splitlines() if line.startswith("cxrdist train: error: ")]
     assert f"{run / 'checkpoints' / 'last.pt'}: refused" in error and "never runs pickled code" in error
     assert "weights_only" not in proc.stderr and not flag.exists()
@@ -450,7 +455,7 @@ def test_a_stopped_rank_does_not_hang_the_local_launcher(tiny_shards, tmp_path):
     import psutil
 
     argv = ["--shards", tiny_shards["shards"], "--out", tmp_path / "stuck", "--backend", "ddp", "--nproc", "2"]
-    argv += ["--epochs", "50", "--timeout", "20", "--model", "densenet121", "--image-size", "32"]
+    argv += ["--epochs", "50", "--timeout", "20", "--model", "cxrtiny", "--image-size", "32"]
     argv += ["--batch-size", "8", "--workers", "0"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxrdist.cli", "train", *map(str, argv)],
@@ -485,52 +490,56 @@ def cxrdist_cli(*args, cwd=None):
     )
 
 
-def one_line_error(proc, *words: str) -> None:
+def one_line_error(proc, *words: str, argv=()) -> None:
     """Exit 2, one line on stderr, no traceback, naming what is wrong."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.returncode == 2, (argv, proc.returncode, proc.stderr[-2000:])
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for w in words:
         assert w in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_exit_2(tmp_path, shards):
+    """Each mistake in a `cxrdist` process of its own (exit code, the whole stderr); run two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    train = ["train", "--shards", shards, "--backend", "single", "--model", "densenet121", "--workers", "0"]
-    one_line_error(
-        cxrdist_cli(*train, "--image-size", "7", "--out", tmp_path / "r"), "--image-size must be at least 32"
-    )
-    one_line_error(cxrdist_cli(*train, "--out", a_file), f"--out {a_file} is a file")
-    if not __import__("torch").cuda.is_available():  # on a GPU machine --device cuda is no mistake
-        one_line_error(
-            cxrdist_cli(*train, "--device", "cuda", "--out", tmp_path / "r"), "--device cuda was asked", "--device cpu"
-        )
-    one_line_error(cxrdist_cli(*train, "--check-sha256", "sometimes", "--out", tmp_path / "r"), "--check-sha256 must")
-    abbrev = cxrdist_cli(*train, "--batch", "8", "--out", tmp_path / "r")
-    assert abbrev.returncode == 2 and "unrecognized arguments: --batch 8" in abbrev.stderr
-    one_line_error(cxrdist_cli("eval", "--run", tmp_path / "nope"), "no such run folder")
-    one_line_error(cxrdist_cli("report", tmp_path / "nope", "--out", tmp_path / "rep"), "no such run folder")
-    one_line_error(cxrdist_cli("synth", "--layout", "nih", "--out", tmp_path / "s", "--n", "0"), "n must be at least 1")
-    one_line_error(cxrdist_cli("synth", "--layout", "nih", "--out", tmp_path / "s", "--size", "-5"), "at least 16")
     cx = tmp_path / "empty" / "CheXpert-v1.0-small"
     cx.mkdir(parents=True)
     header = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(__import__("cxrdist.labels").labels.CHEXPERT)
     for name in ("train.csv", "valid.csv"):
         (cx / name).write_text(header + "\n")
-    one_line_error(
-        cxrdist_cli("shard", "--source", "chexpert", "--root", cx, "--out", tmp_path / "o"), "no usable rows"
-    )
+    train = ["train", "--shards", shards, "--backend", "single", "--model", "cxrtiny", "--workers", "0"]
+    cases = [
+        ([*train, "--image-size", "7", "--out", tmp_path / "r"], ["--image-size must be at least 32"]),
+        ([*train, "--out", a_file], [f"--out {a_file} is a file"]),
+        ([*train, "--check-sha256", "sometimes", "--out", tmp_path / "r"], ["--check-sha256 must"]),
+        (["eval", "--run", tmp_path / "nope"], ["no such run folder"]),
+        (["report", tmp_path / "nope", "--out", tmp_path / "rep"], ["no such run folder"]),
+        (["synth", "--layout", "nih", "--out", tmp_path / "s", "--n", "0"], ["n must be at least 1"]),
+        (["synth", "--layout", "nih", "--out", tmp_path / "s", "--size", "-5"], ["at least 16"]),
+        (["shard", "--source", "chexpert", "--root", cx, "--out", tmp_path / "o"], ["no usable rows"]),
+    ]
+    if not __import__("torch").cuda.is_available():  # on a GPU machine --device cuda is no mistake
+        cases.append(
+            ([*train, "--device", "cuda", "--out", tmp_path / "r"], ["--device cuda was asked", "--device cpu"])
+        )
+    abbrev = [*train, "--batch", "8", "--out", tmp_path / "r"]
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda argv: cxrdist_cli(*argv), [argv for argv, _ in cases] + [abbrev]))
+    for (argv, words), proc in zip(cases, procs):
+        one_line_error(proc, *words, argv=argv)
+    assert procs[-1].returncode == 2 and "unrecognized arguments: --batch 8" in procs[-1].stderr
 
 
-def test_predict_fails_when_no_file_could_be_read(tiny_shards, tmp_path):
-    from runs import train
+@pytest.mark.slow
+def test_predict_fails_when_no_file_could_be_read(tiny_run, tmp_path):
+    from runs import in_process
 
-    run = tmp_path / "run"
-    train("--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--max-steps", "1",
-          "--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0")  # fmt: skip
     folder = tmp_path / "a-folder"
     folder.mkdir()
-    proc = cxrdist_cli("predict", "--checkpoint", run, "--json", folder, tmp_path / "missing.png")
+    proc = in_process("predict", "--checkpoint", tiny_run, "--json", folder, tmp_path / "missing.png")
     assert proc.returncode == 1, proc.stderr[-2000:]
     errors = [r["error"] for r in json.loads(proc.stdout)]
     assert errors[0] == "a folder, not an image file" and "missing" not in errors[0]
@@ -542,7 +551,7 @@ def test_a_failing_evaluation_keeps_the_epoch_and_says_failed(tiny_shards, tmp_p
 
     import torch
 
-    from runs import records, summary, train
+    from runs import TINY, records, summary, train
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards["shards"], shards)
@@ -554,8 +563,7 @@ def test_a_failing_evaluation_keeps_the_epoch_and_says_failed(tiny_shards, tmp_p
 
     edit_manifest(shards, off_by_one)
     run = tmp_path / "run"
-    args = ["--shards", shards, "--out", run, "--backend", "single", "--epochs", "1", "--model", "densenet121"]
-    args += ["--image-size", "32", "--batch-size", "8", "--workers", "0"]
+    args = ["--shards", shards, "--out", run, "--backend", "single", "--epochs", "1", *TINY]
     failed = train(*args, check=False)
     assert failed.returncode != 0
     s = summary(run)

@@ -1,6 +1,7 @@
 """cxrdist.launch / launchers/submit.py against the throw-away SLURM cluster and the local executor.
 
-Tiny runs: DenseNet-121 at 32 px on CPU ranks, 2 epochs of ~15 steps. Timings are printed (pytest -s).
+Tiny runs: the plumbing recipe (tests/runs.py) on CPU ranks, 2 epochs of ~15 steps. Timings are printed
+(pytest -s).
 """
 
 from __future__ import annotations
@@ -20,25 +21,11 @@ import pytest
 from cxrdist import launch
 from cxrdist.config import parse_train_argv
 
+import runs
 from runs import records
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--model",
-    "densenet121",
-    "--image-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "2",
-    "--workers",
-    "0",
-    "--log-every",
-    "2",
-    "--device",
-    "cpu",
-]
+TINY = [*runs.TINY, "--epochs", "2"]
 DDP_2x1 = [
     "--nodes",
     "2",
@@ -197,40 +184,41 @@ def test_local_failing_job_surfaces_the_ranks_error(no_controller, tiny_shards, 
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ddp_reference(slurm_cluster, tiny_shards, tmp_path_factory):
-    """One uninterrupted 2-node x 1-task DDP run (also the reference weights for the preemption test)."""
+    """One uninterrupted 2-node x 1-task DDP job, both nodes streaming the shards from an HTTP server (on
+    loopback here): no shard folder in the job. Also the reference weights of the preemption test, which
+    reads the same shards from the folder (streamed and local reads are the same samples, test_streaming)."""
+    import shutil
+
+    from servers import http_server
+
     tmp = tmp_path_factory.mktemp("ddp-ref")
-    t0 = time.time()
-    sub = launch.submit(launch_args(*DDP_2x1, log_dir=tmp / "logs"), train_cfg(tiny_shards["shards"], tmp / "run"))
-    rc, log = run_to_end(sub)
+    shutil.copytree(tiny_shards["shards"], tmp / "www" / "shards")
+    with http_server(tmp / "www") as (base, faults, _):
+        t0 = time.time()
+        cfg = train_cfg(f"{base}/shards", tmp / "run")
+        sub = launch.submit(launch_args(*DDP_2x1, log_dir=tmp / "logs"), cfg)
+        rc, log = run_to_end(sub)
     steps = records(sub.run_dir, 0, "step")
     first = steps[0]["time"] - t0 if steps else float("nan")
     print(
         f"\n[timing] DDP 2x1 job {sub.job_id}: submission -> first step {first:.1f} s, "
         f"whole run {time.time() - t0:.1f} s"
     )
-    return {"sub": sub, "rc": rc, "log": log}
+    return {"sub": sub, "rc": rc, "log": log, "requests": list(faults.requests)}
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_ddp_across_two_nodes_streaming_from_an_http_server(slurm_cluster, tiny_shards, tmp_path):
-    """No shard folder in the job: both nodes stream the shards from a server (on loopback here)."""
-    import shutil
-
-    from servers import http_server
-
-    shutil.copytree(tiny_shards["shards"], tmp_path / "www" / "shards")
-    with http_server(tmp_path / "www") as (base, faults, _):
-        cfg = train_cfg(f"{base}/shards", tmp_path / "run")
-        sub = launch.submit(launch_args(*DDP_2x1, log_dir=tmp_path / "logs"), cfg)
-        rc, log = run_to_end(sub)
+def test_ddp_across_two_nodes_streaming_from_an_http_server(ddp_reference, tiny_shards):
+    sub, rc, log = ddp_reference["sub"], ddp_reference["rc"], ddp_reference["log"]
     assert rc == 0, log
     summary = json.loads((sub.run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["hosts"] == ["node1", "node2"]
+    assert summary["config"]["data"]["shards"].startswith("http://127.0.0.1:")
     manifest = json.loads((tiny_shards["shards"] / "manifest.json").read_text())
     assert summary["test"]["n"] == manifest["splits"]["test"]["samples"]  # exact-once over the stream
-    assert any(name.endswith(".tar") for name, _ in faults.requests)
+    tars = {name for name, _ in ddp_reference["requests"] if name.endswith(".tar")}
+    assert tars == {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
 
 
 @pytest.mark.slurm
@@ -404,7 +392,7 @@ def test_the_sbatch_template_runs_ddp_on_two_nodes_and_requeues_itself(slurm_clu
         str(tiny_shards["shards"]),
         "--out",
         str(run),
-        *TINY,
+        *[a for a in TINY if a not in ("--device", "cpu")],  # the template picks it: no GPUs in the step
     ).stdout.strip()
     log = tmp_path / f"cxrdist-{job}.out"
     wait_for(
@@ -419,6 +407,7 @@ def test_the_sbatch_template_runs_ddp_on_two_nodes_and_requeues_itself(slurm_clu
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["hosts"] == ["node1", "node2"]
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
+    assert summary["config"]["run"]["device"] == "cpu"  # --gpus-per-node=0: the template passes --device cpu
 
 
 def test_layout_tasks_follow_each_backends_declared_layout():

@@ -140,6 +140,17 @@ def test_a_whole_plan_on_a_fake_cluster(monkeypatch):
     assert params["additional_parameters"] == {"requeue": True} and "qos" not in params
 
 
+def test_a_backend_that_refuses_the_recipe_is_refused_before_a_job_is_queued():
+    """compare.py --precision fp16 with fsdp among the backends: preflight names the reason (the sweep lists
+    the arm as skipped) instead of a job that fails on the node."""
+    fp16 = TrainConfig()
+    fp16.run.precision = "fp16"
+    on = ("--nodes", "1", "--gpus", "0", "--tasks-per-node", "2", "--cluster", "local")
+    reason = plan.preflight(args(*on, "--backend", "fsdp"), fp16)
+    assert reason and "--backend fsdp trains in bf16 or fp32" in reason
+    assert plan.preflight(args(*on, "--backend", "ddp"), fp16) is None  # its GPU check is the node's
+
+
 @pytest.mark.slow
 def test_the_launcher_runs_from_a_wheel_install(tiny_shards, tmp_path):
     wheels, site = tmp_path / "wheels", tmp_path / "site"
@@ -150,6 +161,15 @@ def test_the_launcher_runs_from_a_wheel_install(tiny_shards, tmp_path):
         timeout=300,
     )
     wheel = next(wheels.glob("cxrdist-*.whl"))
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:  # ranges, not pins: a cluster's CUDA torch stays when cxrdist is installed
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = {
+        ln.split(":", 1)[1].split(";")[0].strip() for ln in meta.splitlines() if ln.startswith("Requires-Dist:")
+    }
+    assert {"torch>=2.6", "torchvision>=0.21", "deepspeed>=0.17.2", "timm>=1.0.12"} <= requires, requires
+    assert not [r for r in requires if "==" in r and "ruff" not in r], requires
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", site, wheel],
         check=True,
@@ -170,7 +190,7 @@ def test_the_launcher_runs_from_a_wheel_install(tiny_shards, tmp_path):
     assert where.stdout.startswith(str(site)), where.stdout  # the wheel's copy, not the checkout
     argv = ["--cluster", "local", "--gpus", "0", "--backend", "single", "--time", "10", "--wait", "--"]
     argv += ["--shards", tiny_shards["shards"], "--out", "runs/w", "--epochs", "1", "--max-steps", "2"]
-    argv += ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
+    argv += ["--model", "cxrtiny", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
     run = subprocess.run(
         [sys.executable, "-m", "cxrdist.launch", *map(str, argv)],
         cwd=work,

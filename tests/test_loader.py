@@ -324,6 +324,29 @@ def test_file_loader_train_equal_batches_and_resume(data):
     assert [b["key"] for b in resumed] == [b["key"] for b in runs[1][3:]]
 
 
+@pytest.mark.timeout(120)
+def test_a_persistent_file_loader_restarted_for_an_epoch_is_a_fresh_loader_of_that_epoch(data, monkeypatch):
+    """The jpeg/dicom loaders keep their worker processes across epochs (as the shard loader): the epoch and
+    the resumed batch reach the workers through the sampler, so the augmented batches are exactly a fresh
+    loader's; a GPU run pins their memory."""
+    shard_dir, _ = data
+    aug = Augment(SIZE, train=True)
+    kw = dict(batch_size=BS, workers=1, train=True, seed=5, augment=aug)
+    kept = make_file_loader(shard_dir, "train", "jpeg", epoch=0, persistent=True, **kw)
+    assert kept.loader.persistent_workers and not kept.loader.pin_memory  # no GPU here
+    first = list(kept)
+    for epoch, start in ((1, 0), (2, 3)):
+        again = list(kept.restart(epoch, start))
+        fresh = list(make_file_loader(shard_dir, "train", "jpeg", epoch=epoch, start_batch=start, **kw))
+        assert [b["key"] for b in again] == [b["key"] for b in fresh] and len(again) == len(kept)
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, fresh))
+    assert [b["key"] for b in first] != [b["key"] for b in again]
+    kept.close()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU rank builds (not iterated here)
+    gpu = make_file_loader(shard_dir, "train", "jpeg", pin_memory=True, persistent=True, **kw)
+    assert gpu.loader.pin_memory and gpu.loader.persistent_workers
+
+
 # the worker-side augmentation (CPU training) ------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_worker_augmentation_is_seeded_and_resumable(data):

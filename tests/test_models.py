@@ -49,65 +49,21 @@ def test_fused_demographics_change_the_logits():
     assert a.shape == (2, 14) and not torch.allclose(a, b)
 
 
-def test_predict_reads_dicom_jpeg_and_png_like_packing(tiny_shards, tmp_path):
+@pytest.mark.slow
+def test_predict_reads_dicom_jpeg_and_png_like_packing(tiny_shards, tiny_run, tmp_path):
     from pydicom.data import get_testdata_file
 
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cxrdist.cli",
-            "train",
-            "--shards",
-            str(tiny_shards["shards"]),
-            "--out",
-            str(run),
-            "--backend",
-            "single",
-            "--epochs",
-            "1",
-            "--model",
-            "densenet121",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "16",
-            "--workers",
-            "0",
-            "--max-steps",
-            "2",
-            "--no-test",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from runs import in_process
+
+    run = tiny_run
     jpg = next(tiny_shards["root"].rglob("*frontal.jpg"))
     png = tmp_path / "x.png"
     Image.fromarray((np.linspace(0, 65535, 100 * 120).reshape(100, 120)).astype(np.uint16)).save(png)
     dcm = get_testdata_file("RG1_UNCR.dcm")
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(jpg.read_bytes()[:200])
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cxrdist.cli",
-            "predict",
-            "--json",
-            "--checkpoint",
-            str(run / "checkpoints" / "last.pt"),
-            str(dcm),
-            str(jpg),
-            str(png),
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    files = [dcm, jpg, png, bad]
+    out = in_process("predict", "--json", "--checkpoint", run / "checkpoints" / "last.pt", *files)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout[out.stdout.index("[") :])
     assert [len(r.get("probabilities", {})) for r in results] == [14, 14, 14, 0]
@@ -123,6 +79,25 @@ def test_any_timm_model_is_built_and_an_unknown_name_gets_timms_closest():
         assert fused(torch.randn(2, 1, 32, 32), torch.tensor([50.0, float("nan")]), None).shape == (2, 5)
     with pytest.raises(UserError, match=r"--model resnet5: neither .* closest: .*resnet50"):
         build_model("resnet5")
+
+
+def test_the_plumbing_model_is_a_timm_model_with_the_interfaces_cxrdist_uses():
+    """cxrtiny: registered in timm (so --model, check_model_name and timm.create_model take it), ~100k
+    parameters with BatchNorm, a head sized by the label set, Grad-CAM's layer, demographics fusion."""
+    import timm
+    import torch
+
+    from cxrdist.models import build_model, cam_layer, model_info
+
+    assert timm.is_model("cxrtiny")
+    model = build_model("cxrtiny", num_classes=5, in_chans=1, drop_rate=0.2)
+    assert 80_000 < model_info("cxrtiny", model)["params"] < 120_000
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5) and cam_layer(model) is model.stages[-1]
+    fused = build_model("cxrtiny", num_classes=3, fuse_demographics=True)
+    assert fused(torch.randn(2, 1, 32, 32), torch.tensor([50.0, float("nan")]), torch.ones(2)).shape == (2, 3)
+    with pytest.raises(UserError, match="no pretrained weights"):
+        timm.create_model("cxrtiny", pretrained=True)
 
 
 def test_no_weight_decay_on_norm_and_bias_parameters():
@@ -143,11 +118,11 @@ def test_no_weight_decay_on_norm_and_bias_parameters():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
 def test_a_timm_backbone_trains_one_tiny_epoch(name, tiny_shards, tmp_path):
-    from runs import TINY_CPU, summary, train
+    from runs import TINY_CPU, in_process, summary
 
-    run = tmp_path / name
+    run = tmp_path / name  # a few steps prove the backbone trains; the test split is still scored
     args = ["--shards", tiny_shards["shards"], "--backend", "single", "--model", name, "--epochs", "1"]
-    train(*args, "--out", run, *TINY_CPU)
+    in_process("train", *args, "--max-steps", "3", "--out", run, *TINY_CPU, check=True)
     s = summary(run)
     assert s["status"] == "completed" and s["config"]["model"]["name"] == name
     assert s["test"]["n"] > 0 and s["epochs"][0]["train_loss"] > 0

@@ -6,8 +6,6 @@ label sets disagree."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +20,7 @@ from cxrdist.shards.pack import pack
 from cxrdist.sources import build_table
 from cxrdist.synth import NIH_HEADER, NIH_PREVALENCE
 
-from runs import summary, train
-
-TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--log-every", "2"]
+from runs import TINY, in_process, summary
 
 
 def nih_row(name, findings="No Finding", fu=0, pid=1, age="58", sex="M", view="PA") -> list:
@@ -160,16 +156,15 @@ def test_the_real_sized_csv_plans_in_seconds(tmp_path):
 @pytest.fixture(scope="module")
 def nih_run(nih_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("nihrun") / "run"
-    train("--shards", nih_shards["shards"], "--out", run, "--backend", "single", "--epochs", "1", *TINY)
+    in_process("train", "--shards", nih_shards["shards"], "--out", run, "--backend", "single", "--epochs", "1", *TINY,
+               check=True)  # fmt: skip
     return run
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cxrdist.cli", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+cli = in_process  # eval / predict in this process
 
 
+@pytest.mark.slow
 def test_nih_shards_train_evaluate_and_predict(nih_shards, nih_run):
     manifest = json.loads((nih_shards["shards"] / "manifest.json").read_text())
     assert manifest["labels"] == list(NIH) and manifest["label_set"] == "nih" and manifest["labels_missing"] == []
@@ -187,9 +182,11 @@ def test_nih_shards_train_evaluate_and_predict(nih_shards, nih_run):
     assert list(json.loads(pr.stdout)[0]["probabilities"]) == list(NIH)
 
 
-def test_a_chexpert_model_on_nih_shards_maps_labels_or_refuses(tiny_shards, nih_shards, nih_run, tmp_path):
+@pytest.mark.slow
+def test_a_chexpert_model_on_nih_shards_maps_labels_or_refuses(tiny_shards, nih_shards, tmp_path):
     run = tmp_path / "chexpert"
-    train("--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--max-steps", "2", *TINY)
+    in_process("train", "--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--max-steps", "2",
+               *TINY, check=True)  # fmt: skip
     refused = cli("eval", "--run", run, "--shards", nih_shards["shards"])
     assert refused.returncode == 2
     assert "has labels nih (14 labels), but the checkpoint has chexpert (14 labels)" in refused.stderr
@@ -200,8 +197,7 @@ def test_a_chexpert_model_on_nih_shards_maps_labels_or_refuses(tiny_shards, nih_
     assert list(result["labels"]) == list(result["label_map"].values())
     assert result["protocol"].startswith("nih/")
     # resuming a run on shards with another label set: refused, naming both
-    resumed = train(
-        "--shards", nih_shards["shards"], "--out", run, "--resume", "--backend", "single", *TINY, check=False
-    )
+    resumed = in_process("train", "--shards", nih_shards["shards"], "--out", run, "--resume", "--backend", "single",
+                         *TINY)  # fmt: skip
     assert resumed.returncode == 2
     assert "nih (14 labels)" in resumed.stderr and "chexpert (14 labels)" in resumed.stderr

@@ -117,7 +117,7 @@ def test_telemetry_records_become_scalars_on_two_axes():
 
 
 # -- torch.compile on every backend ---------------------------------------------------------------------
-COMPILE = ["--model", "test_resnet", "--epochs", "1", "--log-every", "1", *TINY_CPU]
+COMPILE = ["--model", "cxrtiny", "--epochs", "1", "--log-every", "1", *TINY_CPU]
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_log_to_mlflow_and_wandb_sends_the_tensorboard_scalars(tiny_shards, tmp_
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="cxr", WANDB_MODE="offline")
     env |= {"WANDB_PROJECT": "cxr", "WANDB_SILENT": "true"}
     run = tmp_path / "tracked"
-    args = ["--shards", tiny_shards["shards"], "--out", run, "--model", "test_resnet", "--epochs", "2"]
+    args = ["--shards", tiny_shards["shards"], "--out", run, "--model", "cxrtiny", "--epochs", "2"]
     train(*args, "--log-every", "1", "--log-to", "mlflow,wandb", *TINY_CPU, env=env)
     s, steps = summary(run), records(run, 0, "step")
     ids = json.loads((run / "tracking.json").read_text())

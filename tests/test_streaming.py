@@ -15,10 +15,9 @@ from cxrdist.shards.manifest import ManifestError, load_manifest
 from cxrdist.shards.tario import ShardError
 from cxrdist.shards.verify import verify
 
-from runs import train
+from fixtures_runs import ONE_EPOCH, STRAIGHT
+from runs import TINY, assert_same_weights, final_weights, train
 from servers import gcs_server, http_server, s3_server, upload
-
-TINY = ["--model", "densenet121", "--image-size", "32", "--batch-size", "8", "--workers", "1", "--log-every", "2"]
 
 
 @pytest.fixture
@@ -130,22 +129,22 @@ def test_s3_errors_name_the_bucket_and_what_to_do(s3):
 
 
 @pytest.mark.slow
-def test_training_from_http_and_s3_follows_the_local_run(tiny_shards, served, s3, tmp_path):
-    """Same seed, same shards: the same loss and val AUC whichever location they are read from."""
-    runs = {}
-    for where, shards in (("local", tiny_shards["shards"]), ("http", served["url"]), ("s3", s3["url"])):
+def test_training_from_http_and_s3_follows_the_local_run(tiny_run, served, s3, tmp_path):
+    """Same seed, same shards: the same loss and val AUC whichever location they are read from (the local
+    run: the session's tiny_run, same arguments)."""
+    local = json.loads((tiny_run / "summary.json").read_text())
+    for where, shards in (("http", served["url"]), ("s3", s3["url"])):
         run = tmp_path / where  # the S3 endpoint and keys: in this process's environment (the s3 fixture)
-        train("--shards", shards, "--out", run, "--backend", "single", "--epochs", "1", *TINY)
-        runs[where] = json.loads((run / "summary.json").read_text())
-    for where in ("http", "s3"):
-        assert runs[where]["status"] == "completed"
+        train("--shards", shards, "--out", run, *ONE_EPOCH)
+        got = json.loads((run / "summary.json").read_text())
+        assert got["status"] == "completed"
         for k in ("train_loss", "val_auc_mean"):
-            assert runs[where]["epochs"][0][k] == runs["local"]["epochs"][0][k], (where, k)
-        assert runs[where]["test"]["n"] == runs["local"]["test"]["n"]
+            assert got["epochs"][0][k] == local["epochs"][0][k], (where, k)
+        assert got["test"]["n"] == local["test"]["n"]
     run = tmp_path / "ddp-s3"  # two ranks streaming their own shards, the test split scored exactly once
     train("--shards", s3["url"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "1", *TINY)
     ddp = json.loads((run / "summary.json").read_text())
-    assert ddp["status"] == "completed" and ddp["test"]["n"] == runs["local"]["test"]["n"]
+    assert ddp["status"] == "completed" and ddp["test"]["n"] == local["test"]["n"]
 
 
 def test_the_cli_takes_locations_and_never_makes_a_folder_of_a_url(tiny_shards, served, tmp_path):
@@ -233,23 +232,17 @@ def test_the_shard_cache_keeps_whole_verified_shards_and_serves_them_next_time(t
 
 
 @pytest.mark.slow
-def test_a_run_preempted_while_streaming_resumes_from_the_url_to_the_same_end(tiny_shards, served, tmp_path):
-    import torch
-
+def test_a_run_preempted_while_streaming_resumes_from_the_url_to_the_same_end(straight_run, served, tmp_path):
+    """Preempted and resumed from the URL: the weights of the session's uninterrupted local run."""
     from runs import preempted
 
-    args = ["--backend", "single", "--epochs", "2", "--seed", "3", *TINY[:-2], "--log-every", "1", "--workers", "0"]
-    train("--shards", tiny_shards["shards"], *args, "--out", tmp_path / "straight")
     run = tmp_path / "preempted"
-    summary, err = preempted(["--shards", served["url"], *args], run, after_lines=3)
+    summary, err = preempted(["--shards", served["url"], *STRAIGHT], run, after_lines=3)
     assert summary["status"] == "preempted", err[-2000:]
-    train("--shards", served["url"], *args, "--out", run, "--resume")
+    train("--shards", served["url"], *STRAIGHT, "--out", run, "--resume")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["restarts"] == 1
-    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True)["model"] for r in (tmp_path / "straight", run))
-    for k in a:
-        if a[k].is_floating_point():
-            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    assert_same_weights(final_weights(straight_run), final_weights(run))
 
 
 def test_a_missing_extra_or_missing_credentials_is_one_line_naming_the_location(s3, tmp_path):

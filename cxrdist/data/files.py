@@ -64,7 +64,7 @@ def file_index(shard_dir: str | Path, split: str) -> tuple[dict, list[tuple[str,
 
 
 class FileDataset(Dataset):
-    """Item ``(batch_index, i)`` -> the sample's key, quantised image and json (read in the worker)."""
+    """Item ``(epoch, batch_index, i)`` -> the sample's key, quantised image and json (read in the worker)."""
 
     def __init__(self, items: list[tuple[str, dict]], root: Path, size: int, encoding: str):
         self.items, self.root, self.size, self.encoding = items, root, size, encoding
@@ -72,10 +72,10 @@ class FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[int, str, np.ndarray, dict]:
+    def __getitem__(self, item: tuple[int, int, int]) -> tuple[int, int, str, np.ndarray, dict]:
         from cxrdist import imaging
 
-        batch_index, i = item
+        epoch, batch_index, i = item
         key, meta = self.items[i]
         try:
             path = within(self.root, str(meta.get("source", "")))
@@ -87,7 +87,7 @@ class FileDataset(Dataset):
             raise FileError(f"{path}: no such file (sample {key}; is the source root right?)") from None
         except (imaging.UnusableImage, OSError, ValueError) as e:
             raise FileError(f"{path}: unreadable (sample {key}): {e}") from None
-        return batch_index, key, quantise(img, self.encoding), meta
+        return epoch, batch_index, key, quantise(img, self.encoding), meta
 
 
 def quantise(img01: np.ndarray, encoding: str) -> np.ndarray:
@@ -97,7 +97,8 @@ def quantise(img01: np.ndarray, encoding: str) -> np.ndarray:
 
 
 class RankBatchSampler(Sampler):
-    """This rank's batches of dataset indices, each index paired with its rank-local batch number.
+    """This rank's batches of dataset indices, each index paired with its epoch and rank-local batch number
+    (what the worker's augmentation is seeded from: persistent workers never see the sampler itself).
 
     Train: DistributedSampler(shuffle, seed + epoch, drop_last) then whole batches only; eval: indices
     ``rank, rank + world_size, ...`` (every sample once across ranks), the last batch possibly short.
@@ -134,23 +135,23 @@ class RankBatchSampler(Sampler):
     def __len__(self) -> int:
         return max(0, self.total_batches() - self.start_batch)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         idx, bs = self.indices(), self.batch_size
         for j in range(self.start_batch, self.total_batches()):
-            yield [(j, i) for i in idx[j * bs : (j + 1) * bs]]
+            yield [(self.epoch, j, i) for i in idx[j * bs : (j + 1) * bs]]
 
 
 class Collate:
     """Stack a batch (in the worker) and, for CPU training, augment it there with a per-batch seed."""
 
-    def __init__(self, augment: torch.nn.Module | None, seed: int, epoch: int, rank: int):
-        self.augment, self.seed, self.epoch, self.rank = augment, seed, epoch, rank
+    def __init__(self, augment: torch.nn.Module | None, seed: int, rank: int):
+        self.augment, self.seed, self.rank = augment, seed, rank
 
-    def __call__(self, samples: list[tuple[int, str, np.ndarray, dict]]) -> dict[str, Any]:
-        batch = collate([s[1] for s in samples], [s[2] for s in samples], [s[3] for s in samples])
+    def __call__(self, samples: list[tuple[int, int, str, np.ndarray, dict]]) -> dict[str, Any]:
+        batch = collate([s[2] for s in samples], [s[3] for s in samples], [s[4] for s in samples])
         if self.augment is not None:
             with torch.no_grad():
-                gen = batch_generator(self.seed, self.epoch, self.rank, samples[0][0])
+                gen = batch_generator(self.seed, samples[0][0], self.rank, samples[0][1])
                 batch["image"] = self.augment(batch["image"], generator=gen)
         return batch
 
@@ -161,12 +162,32 @@ class FileLoader:
     def __init__(self, loader: DataLoader, *, length: int, samples: int, manifest: dict, fmt: str, reads: str):
         self.loader, self.length, self.samples, self.manifest = loader, length, samples, manifest
         self.fmt, self.reads = fmt, reads
-        self.batch_size = loader.batch_sampler.batch_size
+        self.sampler: RankBatchSampler = loader.batch_sampler
+        self.batch_size = self.sampler.batch_size
         self.image_size = int(manifest.get("size", 0))
         self.encoding = manifest.get("encoding", "jpg")
 
     def __len__(self) -> int:
         return self.length
+
+    def restart(self, epoch: int, start_batch: int = 0, check_sha256: bool | None = None) -> FileLoader:
+        """The same loader, and its persistent worker processes, for another training epoch (the sampler
+        lives in this process; the workers get the epoch with every index). ``check_sha256``: files have no
+        hash to check."""
+        sampler = self.sampler
+        if not sampler.train or not 0 <= start_batch <= sampler.total_batches():
+            raise ValueError(
+                f"restart(epoch={epoch}, start_batch={start_batch}) on a loader of {sampler.total_batches()}"
+            )
+        sampler.epoch, sampler.start_batch = epoch, start_batch
+        self.length = len(sampler)
+        self.samples = self.length * self.batch_size
+        return self
+
+    def close(self) -> None:
+        """Stop the persistent workers now: dropping the DataLoader drops its iterator, whose finaliser shuts
+        the workers down and joins them (as ShardLoader.close)."""
+        self.loader = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         yield from iterate(self.loader, FileError)
@@ -188,6 +209,7 @@ def make_file_loader(
     augment: torch.nn.Module | None = None,
     source_root: str | Path | None = None,
     pin_memory: bool = False,
+    persistent: bool = False,
 ) -> FileLoader:
     """A loader over the original image files of a shard folder's ``split`` (same batches, same rules)."""
     if fmt not in FORMATS:
@@ -250,10 +272,10 @@ def make_file_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=Collate(augment, seed, epoch, rank),
+        collate_fn=Collate(augment, seed, rank),
         pin_memory=pin_memory and torch.cuda.is_available(),
         prefetch_factor=2 if workers else None,
-        persistent_workers=False,
+        persistent_workers=persistent and train and workers > 0,  # the training loader keeps its workers
     )
     length = len(sampler)
     samples = length * batch_size if train else len(sampler.indices())

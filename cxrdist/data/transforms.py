@@ -135,7 +135,9 @@ class Augment(torch.nn.Module):
     def _train(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         s = self.image_size
-        angle, tx, ty, zoom, bright, contr = params.to(device=x.device, dtype=x.dtype)
+        if x.device.type == "cuda" and params.device.type == "cpu":  # 6 x B numbers drawn on the CPU: pinned,
+            params = params.pin_memory()  # so the copy below does not make the host wait for the GPU
+        angle, tx, ty, zoom, bright, contr = params.to(device=x.device, dtype=x.dtype, non_blocking=True)
         # output pixel (normalised coords) -> input location: rotate, shrink by the zoom, shift
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)

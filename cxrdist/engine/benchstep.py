@@ -176,9 +176,30 @@ def _run_arm(arm: dict, model: str, image_size: int, global_batch: int, steps: i
 
 
 def _worker(spec: dict) -> None:
-    """One rank of one arm: warm up (and compile), then time ``steps`` optimizer steps (synchronised), and
-    report the rank's memory. Spec keys: backend, zero, precision, channels_last, cudnn_benchmark, compile,
-    group_at_world1
+    """One rank of one arm, as its own process: ``_measure``, one JSON line, the group torn down."""
+    print(json.dumps(_measure(spec)), flush=True)
+    dist.destroy(sync=True)
+
+
+def _many(specs: list[dict]) -> None:
+    """Several one-rank arms in one process (one import, one cuDNN autotune cache: `make gpu-check`'s eager
+    arms): one JSON line per arm, in order. An arm that fails reports its error and the next one runs; the
+    arms that need a group share one (world 1), so DeepSpeed's, which keeps its own comm state, go last."""
+    for spec in specs:
+        try:
+            result = _measure(spec)
+        except Exception as e:  # noqa: BLE001 - one arm's failure must not lose the others' numbers
+            text = str(e).strip().splitlines()
+            result = {"error": f"{type(e).__name__}: {text[0] if text else ''}"[:300]}
+        print(json.dumps({"name": spec.get("name", ""), **result}), flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    dist.destroy(sync=True)
+
+
+def _measure(spec: dict) -> dict:
+    """Warm up (and compile), then time ``steps`` optimizer steps (synchronised), and report the rank's
+    memory. Spec keys: backend, zero, precision, channels_last, cudnn_benchmark, compile, group_at_world1
     (DDP wrapped even for one rank, to measure its hooks), model, image_size, batch, steps."""
     from cxrdist.config import TrainConfig
     from cxrdist.engine.backends import get_backend
@@ -222,19 +243,13 @@ def _worker(spec: dict) -> None:
     backend.synchronize()
     seconds = time.perf_counter() - t0
     dist.barrier()
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "warmup_s": warmup_s,
-                "memory": backend.peak_memory(),
-                "channels_last": backend.channels_last,
-                "tf32": dist.tf32_convolutions(device) and spec["precision"] == "fp32",
-            }
-        ),
-        flush=True,
-    )
-    dist.destroy(sync=True)
+    return {
+        "seconds": seconds,
+        "warmup_s": warmup_s,
+        "memory": backend.peak_memory(),
+        "channels_last": backend.channels_last,
+        "tf32": dist.tf32_convolutions(device) and spec["precision"] == "fp32",
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,6 +435,8 @@ def _bare(spec: dict) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "bare":
         _bare(json.loads(sys.argv[2]))
+    elif sys.argv[1] == "many":
+        _many(json.loads(sys.argv[2]))
     else:
         _worker(json.loads(sys.argv[1]))
     dist.leave(0)

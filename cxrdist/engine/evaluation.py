@@ -15,6 +15,17 @@ def predict_loader(module, loader, prepare, autocast, n_labels: int) -> dict:
     """Run the (unwrapped) model over this rank's share; returns numpy arrays (N x ``n_labels``) + keys."""
     was_training = module.training
     module.eval()
+    # evaluation batches end short (one shape per loader worker): cuDNN's benchmark mode would time its
+    # algorithms again for each new shape, so evaluation runs with its default choice
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        return _predict(module, loader, prepare, autocast, n_labels)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        module.train(was_training)
+
+
+def _predict(module, loader, prepare, autocast, n_labels: int) -> dict:
     fuse = uses_demographics(module)
     dtype = next(module.parameters()).dtype  # half under DeepSpeed's fp16 engine, else float32
     out = {"key": [], "patient_id": [], "view": [], "prob": [], "labels": [], "mask": [], "sex": [], "age": []}
@@ -28,7 +39,6 @@ def predict_loader(module, loader, prepare, autocast, n_labels: int) -> dict:
         out["view"] += list(batch.get("view", [""] * len(batch["key"])))
         for k in ("labels", "mask", "sex", "age"):
             out[k].append(batch[k].numpy())
-    module.train(was_training)
     for k in ("prob", "labels", "mask"):
         out[k] = np.concatenate(out[k]) if out[k] else np.zeros((0, n_labels), np.float32)
     for k in ("sex", "age"):

@@ -28,6 +28,8 @@ def check_inputs(cfg: TrainConfig) -> dict:
     manifest = load_manifest(folder)  # a URL location: every shard listed there (sizes: checked as they stream)
     if loc.local is None and cfg.data.format != "shards":
         raise UserError(f"--format {cfg.data.format} reads a local shard folder, not {loc}")
+    if cfg.data.shard_cache:
+        check_cache(cfg.data.shard_cache, loc, manifest)
     for split in ("train", "val", "test"):
         if split_samples(manifest, split) == 0:
             raise UserError(f"{folder}/manifest.json: split {split!r} has no samples")
@@ -48,6 +50,25 @@ def check_inputs(cfg: TrainConfig) -> dict:
                 f"--format {cfg.data.format} reads the source images, but {root} is not a folder (pass --source-root)"
             )
     return manifest
+
+
+def check_cache(cache: str, loc: location.Location, manifest: dict) -> None:
+    """--shard-cache: a usable folder with room for the largest shard (for a streamed location), or a warning
+    that a local folder is read in place and the cache is not used."""
+    if loc.local is not None or loc.scheme == "pipe":
+        import logging
+
+        what = "a local folder, read in place" if loc.local is not None else "a pipe: command (no file to cache)"
+        from cxrdist.redact import redact
+
+        logging.getLogger(__name__).warning(
+            "--shard-cache %s: %s is %s: the cache is not used", cache, redact(str(loc)), what
+        )
+        return
+    from cxrdist.shards.cache import check_folder
+
+    sizes = [int(s.get("bytes") or 0) for split in manifest["splits"].values() for s in split.get("shards", [])]
+    check_folder(cache, max(sizes, default=0))
 
 
 class Loaders:
@@ -115,9 +136,8 @@ class Loaders:
             )
         from cxrdist.data.files import make_file_loader
 
-        return make_file_loader(
-            self.folder, split, self.cfg.data.format, source_root=self.cfg.data.source_root or None, **common
-        )
+        root = self.cfg.data.source_root or None
+        return make_file_loader(self.folder, split, self.cfg.data.format, source_root=root, persistent=train, **common)
 
     def train(self, epoch: int, start_batch: int = 0):
         return self._train(epoch, start_batch, self.hash_now("train"))

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-from cxrdist import cpus, dist, log, metrics
+from cxrdist import cpus, dist, log, metrics, provenance
 from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.engine.backends import Backend, get_backend, validate_config
@@ -33,7 +33,7 @@ from cxrdist.engine.optim import compile_stats
 from cxrdist.errors import UserError
 from cxrdist.labels import check_same, checkpoint_labels, set_name
 from cxrdist.models import build_model, model_info, uses_demographics
-from cxrdist.runfolder import RunFolder, RunSummary, TrainState
+from cxrdist.runfolder import RunFolder, RunInUse, RunLock, RunSummary, TrainState
 from cxrdist.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,10 @@ def check_run(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> N
     from cxrdist.engine.inputs import check_inputs
 
     check_inputs(cfg)
+    try:
+        RunLock(cfg.run.out).probe()  # another training writes there now: refused before any rank starts
+    except RunInUse as e:
+        raise ConfigError(str(e)) from None
     if not cfg.run.resume and RunFolder(cfg.run.out).has_checkpoints():
         raise ConfigError(
             f"{cfg.run.out} already holds checkpoints: pass --resume to continue it, or choose another --out"
@@ -105,6 +109,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     backend = get_backend(cfg, env, device)
     backend.init_distributed()
+    dist.check_distinct_gpus(device)  # per-task GPU views: only the UUIDs tell whether two ranks share one
     trainer = Trainer(cfg, env, device, backend)
     finished = False
     try:
@@ -149,8 +154,15 @@ class Trainer:
         self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
         self.run_dir = Path(cfg.run.out)
         self.ckpt_dir = RunFolder(self.run_dir).checkpoints
+        self.lock = RunLock(self.run_dir)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                took_over = self.lock.acquire()  # held to the end: a second writer is refused
+            except RunInUse as e:
+                raise ConfigError(str(e)) from None
+            if took_over:
+                logger.warning("%s", took_over)
             cfg.save(self.run_dir / "config.yaml")
         dist.barrier()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -187,7 +199,7 @@ class Trainer:
             memory_fn=backend.peak_memory,
             sync_fn=backend.synchronize,
             log_to=cfg.run.log_to,
-            config=cfg.to_dict(),
+            config=cfg.to_record(),
         )
         self.telemetry.write(
             {
@@ -258,7 +270,7 @@ class Trainer:
             {
                 **self.state.to_dict(),
                 "rng": self.rng_states(),
-                "config": self.cfg.to_dict(),
+                "config": self.cfg.to_record(),
                 "data": self.loaders.meta(),
             },
         )
@@ -304,7 +316,8 @@ class Trainer:
     def loss_fn(self, x, batch):
         y = batch["labels"].to(self.device, non_blocking=True)
         m = batch["mask"].to(self.device, non_blocking=True)
-        age, sex = batch["age"].to(self.device), batch["sex"].to(self.device)
+        age = batch["age"].to(self.device, non_blocking=True)  # every per-step copy asynchronous: a blocking
+        sex = batch["sex"].to(self.device, non_blocking=True)  # one syncs the host with the GPU each step
 
         def compute(model):
             return masked_bce(model(x, age, sex) if self.fuse else model(x), y, m)
@@ -389,6 +402,7 @@ class Trainer:
         labels = self.loaders.labels
         prepare = lambda b: self.prepare(b, train=False)
         part = predict_loader(self.backend.eval_model(), loader, prepare, self.backend.autocast, len(labels))
+        self.backend.eval_done()
         # the test split's means get patient-bootstrap intervals (seconds on rank 0); val's per epoch do not
         reps = metrics.REPLICATES if split == "test" else 0
         return gather_and_score(part, labels, expected=self.loaders.samples(split), replicates=reps)
@@ -438,6 +452,7 @@ class Trainer:
 
     def fit(self) -> dict:
         self.state.hosts = self.gather_hosts()
+        self.provenance = self.gather_provenance()
         self.resume()
         status, test = "completed", None
         try:
@@ -478,6 +493,21 @@ class Trainer:
             tdist.all_gather_object(hosts, self.env.host, group=self.ctrl_group)
         return hosts
 
+    def gather_provenance(self) -> dict:
+        """What ran (``cxrdist.provenance``): versions and the SLURM job from this rank, hardware from every
+        host (one all-gather; a requeued job may run on other nodes, so it is gathered at each start)."""
+        mine = (self.env.host, provenance.hardware(self.device.type))
+        everyone = [mine]
+        if self.env.distributed:
+            everyone = [None] * self.env.world_size
+            tdist.all_gather_object(everyone, mine, group=self.ctrl_group)
+        return {
+            "versions": provenance.versions(),
+            "hardware": dict(everyone),
+            "slurm": provenance.slurm(),
+            "reduce_precision": self.backend.reduce_precision(),
+        }
+
     def write_summary(self, status: str, test: dict | None = None, error: str | None = None) -> dict:
         summary = RunSummary(
             status=status,
@@ -494,7 +524,7 @@ class Trainer:
             labels=set_name(self.loaders.labels),
             tf32=dist.tf32_convolutions(self.device),
             channels_last=self.backend.channels_last,
-            config=self.cfg.to_dict(),
+            config=self.cfg.to_record(),
             restarts=self.state.restarts,
             global_step=self.state.global_step,
             steps_per_epoch=self.steps_per_epoch,
@@ -505,6 +535,7 @@ class Trainer:
             pretrained=self.pretrained,
             model=self.model_info,
             compile=compile_stats(self.cfg),
+            provenance=getattr(self, "provenance", None),
         )
         if self.env.is_main:
             RunFolder(self.run_dir).write_summary(summary)
@@ -515,3 +546,4 @@ class Trainer:
         self.stop.restore()
         self.telemetry.close(getattr(self, "status", "failed"))
         self.loaders.close()
+        self.lock.release()

@@ -40,12 +40,13 @@ def operating_points(checkpoint: Path, names: list[str]) -> dict:
 
 
 def _read(f: Path, meta: dict):
+    from cxrdist.config import MIN_IMAGE_SIZE
     from cxrdist.imaging import UnusableImage, load_for_model
 
     if Path(f).is_dir():
         return None, "a folder, not an image file"
     try:
-        arr = load_for_model(f, meta["size"], meta["encoding"])
+        arr = load_for_model(f, meta["size"], meta["encoding"], min_side=MIN_IMAGE_SIZE)
     except UnusableImage as e:
         return None, str(e)
     return torch.from_numpy(arr.astype(np.int32 if arr.dtype == np.uint16 else arr.dtype))[None, None], None

@@ -18,7 +18,7 @@ import torch
 
 from cxrdist import dist, metrics
 from cxrdist.atomic import atomic_write_bytes
-from cxrdist.config import TrainConfig
+from cxrdist.config import TrainConfig, refuse_pipe
 from cxrdist.engine.backends import read_weights
 from cxrdist.engine.evaluation import gather_parts, merge, predict_loader, select
 from cxrdist.engine.inputs import Loaders, check_inputs
@@ -69,9 +69,22 @@ def _predict(model, loaders: Loaders, split: str, pairs, device) -> Predictions:
     def prepare(batch):
         return loaders.augment(False)(batch["image"].to(device))
 
-    part = predict_loader(model, loaders.eval(split), prepare, torch.no_grad, max(a for a, _ in pairs) + 1)
+    part = predict_loader(
+        model, loaders.eval(split), prepare, eval_autocast(loaders.cfg, device), max(a for a, _ in pairs) + 1
+    )
     whole = merge(gather_parts(select(part, pairs)) or [], expected=loaders.samples(split))
     return Predictions.from_merged(whole, [loaders.labels[b] for _, b in pairs])
+
+
+def eval_autocast(cfg: TrainConfig, device: torch.device):
+    """The run's own compute precision, as the trainer evaluated it (its numbers and these must agree); fp16
+    only on a GPU (a bf16 or fp32 run evaluated on a laptop's CPU keeps its precision)."""
+    import contextlib
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.precision)
+    if dtype is None or (dtype is torch.float16 and device.type != "cuda"):
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def protocol(manifest: dict) -> str:
@@ -90,6 +103,7 @@ def evaluate_run(
     replicates: int = metrics.REPLICATES,
     seed: int = 0,
     plots: bool = True,
+    allow_pipe: bool = False,
 ) -> dict:
     """Score a run's checkpoint on ``split`` of its own shards, or of ``shards`` (another location, perhaps
     another dataset), with operating points and the temperature fitted on the run's own val split.
@@ -102,6 +116,8 @@ def evaluate_run(
         raise UserError(f"--run {run}: no such run folder")
     folder = RunFolder(run)
     cfg = TrainConfig.load(folder.config_path)
+    if not allow_pipe:  # a colleague's run folder must not run its command here
+        refuse_pipe(cfg.data.shards, f"{folder.config_path}: data.shards", "pass --allow-pipe")
     tag = checkpoint if checkpoint in ("best", "last") else "best"
     weights, client = load_checkpoint(
         run if checkpoint in ("best", "last") else Path(checkpoint), tag, cfg.dist.backend
@@ -144,6 +160,9 @@ def evaluate_run(
 
 
 def _write(out: Path, pred: Predictions, result: dict, title: str, plots: bool) -> None:
+    from cxrdist.redact import redact, redact_tree
+
+    result, title = redact_tree(result), redact(title)  # what is written never holds a location's credentials
     out.mkdir(parents=True, exist_ok=True)
     pred.to_csv(out / "predictions.csv")
     names = all_plots(pred, result, out) if plots else []

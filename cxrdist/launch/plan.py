@@ -165,6 +165,9 @@ def plan(args: argparse.Namespace, cfg: TrainConfig, cluster: str | None = None)
     cluster = cluster or probe.resolve_cluster(args)
     check_request(args, cfg)
     cls = backend_class(args.backend)
+    problems = cls.validate(with_backend(cfg, args.backend))  # its own hardware-free rules (fsdp: no fp16)
+    if problems:
+        raise LaunchError("; ".join(problems))
     partition, notes = None, []
     if cluster == "slurm":
         partition = pick_partition(probe.slurm_partitions(), args.partition)

@@ -14,12 +14,25 @@ stays for anything else: ``CMD`` with ``{name}`` replaced by a file name, its st
 Reading is sequential (a tar is parsed as it arrives: no whole-file download first). A transient failure
 (connection reset, timeout, 5xx) is retried a bounded number of times with backoff, resuming at the byte
 where it broke (a range request where the store serves ranges, else re-reading and discarding); after
-that a ``LocationError`` names the URL.
+that a ``LocationError`` names the URL. Every retry is a warning line, so a slow store is never silent.
+
+Bounds (docs/SECURITY.md), so that a server that stalls or never answers costs seconds, not hours:
+- ``READ_TIMEOUT_S`` (30 s): an HTTP read that gets no byte for that long fails (and is retried);
+- ``READ_DEADLINE_S`` (60 s): a read stops retrying once it has lasted that long (5 tries at most), so a
+  shard whose server stalls or never answers costs about 60 s plus one read timeout (two tries);
+- ``HOST_GIVE_UPS`` (2): after two reads from one host have given up, this process tries no other read
+  from it ("the host keeps failing"), so a command spends at most about 3 minutes on a dead host.
+Both times can be set with ``CXRDIST_READ_TIMEOUT_S`` / ``CXRDIST_READ_DEADLINE_S``.
+
+What a server sends is not trusted either: a redirect to another scheme or host is refused (set
+``CXRDIST_ALLOW_REDIRECTS=1`` to follow), a 4xx is named with its code, an HTML page is not a shard.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import os
 import shlex
 import subprocess
 import tempfile
@@ -34,8 +47,65 @@ from cxrdist.errors import UserError
 
 SCHEMES = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "https"}
 EXTRAS = {"s3": ("s3fs", "s3"), "gcs": ("gcsfs", "gcs"), "http": ("aiohttp", "http"), "https": ("aiohttp", "http")}
-ATTEMPTS, BACKOFF_S, TIMEOUT_S = 5, 0.5, 60  # per read: 5 tries, 0.5 s doubling (15 s at most between)
+ATTEMPTS, BACKOFF_S = 5, 0.5  # per read: 5 tries, 0.5 s doubling between them
+READ_TIMEOUT_S, READ_DEADLINE_S, HOST_GIVE_UPS = 30.0, 60.0, 2  # see the module docstring
 CHUNK = 1 << 20
+logger = logging.getLogger(__name__)
+_GAVE_UP: dict[str, int] = {}  # host -> reads from it that gave up in a row, in this process
+_REDIRECTED: dict[str, str] = {}  # URL -> where the server sent the client (same scheme and host)
+
+
+def read_timeout() -> float:
+    return float(os.environ.get("CXRDIST_READ_TIMEOUT_S") or READ_TIMEOUT_S)
+
+
+def read_deadline() -> float:
+    return float(os.environ.get("CXRDIST_READ_DEADLINE_S") or READ_DEADLINE_S)
+
+
+class RedirectRefused(Exception):
+    """A redirect to another scheme or host (raised inside aiohttp's redirect hook, which stops it)."""
+
+
+def redirect_allowed(src: str, dest: str) -> bool:
+    a, b = urlparse(src), urlparse(dest)
+    return (a.scheme, a.netloc) == (b.scheme, b.netloc) or os.environ.get("CXRDIST_ALLOW_REDIRECTS") == "1"
+
+
+async def _on_redirect(session, ctx, params) -> None:
+    """aiohttp's hook before it follows a redirect: refuse another host, note the new URL."""
+    from urllib.parse import urljoin
+
+    src = str(params.url)
+    dest = urljoin(src, params.response.headers.get("Location", ""))
+    if not redirect_allowed(src, dest):
+        raise RedirectRefused(
+            f"the server redirects to {dest}, another scheme or host: refused (CXRDIST_ALLOW_REDIRECTS=1 follows it)"
+        )
+    _REDIRECTED[src] = dest
+
+
+def final_url(url: str) -> str:
+    """Where ``url`` ends after the redirects that were followed."""
+    seen = {url}
+    while url in _REDIRECTED and _REDIRECTED[url] not in seen:
+        url = _REDIRECTED[url]
+        seen.add(url)
+    return url
+
+
+_TRACE: Any = None
+
+
+def _trace_configs() -> list:
+    """One TraceConfig per process (fsspec keys its cached filesystem by the options' text)."""
+    global _TRACE
+    if _TRACE is None:
+        import aiohttp
+
+        _TRACE = aiohttp.TraceConfig()
+        _TRACE.on_request_redirect.append(_on_redirect)
+    return [_TRACE]
 
 
 class LocationError(UserError):
@@ -96,10 +166,13 @@ class Location:
         # s3://...`) is read as it is now, not by a stale ETag (HTTP 412); fsspec keeps one instance per
         # process (new after a fork), so a shard costs no new client or credential lookup
         options: dict[str, Any] = {"use_listings_cache": False}
-        if self.scheme in ("http", "https"):  # aiohttp's default 300 s would cut any shard that takes longer
-            import aiohttp
+        if self.scheme in ("http", "https"):  # no whole-body limit (aiohttp's 300 s would cut a big shard):
+            import aiohttp  # a read without a byte for read_timeout() fails instead
 
-            options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)}
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=min(30.0, read_timeout()), sock_read=read_timeout()
+            )
+            options["client_kwargs"] = {"timeout": timeout, "trace_configs": _trace_configs()}
         try:
             return fsspec.filesystem(self.scheme, **options)
         except ImportError:
@@ -160,6 +233,8 @@ class Location:
 
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
+    if not text and "Timeout" in type(e).__name__:
+        text = f"no byte for {read_timeout():g} s"
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
@@ -191,6 +266,21 @@ def transient(e: BaseException) -> bool:
     return any(k in name for k in ("Timeout", "Connection", "Disconnected", "Payload", "ClientError", "Incomplete"))
 
 
+def http_refusal(e: BaseException) -> str | None:
+    """ "403 Forbidden" for an HTTP answer that refuses (4xx other than 404, and not a timeout or rate
+    limit), found on ``e`` or the error it was raised from (fsspec reports them as FileNotFoundError)."""
+    for err in (e, e.__cause__, e.__context__):
+        status = getattr(err, "status", None)
+        if isinstance(status, int) and 400 <= status < 500 and status not in (404, 408, 429):
+            from http import HTTPStatus
+
+            reason = getattr(err, "message", "") or (
+                HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+            )
+            return f"{status} {reason}".strip()
+    return None
+
+
 class Stream(io.RawIOBase):
     """File ``name`` of a remote location read front to back; each read that fails transiently reopens the
     file at the byte reached (``ATTEMPTS`` tries with doubling ``BACKOFF_S``)."""
@@ -198,11 +288,17 @@ class Stream(io.RawIOBase):
     def __init__(self, location: Location, name: str, expected_bytes: int = 0):
         super().__init__()
         self.location, self.name, self.url = location, name, location.url(name)
+        self.host = urlparse(self.url).netloc if location.scheme != "pipe" else "pipe"
         self.expected_bytes = expected_bytes
         self.pos = 0
         self._f: Any = None
         self._proc: subprocess.Popen | None = None
         self._stderr: Any = None
+        if _GAVE_UP.get(self.host, 0) >= HOST_GIVE_UPS:
+            raise LocationError(
+                f"{self.url}: not tried: the last {_GAVE_UP[self.host]} reads from {self.host} gave up "
+                "(the host keeps failing)"
+            )
         self._retry(self._open)
 
     def readable(self) -> bool:
@@ -222,11 +318,19 @@ class Stream(io.RawIOBase):
         fs = self.location.fs
         if self.location.scheme in ("http", "https"):  # the fs gives a read timeout, not a whole-body one
             headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
-            # a stream (no range request per block); a known size spares fsspec's HEAD, which reports an
-            # unreachable server as a missing file
-            size = {"size": self.expected_bytes} if self.expected_bytes else {}
-            self._f = fs.open(self.url, "rb", block_size=0, headers=headers, **size)
-            status = getattr(getattr(self._f, "r", None), "status", 200)
+            # a stream (no range request per block). A size, even a stand-in where none is known (a streamed
+            # file does not use it), spares fsspec's HEAD: it reports an unreachable server as a missing file,
+            # and doubles every read timeout; the GET itself says 404, or what the file is
+            size = self.expected_bytes or 1 << 62
+            self._f = fs.open(self.url, "rb", block_size=0, headers=headers, size=size)
+            response = getattr(self._f, "r", None)
+            status = getattr(response, "status", 200)
+            kind = str(getattr(response, "headers", {}).get("Content-Type", ""))
+            if kind.startswith("text/html"):  # a login page or a proxy's error page, sent with 200
+                what = "a tar" if self.name.endswith(".tar") else f"{self.name}"
+                raise LocationError(
+                    f"{final_url(self.url)}: the server sent text/html (an error or login page), not {what}"
+                )
             if self.pos and status != 206:  # the server ignores ranges: read again up to where it broke
                 self._discard(self.pos)
         else:
@@ -248,16 +352,34 @@ class Stream(io.RawIOBase):
             except LocationError:
                 raise
             except Exception as e:  # noqa: BLE001 - the store's client decides the kind; transient() reads it
-                if isinstance(e, FileNotFoundError) and not (e.__cause__ and transient(e.__cause__)):
-                    raise FileNotFoundError(f"{self.url}: no such file") from None
+                self._refused(e)
                 e = e.__cause__ if isinstance(e, FileNotFoundError) else e  # fsspec's "not found": unreachable
-                if not transient(e) or attempt == ATTEMPTS or time.monotonic() - started > TIMEOUT_S * ATTEMPTS:
+                if not transient(e) or attempt == ATTEMPTS or time.monotonic() - started > read_deadline():
+                    _GAVE_UP[self.host] = _GAVE_UP.get(self.host, 0) + 1
                     raise LocationError(
-                        f"{self.url}: unreadable after {attempt} attempt(s) at byte {self.pos}: {first_line(e)}"
+                        f"{final_url(self.url)}: unreadable after {attempt} attempt(s) in "
+                        f"{time.monotonic() - started:.0f} s at byte {self.pos}: {first_line(e)}"
                     ) from None
+                from cxrdist.redact import redact
+
+                logger.warning(
+                    "%s", redact(f"{final_url(self.url)}: {first_line(e)} at byte {self.pos}; retry {attempt} of "
+                                 f"{ATTEMPTS - 1} in {delay:g} s")
+                )  # fmt: skip
                 self._close_source()  # the next attempt reopens at self.pos (_read_once, or _open itself)
                 time.sleep(delay)
                 delay *= 2
+
+    def _refused(self, e: Exception) -> None:
+        """What is no reason to try again, said as it is: a refused redirect, a 4xx, a missing file."""
+        for err in (e, e.__cause__, e.__context__):
+            if isinstance(err, RedirectRefused):
+                raise LocationError(f"{self.url}: {err}") from None
+        refusal = http_refusal(e)
+        if refusal:  # 401, 403, 410, ...: said as the server said it (a 403 is no missing file)
+            raise LocationError(f"{final_url(self.url)}: the server answered {refusal}") from None
+        if isinstance(e, FileNotFoundError) and not (e.__cause__ and transient(e.__cause__)):
+            raise FileNotFoundError(f"{final_url(self.url)}: no such file") from None
 
     def _read_once(self, n: int) -> bytes:
         if self._f is None:
@@ -269,6 +391,8 @@ class Stream(io.RawIOBase):
             raise LocationError(f"{self.url}: the command exited with {self._proc.returncode}: {tail}")
         if not data and self.expected_bytes and self.pos < self.expected_bytes:
             raise ConnectionError(f"the stream ended at byte {self.pos} of {self.expected_bytes}")
+        if not data:
+            _GAVE_UP.pop(self.host, None)  # read to its end: the host works
         return data
 
     def read(self, n: int = -1) -> bytes:

@@ -76,12 +76,24 @@ def read_manifest(dir) -> dict:
     return check_fields(text, path)
 
 
+# a manifest lists shards, not samples: ~100 MB for a million samples with every skip listed; a body past this
+# is no manifest, and is not read into memory
+MANIFEST_CAP = 256 << 20
+
+
 def _remote_manifest(loc: location.Location) -> dict:
     url = loc.url(MANIFEST)
     try:
-        raw = loc.read_bytes(MANIFEST)
+        with loc.open(MANIFEST) as f:
+            raw = f.read(MANIFEST_CAP + 1)
     except FileNotFoundError:
         raise ManifestError(f"{loc}: no {MANIFEST} there (a shard folder written by `cxrdist shard`)") from None
+    url = location.final_url(url)  # where a same-host redirect led: what the messages name
+    if len(raw) > MANIFEST_CAP:
+        raise ManifestError(
+            f"{url}: more than {MANIFEST_CAP >> 20} MiB, the cap for a {MANIFEST} (a million samples take about "
+            "100 MB): refused, not read further"
+        )
     try:
         return check_fields(raw.decode("utf-8"), url)
     except UnicodeDecodeError as e:

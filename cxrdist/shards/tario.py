@@ -115,11 +115,9 @@ def members(
         url = str(path)
         base, _, file = url.rpartition("/")
         cache = None if url.startswith("pipe:") else cache  # a command has no stable file to key a copy by
-        local = cache.hit(base, file, expected_bytes) if cache and expected_bytes else None
+        local = cache.hit(base, file, expected_bytes, expected_sha256) if cache and expected_bytes else None
         if local is not None:
-            yield from members(
-                local, name=name or file, expected_bytes=expected_bytes, expected_sha256=expected_sha256, read=read
-            )
+            yield from members(local, name=name or file, expected_bytes=expected_bytes, read=read)  # hit() hashed it
             return
         filler = cache.filler(base, file, expected_bytes) if cache and expected_bytes and cache_sha256 else None
         try:

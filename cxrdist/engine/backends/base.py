@@ -179,6 +179,12 @@ class Backend:
     def devices_per_process(self) -> int:
         return 1
 
+    def reduce_precision(self) -> str:
+        """The dtype gradients are averaged over ranks in (the summary records it: backends compared must not
+        differ in it). Parameters stay fp32 under autocast, so their gradients are fp32 everywhere unless a
+        backend says otherwise; one process reduces nothing."""
+        return "fp32" if self.distributed or self.devices_per_process() > 1 else "none (one device)"
+
     def init_distributed(self) -> None:
         if self.distributed:
             dist.init_process_group(self.env, self.device, self.cfg.dist.timeout_s, always=self.always_group)
@@ -211,6 +217,9 @@ class Backend:
     def eval_model(self) -> nn.Module:
         """A module every rank can run forward passes on independently (evaluation batches differ per rank)."""
         return self.module
+
+    def eval_done(self) -> None:
+        """The evaluation is over: free what ``eval_model`` held only for it (fsdp: its full replica)."""
 
     def lr(self) -> float:
         raise NotImplementedError

@@ -82,7 +82,11 @@ class DeepSpeedBackend(Backend):
         if c.run.precision == "fp16":
             config["fp16"] = {"enabled": True, "auto_cast": True, "initial_scale_power": 16}
         elif c.run.precision == "bf16":
-            config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+            # no module is "lower-precision safe": DeepSpeed would otherwise reduce Conv/Linear gradients in
+            # bf16 (torch_autocast's default list), where DDP, FSDP and ZeRO-0 reduce in fp32; the backends
+            # compared must differ in their distribution, not in their gradient precision. Convolutions
+            # still compute in bf16 (autocast).
+            config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
         if c.dist.deepspeed_config:
             user = user_deepspeed_config(c.dist.deepspeed_config, c.run.precision)
             config.update(
@@ -100,9 +104,8 @@ class DeepSpeedBackend(Backend):
         optimizer = make_optimizer(module, self.cfg)
         scheduler = make_scheduler(optimizer, self.cfg, total_steps)
         os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # DeepSpeed asserts it is set
-        args = argparse.Namespace(device_rank=self.device.index if self.device.type == "cuda" else 0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            args=args,
+            args=self.ds_args(),
             model=module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
@@ -118,6 +121,19 @@ class DeepSpeedBackend(Backend):
                 activations_channels_last(self.engine.module)
         if self.cfg.run.compile:  # DeepSpeed's own: compiles engine.module in place (evaluation runs it too)
             self.engine.compile(compile_kwargs=compile_kwargs(self.cfg))
+
+    def ds_args(self) -> argparse.Namespace:
+        """DeepSpeed takes the GPU from ``args.device_rank`` when given, else from LOCAL_RANK: cxrdist's own
+        choice (``dist.gpu_index``: one visible GPU per task makes it 0 whatever the local rank is)."""
+        return argparse.Namespace(device_rank=self.device.index if self.device.type == "cuda" else 0)
+
+    def reduce_precision(self) -> str:
+        if self.cfg.run.precision == "fp16":
+            return "fp16"  # DeepSpeed's fp16 optimizer keeps fp16 gradients
+        safe = self.ds_config().get("torch_autocast", {}).get("lower_precision_safe_modules", [])
+        if self.cfg.run.precision == "bf16" and safe:  # a user's --deepspeed-config asked for it
+            return f"bf16 for {', '.join(map(str, safe))}; fp32 otherwise"
+        return "fp32"
 
     def train_step(self, loss_fn):
         self.engine.train()

@@ -2,16 +2,16 @@
 
 - Sharding: every top-level block of the model (``features.denseblock1``, ``features.transition1``, ...
   for DenseNet; the same depth-2 modules for any timm model) is one FSDP unit, the rest the root's.
-- Precision: FSDP's ``MixedPrecisionPolicy`` (bf16 parameters for compute, fp32 gradient reduction, fp32
-  sharded master weights), inside torch.autocast for what the policy does not cast (buffers used as
-  convolution weights: the blur filters of densenetblur121d). BatchNorm keeps fp32 weights in units of
-  its own (CPU kernels refuse bf16 weights against fp32 running statistics; on GPUs fp32 statistics are
-  also the numerically sound choice):
-  its input stays bf16 and only its small parameters are gathered in fp32. fp16 is refused: FSDP2's loss
-  scaling is not wired up here (use bf16).
+- Precision: one policy for every unit (``MixedPrecisionPolicy``: fp32 parameters, all-gathers and gradient
+  reduction; fp32 sharded master weights) and torch.autocast for the compute, as DDP and ZeRO do. A policy
+  with bf16 parameters would need BatchNorm in fp32 units of its own (CPU kernels refuse bf16 weights
+  against fp32 running statistics): 134 units instead of 15 for DenseNet-121, each with its own
+  collectives (`cxrdist bench step` measures the two). fp16 is refused: FSDP2's loss scaling is not wired
+  up here (use bf16).
 - Evaluation: ranks see different numbers of evaluation batches (exact-once), but every FSDP forward is a
   collective; ``eval_model`` is therefore a plain replica with the full weights (gathered once per
-  evaluation), run independently on each rank.
+  evaluation), run independently on each rank. It lives on the CPU between evaluations (``eval_done``):
+  a full unsharded copy on every GPU through training would undo what sharding saves.
 - Checkpoints: ``torch.distributed.checkpoint`` folders (each rank writes its shards) named by the same
   atomic ``latest``/``best`` pointers as DeepSpeed's; the trainer's state in ``client.pt`` (rank 0).
   ``read_weights`` loads one into a full state dict in a single process (no group).
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxrdist.config import ConfigError
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.engine.backends.base import (
     Backend,
@@ -65,13 +64,12 @@ class FSDPBackend(Backend):
     checkpoint_format = "torch.distributed.checkpoint folders named by 'latest' / 'best' pointer files"
 
     @classmethod
-    def check(cls, cfg, env, device):
-        super().check(cfg, env, device)
+    def validate(cls, cfg):
+        """Hardware-free, so a sweep (``compare.py --precision fp16``) lists the arm as skipped instead of
+        queueing a job that fails on the node."""
         if cfg.run.precision == "fp16":
-            raise ConfigError(
-                "--backend fsdp trains in bf16 or fp32 (FSDP2 loss scaling for fp16 is not wired "
-                "up): use --precision bf16"
-            )
+            return ["--backend fsdp trains in bf16 or fp32 (FSDP2's loss scaling for fp16 is not wired up): use bf16"]
+        return []
 
     def setup(self, model, total_steps):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -80,18 +78,11 @@ class FSDPBackend(Backend):
             self.channels_last = "activations"
             activations_channels_last(model)
         model = self.prepare_model(model)
-        self._replica = copy.deepcopy(model)  # the evaluation module, filled on demand
-        low = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
-        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if self.amp_dtype is None:
-            norms = []
-        for m in norms:
-            fully_shard(m, mp_policy=fp32)
+        self._replica = copy.deepcopy(model).cpu()  # the evaluation module, filled and moved on demand
+        policy = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)  # autocast computes
         for unit in shard_units(model):
-            if unit not in norms:  # a top-level BatchNorm (DenseNet's norm0) is a unit of its own already
-                fully_shard(unit, mp_policy=low)
-        fully_shard(model, mp_policy=low)
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         self._module = model
         # after fully_shard, as FSDP2 wants it; static shapes: inductor's dynamic-shape lowering of FSDP2's
         # graphs fails on the CPU ("Cannot convert expression to float"), and training batches never change
@@ -101,8 +92,8 @@ class FSDPBackend(Backend):
 
     def train_step(self, loss_fn):
         self._module.train()
-        with self.step_autocast():  # FSDP casts parameters; autocast also covers buffers used as conv
-            loss = loss_fn(self._train)  # weights (the blur filters of densenetblur121d)
+        with self.step_autocast():  # the compute precision: FSDP's units stay fp32 (see the module notes)
+            loss = loss_fn(self._train)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.grad_clip:
@@ -121,6 +112,9 @@ class FSDPBackend(Backend):
         full = get_model_state_dict(self._module, options=StateDictOptions(full_state_dict=True))
         self._replica.load_state_dict(full)
         return self._replica.to(self.device)
+
+    def eval_done(self):
+        self._replica.cpu()
 
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
