@@ -11,14 +11,14 @@ CONSTRAINTS := constraints.txt
 
 .PHONY: setup lint demo test test-heavy test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
 
+# The last step: DeepSpeed JIT-builds its CPU comm op with g++ on first use (about a minute on 2 cores): here,
+# once, into .cache/torch_extensions, instead of inside the first test or demo run that starts DeepSpeed.
 $(BIN)/cxrdist: setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -c $(CONSTRAINTS) torch torchvision
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test]'
-	# DeepSpeed JIT-builds its CPU comm op with g++ on first use (about a minute on 2 cores): here, once,
-	# into .cache/torch_extensions, instead of inside the first test or demo run that starts DeepSpeed
-	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()" >/dev/null
+	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load()" >/dev/null 2>&1
 	touch $@
 
 setup: $(BIN)/cxrdist
@@ -106,8 +106,9 @@ gpu-check:
 
 # The same harness on the CPU (gloo, tiny images, nothing timed): part of `make test` (tests/test_gpucheck.py);
 # its budget only guards against a hang (a loaded CI box must not turn checks into SKIPs).
+GPU_ONLY ?=
 gpu-check-dry: setup
-	$(BIN)/python -m cxrdist.gpucheck --dry --out $(GPU_REPORT)-dry --budget-s 1800
+	$(BIN)/python -m cxrdist.gpucheck --dry --out $(GPU_REPORT)-dry --budget-s 1800 $(if $(GPU_ONLY),--only "$(GPU_ONLY)")
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info .whl

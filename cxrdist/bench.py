@@ -201,18 +201,19 @@ def bench_loader(quick: bool = False, workdir: str | Path | None = None) -> dict
 
 def _bench_loader(quick: bool, workdir: str | Path | None) -> dict[str, Any]:
     from cxrdist import imaging
-    from cxrdist.data.files import make_file_loader
-    from cxrdist.data.stream import make_loader, read_shard_list, warm_decoders
+    from cxrdist.data.files import file_eval_loader, file_train_loader
+    from cxrdist.data.stream import train_loader, warm_decoders
     from cxrdist.data.transforms import Augment
     from cxrdist.engine.benchstep import goal
+    from cxrdist.shards.shardset import ShardSet
     from cxrdist.shards.tario import iter_shard
 
     repeats = 5 if quick else 3  # quick: short measures, so more rounds to take the best of
     bs = 32
     with tempfile.TemporaryDirectory(prefix="cxrdist-bench-", dir=workdir) as tmp:
         data = _prepare(Path(tmp), quick)
-        _, shards = read_shard_list(data["jpg"], "train")
-        jpegs = [m["jpg"] for s in shards for _, _, m in iter_shard(s)]
+        jpg, dcm = ShardSet.open(data["jpg"]), ShardSet.open(data["dcm"])  # each read once, as a run reads it
+        jpegs = [m["jpg"] for s in jpg.shards("train") for _, _, m in iter_shard(s)]
         warm_decoders()
 
         def raw() -> int:
@@ -220,30 +221,25 @@ def _bench_loader(quick: bool, workdir: str | Path | None) -> dict[str, Any]:
                 imaging.decode(b, "jpg")
             return len(jpegs)
 
-        kw = dict(batch_size=bs, workers=0, train=True, epoch=0, seed=0)
+        world = _world(bs)
         aug = Augment(224, train=True)
         rates, wall = _best_rates(
             {
                 "raw_decode_ips": raw,
-                "shards_ips": _epochs(make_loader(data["jpg"], "train", **kw)),  # every epoch hashed
-                "shards_unhashed_ips": _epochs(make_loader(data["jpg"], "train", check_sha256=False, **kw)),
-                "shards_cpu_aug_ips": lambda: _count(make_loader(data["jpg"], "train", augment=aug, **kw)),
-                "jpeg_files_ips": lambda: _count(make_file_loader(data["jpg"], "train", "jpeg", **kw)),
+                "shards_ips": _epochs(train_loader(jpg, world)),  # every epoch hashed
+                "shards_unhashed_ips": _epochs(train_loader(jpg, world, check_sha256=False)),
+                "shards_cpu_aug_ips": lambda: _count(train_loader(jpg, world, augment=aug)),
+                "jpeg_files_ips": lambda: _count(file_train_loader(jpg, world, "jpeg", persistent=False)),
             },
             repeats,
         )
         # the DICOM arm: every image of the (small, slow) DICOM set once, in eval order
         dicom_cpu, dicom_wall = _best_rates(
-            {
-                "dicom_ips": lambda: _count(
-                    make_file_loader(data["dcm"], "train", "dicom", batch_size=4, workers=0, train=False)
-                )
-            },
-            1,
+            {"dicom_ips": lambda: _count(file_eval_loader(dcm, "train", _world(4), "dicom"))}, 1
         )
         rates.update(dicom_cpu)
         wall.update(dicom_wall)
-        stream_rates, stream_wall = _bench_streamed(data["jpg"], Path(tmp) / "cache", kw, repeats)
+        stream_rates, stream_wall = _bench_streamed(data["jpg"], Path(tmp) / "cache", world, repeats)
         rates.update(stream_rates)
         wall.update(stream_wall)
     ratios = {
@@ -281,19 +277,27 @@ def _bench_loader(quick: bool, workdir: str | Path | None) -> dict[str, Any]:
     }
 
 
-def _bench_streamed(folder: Path, cache_dir: Path, kw: dict, repeats: int) -> tuple[dict, dict]:
+def _world(batch: int):
+    """One in-process reader (the loader measured is one worker's), one rank."""
+    from cxrdist.data.world import World
+
+    return World.of(rank=0, world_size=1, workers=0, seed=0, micro_batch=batch)
+
+
+def _bench_streamed(folder: Path, cache_dir: Path, world, repeats: int) -> tuple[dict, dict]:
     """The shard loader reading ``folder`` over HTTP, over S3 (moto installed) and, after a first pass
     filled it, from the shard cache (best of the rounds: every round after the first reads the cache)."""
-    from cxrdist.data.stream import make_loader
+    from cxrdist.data.stream import train_loader
     from cxrdist.shards.cache import ShardCache
+    from cxrdist.shards.shardset import ShardSet
 
     cache = ShardCache(str(cache_dir), 10**12)
     with _streamed(folder) as urls:
         # the local loader again, in the same interleaved rounds: the streamed arms' reference (this shared
         # machine's speed drifts between the groups of one run by more than the differences measured)
-        arms = {"shards_local_ips": _epochs(make_loader(folder, "train", **kw))}
-        arms |= {f"shards_{k}_ips": _epochs(make_loader(u, "train", **kw)) for k, u in urls.items()}
-        arms["shards_cached_ips"] = _epochs(make_loader(urls["http"], "train", cache=cache, **kw))
+        arms = {"shards_local_ips": _epochs(train_loader(ShardSet.open(folder), world))}
+        arms |= {f"shards_{k}_ips": _epochs(train_loader(ShardSet.open(u), world)) for k, u in urls.items()}
+        arms["shards_cached_ips"] = _epochs(train_loader(ShardSet.open(urls["http"], cache=cache), world))
         return _best_rates(arms, repeats)
 
 

@@ -32,7 +32,8 @@ class DataConfig:
     image_size: int = 224  # training resolution (shards are packed at --size, e.g. 256)
     workers: int = -1  # loader worker processes per rank (-1: auto, cxrdist.cpus.auto_workers)
     augment: str = "auto"  # auto (device on GPU, worker on CPU) | device | worker | none
-    shuffle_buffer: int = 1000  # samples in each worker's shuffle buffer
+    shuffle_window: int = 16_384  # samples shuffled together (data.shuffle): more mixes better, a reader holds
+    # about window / (ranks x readers) raw samples
     check_sha256: str = "first"  # first (each split's first read in a process) | every (read) | off
     shard_cache: str = ""  # node-local folder keeping streamed shards after their first read ("": none)
     shard_cache_gb: float = 100.0  # the cache's bound; least recently used shards go first
@@ -50,7 +51,9 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 5
-    batch_size: int = 64  # per rank (the poster: 64 per GPU)
+    batch_size: int = 64  # per rank per forward/backward (the poster: 64 per GPU)
+    global_batch_size: int = 0  # samples per optimizer step (0: batch_size x ranks x accumulate)
+    accumulate: int = 1  # micro-steps per optimizer step (resolved from global_batch_size when that is given)
     lr: float = 1e-3  # for the global batch
     opt: str = "adamw"  # any timm optimizer (timm.optim.list_optimizers()): adamw, sgd (Nesterov), momentum, ...
     momentum: float = 0.9  # optimizers with momentum (sgd, momentum, rmsprop, ...)
@@ -89,6 +92,11 @@ class RunConfig:
     compile: bool = False  # torch.compile the training forward (every backend but dp)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | ...
     log_to: str = ""  # also send the TensorBoard scalars to: mlflow, wandb (comma-separated; extras)
+    record_samples: bool = False  # RUN/samples/: the keys each rank trained on, per epoch and part, in order
+
+
+# keys older run folders hold that no longer mean anything (read and dropped, so their configs still load)
+RETIRED = {"data.shuffle_buffer"}  # the per-worker shuffle buffer, replaced by the window of data.shuffle
 
 
 @dataclass
@@ -114,7 +122,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         groups = {}
         for f in dataclasses.fields(cls):
-            sub = d.get(f.name) or {}
+            sub = {k: v for k, v in (d.get(f.name) or {}).items() if f"{f.name}.{k}" not in RETIRED}
             known = {g.name for g in dataclasses.fields(f.default_factory)}
             unknown = set(sub) - known
             if unknown:
@@ -193,7 +201,9 @@ class TrainConfig:
             ("--grad-clip", o.grad_clip, 0.0, None, True),
             ("--drop-rate", self.model.drop_rate, 0.0, 1.0, True),
             ("--shard-cache-gb", d.shard_cache_gb, 0.0, None, False),
-            ("--shuffle-buffer", d.shuffle_buffer, 0, None, True),
+            ("--shuffle-window", d.shuffle_window, 1, None, True),
+            ("--accumulate", o.accumulate, 1, None, True),
+            ("--global-batch-size", o.global_batch_size, 0, None, True),
             ("--log-every", r.log_every, 1, None, True),
             ("--checkpoint-every", r.checkpoint_every, 0, None, True),
             ("--max-steps", r.max_steps, 0, None, True),
@@ -283,7 +293,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
         "loader workers per rank, or auto (-1): the rank's CPUs - 1 on GPUs, capped at 12; 1 on CPU ranks",
     ),
     ("--augment", "data.augment", str, "auto | device | worker | none"),
-    ("--shuffle-buffer", "data.shuffle_buffer", int, "samples in each worker's shuffle buffer"),
+    ("--shuffle-window", "data.shuffle_window", int, "samples shuffled together; the same order on any cluster"),
     (
         "--check-sha256",
         "data.check_sha256",
@@ -315,7 +325,14 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--fuse-demographics", "model.fuse_demographics", "store_true", "concatenate age and sex to the pooled features"),
     ("--drop-rate", "model.drop_rate", float, "dropout before the classifier"),
     ("--epochs", "optim.epochs", int, "epochs"),
-    ("--batch-size", "optim.batch_size", int, "images per rank per step (poster: 64)"),
+    ("--batch-size", "optim.batch_size", int, "images per rank per forward/backward (poster: 64)"),
+    (
+        "--global-batch-size",
+        "optim.global_batch_size",
+        int,
+        "images per optimizer step over all ranks (0: batch size x ranks x --accumulate); kept on resume",
+    ),
+    ("--accumulate", "optim.accumulate", int, "micro-steps per optimizer step (gradient accumulation)"),
     ("--lr", "optim.lr", float, "learning rate"),
     ("--opt", "optim.opt", str, "optimizer: any timm name (adamw, sgd = Nesterov momentum, momentum, lamb, ...)"),
     ("--momentum", "optim.momentum", float, "momentum (sgd, momentum, rmsprop, ...)"),
@@ -343,6 +360,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--device", "run.device", str, "auto | cpu | cuda"),
     ("--no-cudnn-benchmark", "run.cudnn_benchmark", "store_false", "keep cuDNN's default algorithm choice"),
     ("--no-test", "run.eval_test", "store_false", "skip the final test-split evaluation"),
+    ("--record-samples", "run.record_samples", "store_true", "write the keys each rank trained on to RUN/samples/"),
     ("--compile", "run.compile", "store_true", "torch.compile the training forward (every backend but dp)"),
     ("--compile-mode", "run.compile_mode", str, "torch.compile mode: default | reduce-overhead | max-autotune"),
     ("--log-to", "run.log_to", str, "also send the scalars to mlflow and/or wandb (comma-separated; extras)"),

@@ -69,7 +69,7 @@ def make_ctx(dry: bool, work: Path) -> Ctx:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         return Ctx(dry, device, work, size=224, packed=256, batch=64, images=1200)
-    return Ctx(dry, device, work, size=32, packed=40, batch=8, images=160)  # ~13 steps an epoch: plumbing only
+    return Ctx(dry, device, work, size=32, packed=40, batch=8, images=96)  # ~9 steps an epoch: plumbing only
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -433,6 +433,11 @@ def preempt_and_resume(ctx: Ctx, out: Path, *extra: str) -> dict:
     }
 
 
+def boot(ctx: Ctx) -> tuple[str, ...]:
+    """`cxrdist eval`'s bootstrap: its 1,000 replicates on the node; a few in the dry run (its plumbing)."""
+    return () if ctx.gpu else ("--bootstrap", "50")
+
+
 def fsdp_round_trip(ctx: Ctx, precision: str) -> dict:
     """FSDP's sharded checkpoint: one epoch saved, a second resumed from it, then `cxrdist eval` reads it in
     one process without a group."""
@@ -444,7 +449,7 @@ def fsdp_round_trip(ctx: Ctx, precision: str) -> dict:
     need(cli(*train_argv(ctx, run, *fsdp, *then, "--resume")), "FSDP resumed from its checkpoint")
     s = json.loads((run / "summary.json").read_text())
     assert s["status"] == "completed" and s["restarts"] == 1 and s["test"], s["status"]
-    ev = cli("eval", "--run", str(run), "--split", "test", "--checkpoint", "last")  # what the run's test scored
+    ev = cli("eval", "--run", str(run), "--split", "test", "--checkpoint", "last", *boot(ctx))  # the run's test
     need(ev, "cxrdist eval on the FSDP checkpoint")
     result = json.loads(ev.stdout[ev.stdout.index("{") :])
     assert result["n"] == s["test"]["n"], (result["n"], s["test"]["n"])
@@ -475,7 +480,7 @@ def check_end_to_end(ctx: Ctx):
         ),
         "DeepSpeed training",
     )
-    ev = cli("eval", "--run", str(run), "--split", "test")
+    ev = cli("eval", "--run", str(run), "--split", "test", *boot(ctx))
     need(ev, "cxrdist eval on the DeepSpeed checkpoint")
     out["deepspeed zero-1 + eval"] = json.loads(ev.stdout[ev.stdout.index("{") :])
     out["fsdp save + resume + eval"] = fsdp_round_trip(ctx, precision)
@@ -577,11 +582,12 @@ def arm_numbers(spec: dict, r: dict) -> dict:
 
 
 def loader_rate(ctx: Ctx, workers: int, batches: int) -> float:
-    from cxrdist.data.stream import make_loader
+    from cxrdist.data.stream import train_loader
+    from cxrdist.data.world import World
+    from cxrdist.shards.shardset import ShardSet
 
-    loader = make_loader(
-        ensure_shards(ctx), "train", batch_size=ctx.batch, workers=workers, train=True, pin_memory=ctx.gpu
-    )
+    world = World.of(rank=0, world_size=1, workers=workers, seed=0, micro_batch=ctx.batch)
+    loader = train_loader(ShardSet.open(ensure_shards(ctx)), world, pin_memory=ctx.gpu)
     n, t0 = 0, None
     for i, b in enumerate(loader):
         if i == 1:

@@ -92,6 +92,20 @@ def in_process(*args, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
+def shard_loader(where, split: str, *, batch: int = 4, workers: int = 0, train: bool = False, cache=None,
+                 check_sha256: bool = True):  # fmt: skip
+    """One rank's loader over ``where``: ShardSet.open + World + train_loader (the ``train`` split) or
+    eval_loader (the tests' shorthand for the two values a run builds)."""
+    from cxrdist.data import World, eval_loader, train_loader
+    from cxrdist.shards.shardset import ShardSet
+
+    shards = ShardSet.open(where, cache=cache, splits=(split,))
+    world = World.of(rank=0, world_size=1, workers=workers, seed=0, micro_batch=batch)
+    if train:
+        return train_loader(shards, world, check_sha256=check_sha256)
+    return eval_loader(shards, split, world, check_sha256=check_sha256)
+
+
 def summary(run: Path) -> dict:
     return json.loads((Path(run) / "summary.json").read_text())
 

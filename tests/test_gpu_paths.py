@@ -457,17 +457,19 @@ def test_peak_memory_starts_again_every_epoch():
 # loader: persistent workers give the same batches as a fresh loader
 # --------------------------------------------------------------------------------------------------------
 def test_persistent_training_workers_replay_each_epoch_exactly(tiny_shards):
-    from cxrdist.data.stream import make_loader
+    from cxrdist.data import World, train_loader
+    from cxrdist.shards.shardset import ShardSet
 
     def keys(loader):
         return [k for b in loader for k in b["key"]]
 
-    common = dict(batch_size=8, workers=2, train=True, seed=3)
-    kept = make_loader(tiny_shards["shards"], "train", persistent=True, **common)
+    shards = ShardSet.open(tiny_shards["shards"])
+    world = World.of(rank=0, world_size=1, workers=2, seed=3, micro_batch=8)
+    kept = train_loader(shards, world, persistent=True)
     first = keys(kept)
     pool = kept.dataloader()
     for epoch, start in ((1, 0), (2, 3)):
-        fresh = make_loader(tiny_shards["shards"], "train", epoch=epoch, start_batch=start, **common)
+        fresh = train_loader(shards, world.at_epoch(epoch), start_step=start)
         assert keys(kept.restart(epoch, start)) == keys(fresh), (epoch, start)
         assert kept.dataloader() is pool and len(kept) == len(fresh)
     assert keys(kept.restart(0)) == first

@@ -148,11 +148,14 @@ def edit_manifest(shards: Path, change) -> None:
 
 
 def test_a_sample_source_outside_the_source_root_is_not_read(shards, chexpert, tmp_path):
-    from cxrdist.data.files import FileError, make_file_loader
+    from cxrdist.data import World
+    from cxrdist.data.files import FileError, file_eval_loader
+    from cxrdist.shards.shardset import ShardSet
 
     rewrite_json(next(shards.glob("train-*.tar")), lambda m: m.update(source="../outside_secret/secret.jpg"))
     edit_manifest(shards, lambda m: None)
-    loader = make_file_loader(shards, "train", "jpeg", batch_size=4, workers=0, train=False, source_root=str(chexpert))
+    world = World.of(rank=0, world_size=1, workers=0, seed=0, micro_batch=4)
+    loader = file_eval_loader(ShardSet.open(shards), "train", world, "jpeg", source_root=str(chexpert))
     with pytest.raises(FileError, match=OUTSIDE):
         for _ in loader:
             pass
@@ -168,8 +171,9 @@ def test_a_sample_source_outside_the_source_root_is_not_read(shards, chexpert, t
     ],
 )
 def test_bad_label_and_mask_values_are_named_by_verify_and_the_loader(shards, change, message):
-    from cxrdist.data.stream import make_loader
     from cxrdist.shards.tario import ShardError
+
+    from runs import shard_loader
 
     tar = next(shards.glob("val-*.tar"))
     rewrite_json(tar, change)
@@ -177,7 +181,7 @@ def test_bad_label_and_mask_values_are_named_by_verify_and_the_loader(shards, ch
     problems = verify(shards)
     assert any(p.startswith(f"{tar.name}: sample ") and message in p for p in problems), problems
     with pytest.raises(ShardError, match=rf"{tar.name}: sample \S+ is unreadable: .*{message[:20]}"):
-        for _ in make_loader(shards, "val", batch_size=4, workers=0, train=False):
+        for _ in shard_loader(shards, "val"):
             pass
 
 
@@ -226,11 +230,12 @@ def test_a_key_repeated_inside_a_shard_is_named_by_verify_and_the_loader(shards)
 
     edit_manifest(shards, one_more)
     assert any(f"key {key} appears twice" in p for p in verify(shards))
-    from cxrdist.data.stream import make_loader
     from cxrdist.shards.tario import ShardError
 
+    from runs import shard_loader
+
     with pytest.raises(ShardError, match=rf"{tar.name}: key {key} appears twice"):
-        for _ in make_loader(shards, "train", batch_size=1, workers=0, train=False):
+        for _ in shard_loader(shards, "train", batch=1):
             pass
 
 
@@ -243,23 +248,23 @@ def flip_a_jpeg_byte(tar: Path) -> None:
 
 
 def test_a_shard_whose_bytes_differ_from_its_sha256_is_named_before_it_is_used(shards):
-    from cxrdist.data.stream import make_loader
     from cxrdist.shards.tario import ShardError
+
+    from runs import shard_loader
 
     tar = sorted(shards.glob("val-*.tar"))[0]
     flip_a_jpeg_byte(tar)
     assert f"{tar.name}: sha256 mismatch" in verify(shards)
     batches = []
     with pytest.raises(ShardError, match=rf"{tar.name}: sha256 mismatch"):
-        for b in make_loader(shards, "val", batch_size=1, workers=0, train=False):
+        for b in shard_loader(shards, "val", batch=1):
             batches.append(b)
     assert batches == []  # not one sample of the damaged shard was handed out
-    assert sum(
-        len(b["key"]) for b in make_loader(shards, "val", batch_size=4, workers=0, train=False, check_sha256=False)
-    )
+    assert sum(len(b["key"]) for b in shard_loader(shards, "val", check_sha256=False))
     # the training loader hashes when its epoch asks for it (the trainer: the first epoch, --check-sha256)
+    flip_a_jpeg_byte(sorted(shards.glob("train-*.tar"))[0])
     with pytest.raises(ShardError, match="sha256 mismatch"):
-        for _ in make_loader(shards, "val", batch_size=2, workers=0, train=True):
+        for _ in shard_loader(shards, "train", batch=2, train=True):
             pass
 
 
@@ -270,16 +275,17 @@ def test_a_shard_whose_bytes_differ_from_its_sha256_is_named_before_it_is_used(s
 def test_check_sha256_decides_per_read_of_a_split(shards, tmp_path, mode, reads):
     import torch
 
-    from cxrdist import dist
     from cxrdist.config import TrainConfig
-    from cxrdist.engine.inputs import Loaders
+    from cxrdist.data import World
+    from cxrdist.engine.inputs import Loaders, open_shards
 
     cfg = TrainConfig()
     cfg.data.shards, cfg.data.check_sha256, cfg.data.workers, cfg.run.out = str(shards), mode, 0, str(tmp_path / "r")
-    loaders = Loaders(cfg, dist.DistEnv(), torch.device("cpu"), batch_size=2)
+    world = World.of(rank=0, world_size=1, workers=0, seed=0, micro_batch=2)
+    loaders = Loaders(cfg, world, torch.device("cpu"), open_shards(cfg))
     loaders.steps_per_epoch()  # planning reads nothing and decides nothing
-    assert [loaders.train(e).stream.check_sha256 for e in range(3)] == reads
-    assert [loaders.eval("val").stream.check_sha256 for _ in range(3)] == reads
+    assert [loaders.train(e).stream.plan.values[2] for e in range(3)] == reads
+    assert [loaders.eval("val").stream.plan.values[2] for _ in range(3)] == reads
     loaders.close()
 
 

@@ -181,14 +181,15 @@ def file_modes(folder: Path) -> dict[str, int]:
 @pytest.mark.parametrize("umask, want", [(0o022, 0o644), (0o027, 0o640)])
 def test_files_cxrdist_writes_follow_the_umask(tiny_shards, tmp_path, umask, want):
     """A lab shares shard and run folders: every file (atomic ones included, which mkstemp makes 0600)
-    gets 0666 less the umask, as any program's files do."""
-    code = f"import os, sys; os.umask({umask}); from cxrdist.cli import main; sys.exit(main(sys.argv[1:]))"
-    shard = [sys.executable, "-c", code, "shard", "--source", "chexpert", "--root", str(tiny_shards["root"])]
-    shard += ["--out", str(tmp_path / "shards"), "--size", "32", "--samples-per-shard", "80", "--workers", "1"]
-    assert subprocess.run(shard, capture_output=True, text=True).returncode == 0
-    train_ = [sys.executable, "-c", code, "train", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run")]
-    done = subprocess.run([*train_, *TINY, "--max-steps", "2"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    gets 0666 less the umask, as any program's files do (`cxrdist shard` and `train`, in this process)."""
+    before = os.umask(umask)
+    try:
+        shard = ["shard", "--source", "chexpert", "--root", tiny_shards["root"], "--out", tmp_path / "shards"]
+        in_process(*shard, "--size", "32", "--samples-per-shard", "80", "--workers", "1", check=True)
+        train_ = ["train", "--shards", tmp_path / "shards", "--out", tmp_path / "run", *TINY, "--max-steps", "2"]
+        in_process(*train_, check=True)
+    finally:
+        os.umask(before)
     modes = file_modes(tmp_path / "shards") | file_modes(tmp_path / "run")
     assert {"manifest.json", "config.yaml", "summary.json", "checkpoints/last.pt"} <= set(modes)
     wrong = {f: oct(m) for f, m in modes.items() if m != want}
@@ -277,23 +278,24 @@ def test_an_unusable_shard_cache_is_refused_before_any_rank_starts(served, tmp_p
 
 
 def test_local_shards_with_a_shard_cache_say_it_is_not_used(tiny_shards, tmp_path, caplog):
-    from cxrdist.engine.inputs import check_inputs
+    from cxrdist.engine.inputs import open_shards
 
     cfg = parse_train_argv(["--shards", str(tiny_shards["shards"]), "--out", "x", "--shard-cache", str(tmp_path)])
-    check_inputs(cfg)
+    open_shards(cfg)
     said = [r.getMessage() for r in caplog.records if "--shard-cache" in r.getMessage()]
     assert len(said) == 1 and "a local folder, read in place: the cache is not used" in said[0]
 
 
 def test_a_cache_that_fills_mid_read_falls_back_to_streaming_and_keeps_no_partial_file(served, mount_disk, caplog):
-    from cxrdist.data.stream import make_loader
     from cxrdist.shards.cache import ShardCache
+
+    from runs import shard_loader
 
     sizes = sorted(p.stat().st_size for p in served["folder"].glob("train-*.tar"))
     disk = mount_disk(1)
     (disk / "filler").write_bytes(b"x" * ((1 << 20) - sizes[0] - sizes[0] // 2))  # room for one shard and a half
     cache = ShardCache(str(disk / "c"), 10**9)
-    loader = make_loader(served["url"], "train", batch_size=4, workers=0, train=False, cache=cache)
+    loader = shard_loader(served["url"], "train", cache=cache)
     keys = [k for b in loader for k in b["key"]]
     manifest = json.loads((served["folder"] / "manifest.json").read_text())
     assert len(keys) == len(set(keys)) == manifest["splits"]["train"]["samples"]  # every sample, streamed on
@@ -303,12 +305,12 @@ def test_a_cache_that_fills_mid_read_falls_back_to_streaming_and_keeps_no_partia
 
 
 def test_a_poisoned_cache_copy_is_dropped_and_read_from_the_url_again(served, tmp_path, caplog):
-    from cxrdist.data.stream import make_loader
     from cxrdist.shards.cache import ShardCache
 
+    from runs import shard_loader
+
     cache = ShardCache(str(tmp_path / "cache"), 10**9)
-    read = lambda: [k for b in make_loader(served["url"], "val", batch_size=4, workers=0, train=False, cache=cache)  # noqa: E731
-                    for k in b["key"]]  # fmt: skip
+    read = lambda: [k for b in shard_loader(served["url"], "val", cache=cache) for k in b["key"]]  # noqa: E731
     first = read()
     copy = sorted(cache.folder(served["url"]).glob("val-*.tar"))[0]
     data = bytearray(copy.read_bytes())

@@ -22,8 +22,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from cxrdist.data import Augment, ShardError, make_file_loader, make_loader
+from cxrdist.data import Augment, ShardError, World, eval_loader, file_eval_loader, file_train_loader, train_loader
+from cxrdist.errors import UserError
 from cxrdist.labels import OBSERVATIONS
+from cxrdist.shards.shardset import ShardSet
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
@@ -123,28 +125,24 @@ def keys_of(batches) -> list[str]:
     return [k for b in batches for k in b["key"]]
 
 
+def world(micro: int, rank=0, size=1, workers=0, seed=0, epoch=0, global_batch=0) -> World:
+    return World.of(rank=rank, world_size=size, workers=workers, seed=seed, micro_batch=micro,
+                    global_batch=global_batch).at_epoch(epoch)  # fmt: skip
+
+
 # (a) -------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("world,workers,bs", [(2, 2, BS), (2, 3, 5)])
-def test_train_every_rank_same_full_batches(data, world, workers, bs):
+@pytest.mark.parametrize("size,workers,bs", [(2, 2, BS), (2, 3, 5)])
+def test_train_every_rank_same_full_batches_each_sample_at_most_once(data, size, workers, bs):
     shard_dir, info = data
-    per_rank = SPLITS["train"] // (world * bs)
+    shards = ShardSet.open(shard_dir)
+    steps = SPLITS["train"] // (size * bs)
     seen = []
-    for rank in range(world):
-        loader = make_loader(
-            shard_dir,
-            "train",
-            batch_size=bs,
-            rank=rank,
-            world_size=world,
-            workers=workers,
-            epoch=1,
-            seed=3,
-            shuffle_buffer=50,
-        )
-        assert len(loader) == per_rank
+    for rank in range(size):
+        loader = train_loader(shards, world(bs, rank, size, workers, seed=3, epoch=1))
+        assert len(loader) == steps
         batches = list(loader)
-        assert len(batches) == per_rank
+        assert len(batches) == steps
         for b in batches:
             assert b["image"].shape == (bs, 1, SIZE, SIZE) and b["image"].dtype == torch.uint8
             assert b["labels"].shape == (bs, 14) and b["labels"].dtype == torch.float32
@@ -152,14 +150,13 @@ def test_train_every_rank_same_full_batches(data, world, workers, bs):
             assert len(b["key"]) == bs
         seen += keys_of(batches)
     assert set(seen) <= set(info["keys"]["train"])
-    # the ranks read disjoint shards: most of the split appears, duplicates only from workers that ran dry
-    assert len(set(seen)) >= 0.6 * SPLITS["train"]
+    assert len(seen) == len(set(seen)) == steps * size * bs  # the epoch's global batches, each sample once
 
 
 @pytest.mark.timeout(120)
 def test_train_single_worker_sees_each_sample_once(data):
     shard_dir, info = data
-    loader = make_loader(shard_dir, "train", batch_size=BS, workers=0, epoch=3, shuffle_buffer=50)
+    loader = train_loader(ShardSet.open(shard_dir), world(BS, epoch=3))
     keys = keys_of(loader)
     assert len(keys) == len(loader) * BS == SPLITS["train"]  # 120 = 15 batches of 8: the whole split
     assert sorted(keys) == sorted(info["keys"]["train"])  # a shuffle, not a draw with repeats
@@ -167,12 +164,13 @@ def test_train_single_worker_sees_each_sample_once(data):
 
 # (b) -------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("split,world,workers", [("val", 2, 2), ("val", 2, 3), ("test", 2, 2), ("train", 3, 0)])
-def test_eval_every_sample_exactly_once(data, split, world, workers):
+@pytest.mark.parametrize("split,size,workers", [("val", 2, 2), ("val", 2, 3), ("test", 2, 2), ("train", 3, 0)])
+def test_eval_every_sample_exactly_once(data, split, size, workers):
     shard_dir, info = data
+    shards = ShardSet.open(shard_dir)
     counts: Counter = Counter()
-    for rank in range(world):
-        loader = make_loader(shard_dir, split, batch_size=BS, rank=rank, world_size=world, workers=workers, train=False)
+    for rank in range(size):
+        loader = eval_loader(shards, split, world(BS, rank, size, workers))
         batches = list(loader)
         assert len(batches) == len(loader)
         assert loader.samples == sum(len(b["key"]) for b in batches)
@@ -187,12 +185,10 @@ def test_eval_every_sample_exactly_once(data, split, world, workers):
 # (c) -------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_same_seed_same_order_new_epoch_new_order(data):
-    shard_dir, _ = data
+    shards = ShardSet.open(data[0])
 
     def order(epoch, seed=0):
-        return keys_of(
-            make_loader(shard_dir, "train", batch_size=BS, workers=2, epoch=epoch, seed=seed, shuffle_buffer=30)
-        )
+        return keys_of(train_loader(shards, world(BS, workers=2, seed=seed, epoch=epoch)))
 
     first = order(0)
     assert order(0) == first
@@ -200,14 +196,33 @@ def test_same_seed_same_order_new_epoch_new_order(data):
     assert order(0, seed=1) != first
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size,workers,micro", [(2, 1, 8), (2, 2, 4), (4, 2, 4)])
+def test_the_global_batches_are_the_same_for_any_ranks_workers_and_accumulation(data, size, workers, micro):
+    """The loaders themselves (not only the plan): one rank with no workers against ranks x workers x
+    accumulation steps, global batch 16, two epochs: the same samples in each global batch."""
+    shards = ShardSet.open(data[0])
+
+    def global_batches(size, workers, micro, epoch):
+        got = {}
+        for rank in range(size):
+            w = world(micro, rank, size, workers, seed=4, epoch=epoch, global_batch=16)
+            for m, b in enumerate(train_loader(shards, w)):
+                got.setdefault(m // w.accumulate, set()).update(b["key"])
+        return [got[s] for s in sorted(got)]
+
+    for epoch in (0, 1):
+        assert global_batches(size, workers, micro, epoch) == global_batches(1, 0, 16, epoch), epoch
+
+
 # (d) -------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers,k,rank", [(2, 3, 0), (3, 4, 1), (0, 5, 1)])
-def test_start_batch_resumes_exactly(data, workers, k, rank):
-    shard_dir, _ = data
-    kw = dict(batch_size=BS, rank=rank, world_size=2, workers=workers, epoch=2, seed=7, shuffle_buffer=40)
-    full = list(make_loader(shard_dir, "train", **kw))
-    resumed_loader = make_loader(shard_dir, "train", start_batch=k, **kw)
+def test_start_step_resumes_exactly(data, workers, k, rank):
+    shards = ShardSet.open(data[0])
+    w = world(BS, rank, 2, workers, seed=7, epoch=2)
+    full = list(train_loader(shards, w))
+    resumed_loader = train_loader(shards, w, start_step=k)
     assert len(resumed_loader) == len(full) - k
     resumed = list(resumed_loader)
     assert [b["key"] for b in resumed] == [b["key"] for b in full[k:]]
@@ -216,20 +231,21 @@ def test_start_batch_resumes_exactly(data, workers, k, rank):
 
 
 # (e) -------------------------------------------------------------------------------------------------
-def _broken_copy(src: Path, dst: Path, how: str) -> str:
-    shutil.copytree(src, dst)
-    victim = dst / "val-000001.tar"
+def _break(folder: Path, how: str, split: str) -> str:
+    """Truncate, or damage a member header of, shard 1 of ``split`` (damaged: the manifest's sha256 follows,
+    so only the tar reader can tell)."""
+    victim = folder / f"{split}-000001.tar"
     raw = victim.read_bytes()
     if how == "truncated":
         victim.write_bytes(raw[: len(raw) // 2])
-    else:  # a damaged member header in the middle, same size: only the tar reader can tell
+    else:
         with tarfile.open(victim) as tf:
             members = tf.getmembers()
         pos = members[len(members) // 2].offset
         victim.write_bytes(raw[:pos] + b"\x7f" * 512 + raw[pos + 512 :])
-        manifest = json.loads((dst / "manifest.json").read_text())
-        manifest["splits"]["val"]["shards"][1]["sha256"] = hashlib.sha256(victim.read_bytes()).hexdigest()
-        (dst / "manifest.json").write_text(json.dumps(manifest))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["splits"][split]["shards"][1]["sha256"] = hashlib.sha256(victim.read_bytes()).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     return victim.name
 
 
@@ -237,12 +253,25 @@ def _broken_copy(src: Path, dst: Path, how: str) -> str:
 @pytest.mark.parametrize("how", ["truncated", "damaged"])
 @pytest.mark.parametrize("workers,train", [(0, False), (2, False), (2, True)])
 def test_broken_shard_is_named(data, tmp_path, how, workers, train):
-    shard_dir, _ = data
-    broken = _broken_copy(shard_dir, tmp_path / "broken", how)
-    loader = make_loader(tmp_path / "broken", "val", batch_size=4, workers=workers, train=train, shuffle_buffer=1000)
+    """The loaders' own reading (a shard truncated after the run opened its shard set; a truncated one
+    before that is refused by ShardSet.open, naming it too)."""
+    folder = tmp_path / "broken"
+    shutil.copytree(data[0], folder)
+    split = "train" if train else "val"
+    if how == "damaged":
+        broken = _break(folder, how, split)
+        shards = ShardSet.open(folder)
+    else:
+        shards = ShardSet.open(folder)
+        broken = _break(folder, how, split)
+    w = world(4, workers=workers)
+    loader = train_loader(shards, w) if train else eval_loader(shards, split, w)
     with pytest.raises(ShardError, match=broken) as err:
         list(loader)
     assert "Traceback" not in str(err.value)  # one clear line, not the worker's traceback
+    if how == "truncated":
+        with pytest.raises(UserError, match=rf"{broken}: \d+ bytes on disk, manifest.json says \d+"):
+            ShardSet.open(folder)
 
 
 @pytest.mark.timeout(60)
@@ -254,7 +283,7 @@ def test_shard_with_fewer_samples_than_manifest(data, tmp_path):
     manifest["splits"]["val"]["samples"] += 1
     (tmp_path / "short" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ShardError, match="val-000002.tar"):
-        list(make_loader(tmp_path / "short", "val", batch_size=BS, workers=2, train=False))
+        list(eval_loader(ShardSet.open(tmp_path / "short"), "val", world(BS, workers=2)))
 
 
 # (f) -------------------------------------------------------------------------------------------------
@@ -278,7 +307,7 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     )
     planted = info["keys"]["train"][0]
     for workers in (0, 2):
-        batches = list(make_loader(tmp_path / "shards", "train", batch_size=BS, workers=workers, train=False))
+        batches = list(eval_loader(ShardSet.open(tmp_path / "shards"), "train", world(BS, workers=workers)))
         assert planted in keys_of(batches)
         assert set(batches[0]) == {"image", "labels", "mask", "age", "sex", "key", "patient_id", "view"}
     assert not marker.exists()
@@ -288,15 +317,14 @@ def test_pickle_members_are_never_unpickled(tmp_path):
 @pytest.mark.timeout(120)
 def test_file_loader_matches_shard_loader(data):
     shard_dir, info = data
+    shards = ShardSet.open(shard_dir)
     shard = {}
-    for b in make_loader(shard_dir, "val", batch_size=BS, workers=0, train=False):
+    for b in eval_loader(shards, "val", world(BS)):
         for i, k in enumerate(b["key"]):
             shard[k] = (b["image"][i], b["labels"][i], b["mask"][i], b["age"][i], b["sex"][i])
     files = {}
     for rank in range(2):
-        loader = make_file_loader(
-            shard_dir, "val", "jpeg", batch_size=BS, rank=rank, world_size=2, workers=2, train=False, epoch=0, seed=0
-        )
+        loader = file_eval_loader(shards, "val", world(BS, rank, 2, workers=2), "jpeg")
         batches = list(loader)
         assert len(batches) == len(loader)
         for b in batches:
@@ -313,48 +341,50 @@ def test_file_loader_matches_shard_loader(data):
 
 
 @pytest.mark.timeout(120)
-def test_file_loader_train_equal_batches_and_resume(data):
-    shard_dir, _ = data
-    kw = dict(batch_size=BS, world_size=2, workers=2, train=True, epoch=1, seed=5)
-    runs = [list(make_file_loader(shard_dir, "train", "jpeg", rank=r, **kw)) for r in range(2)]
+def test_file_loader_trains_the_shard_loaders_global_batches_and_resumes(data):
+    shards = ShardSet.open(data[0])
+    runs = [list(file_train_loader(shards, world(BS, r, 2, workers=2, seed=5, epoch=1), "jpeg")) for r in range(2)]
     assert len(runs[0]) == len(runs[1]) == SPLITS["train"] // (2 * BS)
     assert all(len(b["key"]) == BS for run in runs for b in run)
     assert not set(keys_of(runs[0])) & set(keys_of(runs[1]))
-    resumed = list(make_file_loader(shard_dir, "train", "jpeg", rank=1, start_batch=3, **kw))
+    for r in range(2):  # the same samples, in the same micro-batches, as the shard loader
+        from_shards = train_loader(shards, world(BS, r, 2, workers=1, seed=5, epoch=1))
+        assert [b["key"] for b in runs[r]] == [b["key"] for b in from_shards]
+    resumed = list(file_train_loader(shards, world(BS, 1, 2, workers=2, seed=5, epoch=1), "jpeg", start_step=3))
     assert [b["key"] for b in resumed] == [b["key"] for b in runs[1][3:]]
 
 
 @pytest.mark.timeout(120)
 def test_a_persistent_file_loader_restarted_for_an_epoch_is_a_fresh_loader_of_that_epoch(data, monkeypatch):
     """The jpeg/dicom loaders keep their worker processes across epochs (as the shard loader): the epoch and
-    the resumed batch reach the workers through the sampler, so the augmented batches are exactly a fresh
+    the resumed step reach the workers through the sampler, so the augmented batches are exactly a fresh
     loader's; a GPU run pins their memory."""
-    shard_dir, _ = data
+    shards = ShardSet.open(data[0])
     aug = Augment(SIZE, train=True)
-    kw = dict(batch_size=BS, workers=1, train=True, seed=5, augment=aug)
-    kept = make_file_loader(shard_dir, "train", "jpeg", epoch=0, persistent=True, **kw)
+    kept = file_train_loader(shards, world(BS, workers=1, seed=5), "jpeg", augment=aug, persistent=True)
     assert kept.loader.persistent_workers and not kept.loader.pin_memory  # no GPU here
     first = list(kept)
     for epoch, start in ((1, 0), (2, 3)):
         again = list(kept.restart(epoch, start))
-        fresh = list(make_file_loader(shard_dir, "train", "jpeg", epoch=epoch, start_batch=start, **kw))
+        w = world(BS, workers=1, seed=5, epoch=epoch)
+        fresh = list(file_train_loader(shards, w, "jpeg", augment=aug, start_step=start, persistent=False))
         assert [b["key"] for b in again] == [b["key"] for b in fresh] and len(again) == len(kept)
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, fresh))
     assert [b["key"] for b in first] != [b["key"] for b in again]
     kept.close()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU rank builds (not iterated here)
-    gpu = make_file_loader(shard_dir, "train", "jpeg", pin_memory=True, persistent=True, **kw)
+    gpu = file_train_loader(shards, world(BS, workers=1), "jpeg", pin_memory=True, persistent=True)
     assert gpu.loader.pin_memory and gpu.loader.persistent_workers
 
 
 # the worker-side augmentation (CPU training) ------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_worker_augmentation_is_seeded_and_resumable(data):
-    shard_dir, _ = data
-    kw = dict(batch_size=BS, workers=2, epoch=0, seed=1, augment=Augment(48, train=True))
-    full = list(make_loader(shard_dir, "train", **kw))
+    shards = ShardSet.open(data[0])
+    w, aug = world(BS, workers=2, seed=1), Augment(48, train=True)
+    full = list(train_loader(shards, w, augment=aug))
     assert full[0]["image"].dtype == torch.float32 and full[0]["image"].shape == (BS, 1, 48, 48)
-    resumed = list(make_loader(shard_dir, "train", start_batch=5, **kw))
+    resumed = list(train_loader(shards, w, augment=aug, start_step=5))
     for a, b in zip(resumed, full[5:]):
         assert torch.equal(a["image"], b["image"])
 
@@ -380,18 +410,17 @@ def test_real_pack_round_trip(tmp_path, encoding):
         quiet=True,
     )
     dtype = torch.uint8 if encoding == "jpg" else torch.int32
+    shards = ShardSet.open(tmp_path / "shards")
     for split in ("train", "val"):
         n = manifest["splits"][split]["samples"]
         seen, by_key = Counter(), {}
         for rank in range(2):
-            for b in make_loader(
-                tmp_path / "shards", split, batch_size=4, rank=rank, world_size=2, workers=2, train=False
-            ):
+            for b in eval_loader(shards, split, world(4, rank, 2, workers=2)):
                 assert b["image"].dtype == dtype and b["image"].shape[1:] == (1, 48, 48)
                 seen.update(b["key"])
                 by_key.update({k: (img, lab) for k, img, lab in zip(b["key"], b["image"], b["labels"])})
         assert sum(seen.values()) == n and set(seen.values()) == {1}
-        for b in make_file_loader(tmp_path / "shards", split, "jpeg", batch_size=4, workers=0, train=False):
+        for b in file_eval_loader(shards, split, world(4), "jpeg"):
             assert b["image"].dtype == dtype
             for k, img, lab in zip(b["key"], b["image"], b["labels"]):
                 simg, slab = by_key.pop(k)
@@ -401,7 +430,5 @@ def test_real_pack_round_trip(tmp_path, encoding):
                 else:
                     assert (img.float() - simg.float()).abs().mean() < 2.0
         assert not by_key
-    lens = {
-        len(make_loader(tmp_path / "shards", "train", batch_size=4, rank=r, world_size=2, workers=2)) for r in range(2)
-    }
+    lens = {len(train_loader(shards, world(4, r, 2, workers=2))) for r in range(2)}
     assert lens == {manifest["splits"]["train"]["samples"] // 8}

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from cxrdist.data.stream import make_loader
 from cxrdist.shards import location
 from cxrdist.shards.location import LocationError, parse
 from cxrdist.shards.manifest import ManifestError, load_manifest
@@ -16,7 +15,7 @@ from cxrdist.shards.tario import ShardError
 from cxrdist.shards.verify import verify
 
 from fixtures_runs import ONE_EPOCH, STRAIGHT
-from runs import TINY, assert_same_weights, final_weights, train
+from runs import TINY, assert_same_weights, final_weights, shard_loader, train
 from servers import gcs_server, http_server, s3_server, upload
 
 
@@ -39,7 +38,7 @@ def s3(tiny_shards):
 
 def keys_and_labels(where) -> list[tuple[str, list[float]]]:
     out = []
-    for b in make_loader(where, "val", batch_size=4, workers=0, train=False):
+    for b in shard_loader(where, "val"):
         out += list(zip(b["key"], b["labels"].tolist()))
     return out
 
@@ -104,7 +103,7 @@ def test_missing_shards_dead_servers_and_bad_locations_are_one_clear_error(serve
         load_manifest(served["url"] + "/nothing-here")
     with http_server(tmp_path) as (base, _, server):
         url = f"{base}/served"
-        loader = make_loader(url, "test", batch_size=4, workers=0, train=False)
+        loader = shard_loader(url, "test")
         server.shutdown()
         server.server_close()
         t0 = time.monotonic()
@@ -185,15 +184,15 @@ def test_shard_writes_to_s3_through_a_staging_folder_and_a_rerun_uploads_nothing
 def test_the_shard_cache_keeps_whole_verified_shards_and_serves_them_next_time(tiny_shards, served, tmp_path):
     import fcntl
 
-    from cxrdist.data.stream import read_shard_list
     from cxrdist.shards.cache import ShardCache
+    from cxrdist.shards.shardset import ShardSet
     from cxrdist.shards.tario import iter_shard
 
     cache = ShardCache(str(tmp_path / "cache"), 10**9)
     gets = lambda: sum(1 for name, _ in served["faults"].requests if name.endswith(".tar"))  # noqa: E731
     first = [
         (k, lab)
-        for b in make_loader(served["url"], "val", batch_size=4, workers=0, train=False, cache=cache)
+        for b in shard_loader(served["url"], "val", cache=cache)
         for k, lab in zip(b["key"], b["labels"].tolist())
     ]
     kept = sorted(p.name for p in cache.folder(served["url"]).glob("*.tar"))
@@ -203,12 +202,12 @@ def test_the_shard_cache_keeps_whole_verified_shards_and_serves_them_next_time(t
     before = gets()
     again = [
         (k, lab)
-        for b in make_loader(served["url"], "val", batch_size=4, workers=0, train=False, cache=cache)
+        for b in shard_loader(served["url"], "val", cache=cache)
         for k, lab in zip(b["key"], b["labels"].tolist())
     ]
     assert again == first and gets() == before  # read from the node's copy: no request reached the server
 
-    _, shards = read_shard_list(served["url"], "test", cache)
+    shards = ShardSet.open(served["url"], cache=cache).shards("test")
     reader = iter_shard(shards[0])
     next(reader)
     reader.close()  # a reader that stops inside a shard keeps nothing, and leaves no partial file
@@ -216,7 +215,7 @@ def test_the_shard_cache_keeps_whole_verified_shards_and_serves_them_next_time(t
     folder = cache.folder(served["url"])
     with open(folder / f"{shards[1].name}.lock", "wb") as held:  # another rank is filling it
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert len(list(iter_shard(shards[1]))) == shards[1].samples  # streamed, not waited for
+        assert len(list(iter_shard(shards[1]))) == shards[1].samples  # nobody fills: streamed, not waited for
         assert not (folder / shards[1].name).exists()
 
     small = ShardCache(str(tmp_path / "small"), shards[0].bytes + shards[1].bytes // 2)  # one shard fits
@@ -267,11 +266,11 @@ def test_a_missing_extra_or_missing_credentials_is_one_line_naming_the_location(
 
 
 def test_a_streamed_shard_left_unfinished_is_hashed_on_its_next_read(served):
-    from cxrdist.data.stream import iter_share, read_shard_list, worker_share
+    from cxrdist.data.stream import iter_share, worker_share
 
-    _, shards = read_shard_list(served["url"], "train")
-    stream = make_loader(served["url"], "train", batch_size=4, workers=0, train=True, check_sha256=False).stream
-    rule, verified = stream.hash_rule(False), stream._verified
+    stream = shard_loader(served["url"], "val", check_sha256=False).stream
+    shards = stream.shards
+    rule, verified = stream.hash_rule(), stream._verified
     assert all(rule(s) for s in shards)  # an epoch that checks nothing still finishes the streamed shards
     share = worker_share(shards, 0, 1)
     reader = iter_share(share, rule, verified)

@@ -1,18 +1,20 @@
 """The loose-file loaders of the poster's Table 4: every image read from its original file each epoch.
 
-The sample list is the shard folder's own: keys, labels and source paths come from the ``.json`` members of
+The sample list is the shard set's own: keys, labels and source paths come from the ``.json`` members of
 the split's shards (image members are skipped unread), so the file loaders see exactly the samples the
-shard loader sees, in the same order, whatever seed or split the packer used. Each worker reads an image
-with :func:`cxrdist.imaging.read_image` (DICOM, JPEG or PNG by extension), fits it into the manifest's
-square size and quantises it like packing did (uint8 for ``jpg``, 16-bit as int32 for ``png16``).
+shard loader sees, whatever seed or split the packer used. Each worker reads an image with
+:func:`cxrdist.imaging.read_image` (DICOM, JPEG or PNG by extension), fits it into the manifest's square
+size and quantises it like packing did (uint8 for ``jpg``, 16-bit as int32 for ``png16``).
 
 ``fmt`` names the arm: ``jpeg`` for a JPEG source (CheXpert, MIMIC-CXR-JPG), ``dicom`` for a DICOM source
 (MIMIC-CXR). The files read are whatever the packed source holds: ``jpeg`` on a DICOM source reads the
 DICOMs (a warning says so), so compare a jpg-source folder for the jpeg arm with a dcm-source one.
 
-Batches and rules are the shard loader's: train yields ``floor(N / (world_size * batch_size))`` full batches
-on every rank (DistributedSampler with drop_last, reshuffled from ``seed + epoch``), ``start_batch`` skips
-indices only; eval yields every sample once across ranks (the last batch of a rank may be short).
+Batches and rules are the shard loader's, from the same two values (``ShardSet``, ``World``): training takes
+the epoch's global batches of ``data.shuffle``/``data.partition`` (files are read at random, so any micro-batch
+is one lookup away; the global batches equal the shard loader's for the same seed and window), a resumed
+epoch starts at its next step; evaluation yields every sample once across ranks (the last batch of a rank
+may be short).
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cxrdist.contain import OUTSIDE, Outside, escapes, within
-from cxrdist.data.stream import batch_generator, collate, iterate, read_shard_list
+from cxrdist.data.partition import micro_positions, steps_per_epoch
+from cxrdist.data.shuffle import epoch_order
+from cxrdist.data.stream import WINDOW, batch_generator, collate, iterate
+from cxrdist.data.world import World
 from cxrdist.errors import UserError
 from cxrdist.shards.manifest import sample_meta
+from cxrdist.shards.shardset import ShardSet
 from cxrdist.shards.tario import iter_shard
 
 FORMATS = ("jpeg", "dicom")
@@ -41,26 +47,22 @@ class FileError(UserError):
 
 
 @functools.lru_cache(maxsize=8)
-def _index(shard_dir: str, split: str, stamp: float) -> tuple[dict, tuple[tuple[str, dict], ...]]:
-    manifest, shards = read_shard_list(shard_dir, split)
+def _index(shards: ShardSet, split: str) -> tuple[tuple[str, dict], ...]:
     items = []
-    for shard in shards:
+    for shard in shards.shards(split):
         for name, key, members in iter_shard(shard, wanted=frozenset({"json"})):
             if "json" not in members:
                 raise FileError(f"{name}: sample {key} has no .json")
             try:
-                items.append((key, sample_meta(members["json"], len(manifest["labels"]))))
+                items.append((key, sample_meta(members["json"], len(shards.labels))))
             except ValueError as e:
                 raise FileError(f"{name}: sample {key} is unreadable: {e}") from None
-    return manifest, tuple(items)
+    return tuple(items)
 
 
-def file_index(shard_dir: str | Path, split: str) -> tuple[dict, list[tuple[str, dict]]]:
-    """The manifest and ``(key, json)`` of every sample of ``split``, in shard order (cached per folder)."""
-    d = Path(shard_dir)
-    stamp = (d / "manifest.json").stat().st_mtime if (d / "manifest.json").exists() else 0.0
-    manifest, items = _index(str(d.resolve()), split, stamp)
-    return manifest, list(items)
+def file_index(shards: ShardSet, split: str) -> list[tuple[str, dict]]:
+    """``(key, json)`` of every sample of ``split``, in the manifest's shard order (cached per shard set)."""
+    return list(_index(shards, split))
 
 
 class FileDataset(Dataset):
@@ -96,49 +98,45 @@ def quantise(img01: np.ndarray, encoding: str) -> np.ndarray:
     return np.rint(np.clip(img01, 0.0, 1.0) * peak).astype(dtype)
 
 
-class RankBatchSampler(Sampler):
-    """This rank's batches of dataset indices, each index paired with its epoch and rank-local batch number
-    (what the worker's augmentation is seeded from: persistent workers never see the sampler itself).
+class TrainSampler(Sampler):
+    """This rank's training micro-batches of an epoch as dataset indices, each paired with its epoch and
+    micro-batch number (what the worker's augmentation is seeded from: persistent workers never see the
+    sampler itself). The positions are the shard loader's (``data.partition.micro_positions``), mapped from
+    the epoch's reading order to the manifest's order of the samples."""
 
-    Train: DistributedSampler(shuffle, seed + epoch, drop_last) then whole batches only; eval: indices
-    ``rank, rank + world_size, ...`` (every sample once across ranks), the last batch possibly short.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        train: bool,
-        epoch: int,
-        seed: int,
-        start_batch: int = 0,
-    ):
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.train, self.epoch, self.seed, self.start_batch = train, epoch, seed, start_batch
-
-    def indices(self) -> list[int]:
-        if not self.train:
-            return list(range(self.rank, self.n, self.world_size))
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        usable = self.n // self.world_size * self.world_size
-        return perm[self.rank : usable : self.world_size]
-
-    def total_batches(self) -> int:
-        per_rank = self.n // self.world_size if self.train else len(range(self.rank, self.n, self.world_size))
-        return per_rank // self.batch_size if self.train else -(-per_rank // self.batch_size)
+    def __init__(self, sizes: list[int], world: World, *, start_step: int, window: int):
+        self.sizes, self.world, self.start_step, self.window = sizes, world, start_step, window
+        self.steps = steps_per_epoch(sum(sizes), world.global_batch)
+        self.train = True
 
     def __len__(self) -> int:
-        return max(0, self.total_batches() - self.start_batch)
+        return max(0, self.steps - self.start_step) * self.world.accumulate
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        idx, bs = self.indices(), self.batch_size
-        for j in range(self.start_batch, self.total_batches()):
-            yield [(self.epoch, j, i) for i in idx[j * bs : (j + 1) * bs]]
+        w = self.world
+        eo = epoch_order(self.sizes, w.seed, w.epoch, self.window)
+        first = np.concatenate([[0], np.cumsum(self.sizes)])  # manifest order: where each shard starts
+        for m in range(self.start_step * w.accumulate, self.steps * w.accumulate):
+            shard, idx = eo.locate(eo.order[micro_positions(w, m)])
+            yield [(w.epoch, m, int(i)) for i in (first[shard] + idx).tolist()]
+
+
+class EvalSampler(Sampler):
+    """Indices ``rank, rank + world_size, ...`` (every sample once across ranks), the last batch short."""
+
+    def __init__(self, n: int, world: World):
+        self.n, self.world, self.train = n, world, False
+
+    def indices(self) -> list[int]:
+        return list(range(self.world.rank, self.n, self.world.world_size))
+
+    def __len__(self) -> int:
+        return -(-len(self.indices()) // self.world.micro_batch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        idx, bs = self.indices(), self.world.micro_batch
+        for j in range(len(self)):
+            yield [(0, j, i) for i in idx[j * bs : (j + 1) * bs]]
 
 
 class Collate:
@@ -162,24 +160,22 @@ class FileLoader:
     def __init__(self, loader: DataLoader, *, length: int, samples: int, manifest: dict, fmt: str, reads: str):
         self.loader, self.length, self.samples, self.manifest = loader, length, samples, manifest
         self.fmt, self.reads = fmt, reads
-        self.sampler: RankBatchSampler = loader.batch_sampler
-        self.batch_size = self.sampler.batch_size
+        self.sampler: TrainSampler | EvalSampler = loader.batch_sampler
+        self.batch_size = self.sampler.world.micro_batch
         self.image_size = int(manifest.get("size", 0))
         self.encoding = manifest.get("encoding", "jpg")
 
     def __len__(self) -> int:
         return self.length
 
-    def restart(self, epoch: int, start_batch: int = 0, check_sha256: bool | None = None) -> FileLoader:
+    def restart(self, epoch: int, start_step: int = 0, check_sha256: bool | None = None) -> FileLoader:
         """The same loader, and its persistent worker processes, for another training epoch (the sampler
         lives in this process; the workers get the epoch with every index). ``check_sha256``: files have no
         hash to check."""
         sampler = self.sampler
-        if not sampler.train or not 0 <= start_batch <= sampler.total_batches():
-            raise ValueError(
-                f"restart(epoch={epoch}, start_batch={start_batch}) on a loader of {sampler.total_batches()}"
-            )
-        sampler.epoch, sampler.start_batch = epoch, start_batch
+        if not sampler.train or not 0 <= start_step <= sampler.steps:
+            raise ValueError(f"restart(epoch={epoch}, start_step={start_step}) on a loader of {sampler.steps} steps")
+        sampler.world, sampler.start_step = sampler.world.at_epoch(epoch), start_step
         self.length = len(sampler)
         self.samples = self.length * self.batch_size
         return self
@@ -193,43 +189,23 @@ class FileLoader:
         yield from iterate(self.loader, FileError)
 
 
-def make_file_loader(
-    manifest_dir: str | Path,
-    split: str,
-    fmt: str,
-    *,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    workers: int = 2,
-    train: bool = True,
-    epoch: int = 0,
-    seed: int = 0,
-    start_batch: int = 0,
-    augment: torch.nn.Module | None = None,
-    source_root: str | Path | None = None,
-    pin_memory: bool = False,
-    persistent: bool = False,
-) -> FileLoader:
-    """A loader over the original image files of a shard folder's ``split`` (same batches, same rules)."""
+def _dataset(shards: ShardSet, split: str, fmt: str, source_root) -> tuple[list, FileDataset, str]:
+    """The split's samples, the dataset reading their files, and what the files are (jpeg | dicom | mixed)."""
     if fmt not in FORMATS:
         raise UserError(f"file loader format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
-        raise ValueError(
-            f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} workers={workers}"
-        )
-    manifest, items = file_index(manifest_dir, split)
-    root = Path(source_root or manifest.get("root") or "")
+    items = file_index(shards, split)
+    root = Path(source_root or shards.manifest.get("root") or "")
+    where = shards.name
     if not root.is_dir():
         raise UserError(
-            f"source root {root} is not a folder: give --source-root (the dataset the shards in "
-            f"{manifest_dir} were packed from)"
+            f"source root {root} is not a folder: give --source-root (the dataset the shards in {where} were "
+            "packed from)"
         )
     first = str(items[0][1].get("source", "")) if items else ""
     if first and not escapes(first) and not (root / first).exists():  # an escaping one fails when read
         raise UserError(
-            f"{root / first} does not exist: is {root} the dataset the shards in "
-            f"{manifest_dir} were packed from? (give --source-root)"
+            f"{root / first} does not exist: is {root} the dataset the shards in {where} were packed from? "
+            "(give --source-root)"
         )
     from cxrdist.imaging import DICOM_SUFFIXES
 
@@ -237,46 +213,51 @@ def make_file_loader(
     reads = "dicom" if items and dicoms == len(items) else "jpeg" if not dicoms else "mixed"
     if fmt == "jpeg" and dicoms:
         warnings.warn(
-            f"--format jpeg on {manifest_dir}: its source holds DICOM files, so this loader reads "
-            f"the DICOMs; pack a JPEG source for the jpeg arm",
-            stacklevel=2,
+            f"--format jpeg on {where}: its source holds DICOM files, so this loader reads the DICOMs; pack a "
+            "JPEG source for the jpeg arm",
+            stacklevel=3,
         )
     elif fmt == "dicom" and reads != "dicom":
         warnings.warn(
-            f"--format dicom on {manifest_dir}: its source holds non-DICOM files ({reads}); "
-            f"pack a DICOM source (MIMIC-CXR) for the dicom arm",
-            stacklevel=2,
+            f"--format dicom on {where}: its source holds non-DICOM files ({reads}); pack a DICOM source "
+            "(MIMIC-CXR) for the dicom arm",
+            stacklevel=3,
         )
-    sampler = RankBatchSampler(
-        len(items),
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        train=train,
-        epoch=epoch,
-        seed=seed,
-        start_batch=start_batch,
-    )
-    if train:
-        if sampler.total_batches() == 0:
-            raise UserError(
-                f"split {split!r} has {len(items)} samples: not one batch of {batch_size} for each "
-                f"of {world_size} rank(s)"
-            )
-        if not 0 <= start_batch <= sampler.total_batches():
-            raise ValueError(f"start_batch={start_batch} outside 0..{sampler.total_batches()}")
-    elif start_batch:
-        raise ValueError("start_batch is for training loaders only")
-    dataset = FileDataset(items, root, int(manifest["size"]), manifest.get("encoding", "jpg"))
-    loader = DataLoader(
+    return items, FileDataset(items, root, int(shards.manifest["size"]), shards.manifest.get("encoding", "jpg")), reads
+
+
+def file_train_loader(shards: ShardSet, world: World, fmt: str, *, start_step: int = 0, window: int = WINDOW,
+                      augment: torch.nn.Module | None = None, source_root=None, pin_memory: bool = False,
+                      persistent: bool = True) -> FileLoader:  # fmt: skip
+    """This rank's training micro-batches from the original files (the shard loader's global batches)."""
+    items, dataset, reads = _dataset(shards, "train", fmt, source_root)
+    sampler = TrainSampler(shards.sizes("train"), world, start_step=start_step, window=window)
+    if sampler.steps == 0:
+        raise UserError(f"split 'train' has {len(items)} samples: not one global batch of {world.global_batch}")
+    if not 0 <= start_step <= sampler.steps:
+        raise ValueError(f"start_step={start_step} outside 0..{sampler.steps}")
+    loader = _dataloader(dataset, sampler, world, augment, pin_memory, persistent)
+    return FileLoader(loader, length=len(sampler), samples=len(sampler) * world.micro_batch,
+                      manifest=shards.manifest, fmt=fmt, reads=reads)  # fmt: skip
+
+
+def file_eval_loader(shards: ShardSet, split: str, world: World, fmt: str, *, source_root=None,
+                     pin_memory: bool = False) -> FileLoader:  # fmt: skip
+    """This rank's share of ``split`` from the original files, every sample once across ranks."""
+    items, dataset, reads = _dataset(shards, split, fmt, source_root)
+    sampler = EvalSampler(len(items), world)
+    loader = _dataloader(dataset, sampler, world, None, pin_memory, False)
+    return FileLoader(loader, length=len(sampler), samples=len(sampler.indices()), manifest=shards.manifest,
+                      fmt=fmt, reads=reads)  # fmt: skip
+
+
+def _dataloader(dataset, sampler, world: World, augment, pin_memory: bool, persistent: bool) -> DataLoader:
+    return DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=Collate(augment, seed, rank),
+        num_workers=world.workers,
+        collate_fn=Collate(augment, world.seed, world.rank),
         pin_memory=pin_memory and torch.cuda.is_available(),
-        prefetch_factor=2 if workers else None,
-        persistent_workers=persistent and train and workers > 0,  # the training loader keeps its workers
+        prefetch_factor=2 if world.workers else None,
+        persistent_workers=persistent and world.workers > 0,  # the training loader keeps its workers
     )
-    length = len(sampler)
-    samples = length * batch_size if train else len(sampler.indices())
-    return FileLoader(loader, length=length, samples=samples, manifest=manifest, fmt=fmt, reads=reads)

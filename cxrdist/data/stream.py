@@ -1,67 +1,61 @@
-"""The shard loader: WebDataset-layout shards read for DDP (not webdataset's pipeline: see below).
+"""The shard loader: WebDataset-layout shards read for every rank (not webdataset's pipeline: see below).
 
-Every rank runs ``workers`` loader processes; together they are ``world_size * workers`` *global workers*.
-Global worker ``g = rank * workers + w`` reads the shards ``order[g::G]`` (the order is shuffled per epoch
-from ``(seed, epoch)`` for training), or, when there are fewer shards than global workers, every shard while
-keeping every ``G``-th sample (``g``, ``g + G``, ...), so that each sample belongs to exactly one worker.
+A loader takes the run's two values: the ``ShardSet`` (what the location and manifest say, read once) and the
+``World`` (rank, ranks, workers per rank, seed, epoch, micro-batch, global batch).
 
-Workers read raw samples with the one tar reader (``cxrdist.shards.tario``), shuffle the *raw*
-bytes in a seeded buffer, drop the samples a resumed run has already seen, and only then decode (explicit
-decoders: ``.jpg``/``.png`` through :func:`cxrdist.imaging.decode`, ``.json`` through ``json.loads``; every
-other member, ``.pickle``/``.pyd`` included, is ignored and never unpickled) and collate whole batches.
+Training: the epoch's order is ``data.shuffle.epoch_order`` (shard sizes, seed and epoch only) and
+``data.partition`` cuts its global batches into the ranks' micro-batches, so the same experiment trains on
+the same global batches with 1, 2 or 8 ranks and any number of loader workers, and a run resumes on another
+topology (a resumed epoch starts at its next global batch). Each of a rank's readers (its loader workers, or
+the rank itself) makes the micro-batches the DataLoader takes from it, by walking the epoch's shards in
+reading order, start to end, keeping the bytes of its own samples only (the others are skipped unread: a
+local shard is memory-mapped, so they are not even paged in) and decoding a micro-batch once all its samples
+are in (``data.reader``). Every reader thus walks every shard of the epoch: for a streamed location
+``--shard-cache`` makes that one download per node. Each shard's sha256 is checked by one reader per epoch
+(the one ``q % readers`` names for the shard at reading position ``q``), at its end for a streamed shard.
 
-Training: every rank yields ``floor(train_samples / (world_size * batch_size))`` full batches. The torch
-DataLoader takes batches from its workers round-robin, so rank-local batch ``i`` comes from worker
-``i % workers``; each worker makes exactly its share, in shuffled passes over its shards (each pass drained
-before the next starts), so it repeats samples only when its shards run dry.
-``start_batch=k`` resumes mid-epoch: worker ``w`` plays the part of logical worker ``(w + k) % workers`` and
-skips the raw samples of that worker's batches before ``k``, so the batches are exactly those the
-uninterrupted run would have yielded from ``k`` on.
+Evaluation: no shuffling, no repetition; global worker ``g = rank * workers + w`` of ``G`` reads the shards
+``[g::G]`` (every shard with a sample stride when there are fewer shards than workers), so every sample of
+the split is yielded exactly once across all ranks and workers (each worker's last batch may be short);
+``len()`` is exact from the manifest's shard counts.
 
-Evaluation: no shuffling, no repetition; every sample of the split is yielded exactly once across all ranks
-and workers (each worker's last batch may be short); ``len()`` is exact from the manifest's shard counts.
-
-A truncated or damaged shard raises :class:`ShardError` naming the shard (the sha256 of a local shard is
-checked before its first sample is used, a streamed one's when it has been read to its end); a shard
-holding a different number of samples than the manifest says does too, so an epoch is never silently short.
+Workers read raw samples with the one tar reader (``cxrdist.shards.tario``) and decode with explicit
+decoders (``.jpg``/``.png`` through :func:`cxrdist.imaging.decode`, ``.json`` through ``json.loads``; every
+other member, ``.pickle``/``.pyd`` included, is ignored and never unpickled). A truncated or damaged shard
+raises :class:`ShardError` naming the shard; one holding another number of samples than the manifest says
+does too, so an epoch is never silently short.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import itertools
-import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cxrdist.config import DataConfig
+from cxrdist.data.partition import reader_plan, steps_per_epoch
+from cxrdist.data.shuffle import epoch_order
+from cxrdist.data.world import World
 from cxrdist.errors import UserError
-from cxrdist.shards.cache import ShardCache
 from cxrdist.shards.location import is_remote
 from cxrdist.shards.manifest import IMAGE_EXTS, sample_meta
+from cxrdist.shards.shardset import ShardSet
 from cxrdist.shards.tario import RawSample, Shard, ShardError, iter_shard
 
 SEX_CODE = {"M": 1.0, "F": 0.0}  # anything else (U, '', None) -> 0.5
+WINDOW = DataConfig.shuffle_window  # samples per shuffle window (tests/test_order.py measures the mixing)
 
 
 # --------------------------------------------------------------------------------------------------------
-# the plan: who reads what, and how many batches
+# evaluation: who reads what
 # --------------------------------------------------------------------------------------------------------
-def shard_order(shards: list[Shard], *, seed: int, epoch: int, train: bool) -> list[Shard]:
-    """The epoch's shard order: shuffled from (seed, epoch) for training, the manifest's order otherwise."""
-    order = list(shards)
-    if train:
-        random.Random(f"cxrdist-shards:{seed}:{epoch}").shuffle(order)
-    return order
-
-
 @dataclass(frozen=True)
 class Share:
     """What one global worker reads: ``shards``, keeping the samples ``i`` (counted over those shards in
@@ -82,16 +76,11 @@ class Share:
         return ", ".join(s.name for s in self.shards)
 
 
-def worker_share(order: list[Shard], g: int, num_global: int) -> Share:
+def worker_share(order: list[Shard] | tuple[Shard, ...], g: int, num_global: int) -> Share:
     """Shards by global worker when there are enough of them, else every shard with a sample stride."""
     if len(order) >= num_global:
         return Share(tuple(order[g::num_global]))
     return Share(tuple(order), stride=num_global, offset=g)
-
-
-def count_for(worker: int, total: int, workers: int) -> int:
-    """How many of the indices ``0 .. total-1`` fall to ``worker`` under round-robin over ``workers``."""
-    return max(0, (total - worker + workers - 1) // workers)
 
 
 HashRule = Callable[[Shard], bool]  # whether a read of this shard checks its sha256
@@ -111,37 +100,9 @@ def iter_share(share: Share, rule: HashRule, verified: set[str]) -> Iterator[Raw
             verified.add(shard.name)
 
 
-def _shuffled_passes(
-    share: Share, bufsize: int, rng: random.Random, rule: Callable[[bool], HashRule], verified: set[str]
-) -> Iterator[RawSample]:
-    """Endless passes over a share, each shuffled through the buffer and drained before the next one
-    starts: a worker whose quota fits its share yields each of its samples at most once per epoch
-    (``rule(first_pass)`` says which shards a pass hashes)."""
-    if share.samples == 0:
-        raise ShardError(f"a loader worker was given no samples ({share.names() or 'no shards'})")
-    for n in itertools.count():
-        yield from _shuffle(iter_share(share, rule(n == 0), verified), bufsize, rng)
-
-
-def _shuffle(samples: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
-    """A seeded shuffle buffer (WebDataset's): emit a random element once ``bufsize`` are held."""
-    if bufsize <= 1:
-        yield from samples
-        return
-    buf: list[Any] = []
-    for s in samples:
-        buf.append(s)
-        if len(buf) >= bufsize:
-            k = rng.randrange(len(buf))
-            buf[k], buf[-1] = buf[-1], buf[k]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
 def _chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
     while True:
-        chunk = list(itertools.islice(it, n))
+        chunk = [x for _, x in zip(range(n), it)]
         if not chunk:
             return
         yield chunk
@@ -222,128 +183,104 @@ def batch_generator(*ints: int) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------------------------------------
-# the dataset each worker iterates, and the loader
+# the datasets the workers iterate
 # --------------------------------------------------------------------------------------------------------
-class ShardStream(IterableDataset):
-    """Yields this rank's batches of one epoch; inside a DataLoader worker, that worker's share of them."""
+class _Plan:
+    """(epoch, start step, check_sha256) in shared memory: persistent workers keep their copy of the
+    dataset across epochs, and read the next epoch's plan from here when the DataLoader restarts them."""
 
-    def __init__(
-        self,
-        shards: list[Shard],
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        workers: int,
-        train: bool,
-        epoch: int,
-        seed: int,
-        start_batch: int,
-        shuffle_buffer: int,
-        batches_per_rank: int,
-        n_labels: int,
-        augment: torch.nn.Module | None = None,
-        check_sha256: bool = True,
-        finish_streamed: bool = True,
-    ):
-        super().__init__()
-        self.shards = list(shards)
-        self.n_labels = n_labels
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.workers = max(1, workers)  # logical workers per rank (1 for the in-process loader)
-        self.train, self.seed = train, seed
-        self.shuffle_buffer = shuffle_buffer
-        self.batches_per_rank = batches_per_rank
-        self.augment = augment
-        # (epoch, start_batch, check_sha256) in shared memory: persistent workers keep their copy of this
-        # object across epochs, and read the next epoch's plan from here when the DataLoader restarts them
-        self._plan = torch.tensor([epoch, start_batch, int(check_sha256)], dtype=torch.int64).share_memory_()
-        # streamed shards this worker has hashed whole: a streamed shard is checked only at its end, so one
-        # a worker stopped inside (its quota ended there) is hashed again on its next read, whatever the
-        # epoch's check_sha256 says, until a read reaches its end (``finish_streamed``; off with --check-sha256 off)
-        self.finish_streamed = finish_streamed
-        self._verified: set[str] = set()
+    def __init__(self, epoch: int, start: int, check_sha256: bool):
+        self.t = torch.tensor([epoch, start, int(check_sha256)], dtype=torch.int64).share_memory_()
 
-    @property
-    def epoch(self) -> int:
-        return int(self._plan[0])
-
-    @property
-    def start_batch(self) -> int:
-        return int(self._plan[1])
-
-    @property
-    def check_sha256(self) -> bool:
-        return bool(self._plan[2])
-
-    def hash_rule(self, first_pass: bool) -> HashRule:
-        """Which shards a pass hashes: all in the first pass of an epoch that checks; streamed shards not
-        yet hashed whole by this worker in any pass."""
-        every = self.check_sha256 and first_pass
-
-        def rule(shard: Shard) -> bool:
-            return every or (self.finish_streamed and is_remote(shard.path) and shard.name not in self._verified)
-
-        return rule
-
-    def set_epoch(self, epoch: int, start_batch: int = 0, check_sha256: bool | None = None) -> None:
-        self._plan[0], self._plan[1] = epoch, start_batch
+    def set(self, epoch: int, start: int, check_sha256: bool | None) -> None:
+        self.t[0], self.t[1] = epoch, start
         if check_sha256 is not None:
-            self._plan[2] = int(check_sha256)
+            self.t[2] = int(check_sha256)
 
-    # -- the plan, also used by the main process for len() --
-    def share(self, logical: int) -> Share:
-        order = shard_order(self.shards, seed=self.seed, epoch=self.epoch, train=self.train)
-        return worker_share(order, self.rank * self.workers + logical, self.world_size * self.workers)
+    @property
+    def values(self) -> tuple[int, int, bool]:
+        return int(self.t[0]), int(self.t[1]), bool(self.t[2])
 
-    def eval_batches(self) -> int:
-        return sum(-(-self.share(w).samples // self.batch_size) for w in range(self.workers))
+
+def _reader_id(readers: int) -> int:
+    info = get_worker_info()
+    if info is not None and info.num_workers != readers:
+        raise RuntimeError(f"planned for {readers} reader(s), runs under {info.num_workers} worker(s)")
+    return info.id if info is not None else 0
+
+
+class TrainStream(IterableDataset):
+    """This rank's training micro-batches of one epoch; inside a DataLoader worker, that worker's share."""
+
+    def __init__(self, shards: tuple[Shard, ...], world: World, *, steps: int, start_step: int, window: int,
+                 n_labels: int, augment: torch.nn.Module | None, check_sha256: bool):  # fmt: skip
+        super().__init__()
+        self.shards, self.world, self.steps, self.window = shards, world, steps, window
+        self.n_labels, self.augment = n_labels, augment
+        self.plan = _Plan(world.epoch, start_step, check_sha256)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        if info is not None and info.num_workers != self.workers:
-            raise RuntimeError(f"ShardStream planned for {self.workers} workers, runs under {info.num_workers}")
-        if self.train:
-            yield from self._train((physical + self.start_batch) % self.workers)
-        else:
-            yield from self._eval(physical)
+        from cxrdist.data.reader import read_micro_batches
 
-    def _train(self, logical: int) -> Iterator[dict[str, Any]]:
-        W, bs = self.workers, self.batch_size
-        mine = count_for(logical, self.batches_per_rank, W)
-        skip = count_for(logical, self.start_batch, W)
-        if mine <= skip:
-            return
-        share = self.share(logical)
-        if share.samples == 0:  # more global workers than samples: this one draws from the whole split
-            share = Share(tuple(shard_order(self.shards, seed=self.seed, epoch=self.epoch, train=True)))
-        g = self.rank * W + logical
-        rng = random.Random(f"cxrdist-samples:{self.seed}:{self.epoch}:{g}")
-        raw = _shuffled_passes(share, min(self.shuffle_buffer, share.samples), rng, self.hash_rule, self._verified)
-        raw = itertools.islice(raw, skip * bs, mine * bs)  # resume: drop raw samples, decode nothing
-        for j, chunk in enumerate(_chunks(raw, bs), start=skip):
-            yield self._finish(decode_batch(chunk, self.n_labels), logical + W * j)
+        epoch, start, check = self.plan.values
+        world = self.world.at_epoch(epoch)
+        physical = _reader_id(world.readers)
+        # the DataLoader takes batch j of this read from worker j % W: the reader of micro-batch m0 + j
+        reader = physical
+        eo = epoch_order([s.samples for s in self.shards], world.seed, epoch, self.window)
+        plan = reader_plan(world, eo.order, start, self.steps, reader)
+        me = world.rank * world.readers + reader  # which shards this reader hashes: one reader per shard
+        every = world.world_size * world.readers
+        hashes = (lambda q: check and q % every == me) if check else (lambda q: False)
+        for m, raw in read_micro_batches(self.shards, eo, plan, world.micro_batch, hashes):
+            yield self._finish(decode_batch(raw, self.n_labels), world, m)
 
-    def _eval(self, logical: int) -> Iterator[dict[str, Any]]:
-        share = self.share(logical)
-        n = 0
-        for j, chunk in enumerate(_chunks(iter_share(share, self.hash_rule(True), self._verified), self.batch_size)):
+    def _finish(self, batch: dict[str, Any], world: World, micro: int) -> dict[str, Any]:
+        if self.augment is not None:
+            with torch.no_grad():
+                gen = batch_generator(world.seed, world.epoch, world.rank, micro)
+                batch["image"] = self.augment(batch["image"], generator=gen)
+        return batch
+
+
+class EvalStream(IterableDataset):
+    """This rank's evaluation batches of a split; inside a DataLoader worker, that worker's share."""
+
+    def __init__(self, shards: tuple[Shard, ...], world: World, *, n_labels: int, check_sha256: bool):
+        super().__init__()
+        self.shards, self.world, self.n_labels = shards, world, n_labels
+        self.plan = _Plan(0, 0, check_sha256)
+        self._verified: set[str] = set()
+
+    def share(self, logical: int) -> Share:
+        w = self.world
+        return worker_share(self.shards, w.rank * w.readers + logical, w.world_size * w.readers)
+
+    def batches(self) -> int:
+        return sum(-(-self.share(w).samples // self.world.micro_batch) for w in range(self.world.readers))
+
+    def hash_rule(self) -> HashRule:
+        """Every shard when this read checks; a streamed shard never yet hashed whole by this process
+        otherwise (a streamed shard is checked only at its end)."""
+        every = self.plan.values[2]
+        return lambda shard: every or (is_remote(shard.path) and shard.name not in self._verified)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        logical = _reader_id(self.world.readers)
+        share, n = self.share(logical), 0
+        raw = iter_share(share, self.hash_rule(), self._verified)
+        for chunk in _chunks(raw, self.world.micro_batch):
             n += len(chunk)
-            yield self._finish(decode_batch(chunk, self.n_labels), logical + self.workers * j)
+            yield decode_batch(chunk, self.n_labels)
         if n != share.samples:
             raise ShardError(
                 f"a loader worker read {n} samples where the manifest plans {share.samples} from {share.names()}"
             )
 
-    def _finish(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
-        if self.augment is not None:
-            with torch.no_grad():
-                gen = batch_generator(self.seed, self.epoch, self.rank, index)
-                batch["image"] = self.augment(batch["image"], generator=gen)
-        return batch
 
-
+# --------------------------------------------------------------------------------------------------------
+# the loader
+# --------------------------------------------------------------------------------------------------------
 def clean_message(e: UserError) -> str:
     """A UserError re-raised by the DataLoader carries the worker's traceback: keep its one-line message."""
     found = re.findall(rf"^(?:[\w.]+\.)?{type(e).__name__}: (.*)$", str(e), re.M)
@@ -373,40 +310,29 @@ def as_is(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class ShardLoader:
-    """Iterable over this rank's batches for one epoch; ``len()`` is the number of batches it yields."""
+    """Iterable over this rank's batches for one epoch (training: micro-batches); ``len()`` is their number."""
 
-    def __init__(
-        self,
-        stream: ShardStream,
-        *,
-        workers: int,
-        pin_memory: bool,
-        length: int,
-        samples: int,
-        manifest: dict,
-        persistent: bool = False,
-    ):
-        self.stream, self.workers, self.pin_memory = stream, workers, pin_memory
-        self.length, self.samples, self.manifest = length, samples, manifest
-        self.batch_size = stream.batch_size
+    def __init__(self, stream: TrainStream | EvalStream, *, length: int, samples: int, manifest: dict,
+                 pin_memory: bool, persistent: bool = False):  # fmt: skip
+        self.stream, self.workers = stream, stream.world.workers
+        self.pin_memory, self.length, self.samples, self.manifest = pin_memory, length, samples, manifest
+        self.batch_size = stream.world.micro_batch
         self.image_size = int(manifest.get("size", 0))
         self.encoding = manifest.get("encoding", "jpg")
-        self.persistent = persistent and workers > 0
+        self.persistent = persistent and self.workers > 0
         self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return self.length
 
-    def restart(self, epoch: int, start_batch: int = 0, check_sha256: bool | None = None) -> ShardLoader:
+    def restart(self, epoch: int, start_step: int = 0, check_sha256: bool | None = None) -> ShardLoader:
         """The same loader (and, when persistent, the same worker processes) for another training epoch
         (``check_sha256``: hash the shards in it; None: as before)."""
-        if not self.stream.train or not 0 <= start_batch <= self.stream.batches_per_rank:
-            raise ValueError(
-                f"restart(epoch={epoch}, start_batch={start_batch}) on a loader planned for "
-                f"{self.stream.batches_per_rank} training batches"
-            )
-        self.stream.set_epoch(epoch, start_batch, check_sha256)
-        self.length = self.stream.batches_per_rank - start_batch
+        stream = self.stream
+        if not isinstance(stream, TrainStream) or not 0 <= start_step <= stream.steps:
+            raise ValueError(f"restart(epoch={epoch}, start_step={start_step}) on a loader of {self.length} batches")
+        stream.plan.set(epoch, start_step, check_sha256)
+        self.length = (stream.steps - start_step) * stream.world.accumulate
         self.samples = self.length * self.batch_size
         return self
 
@@ -442,96 +368,31 @@ class ShardLoader:
             )
 
 
-def read_shard_list(shard_dir: str | Path, split: str, cache: ShardCache | None = None) -> tuple[dict, list[Shard]]:
-    """The manifest and its shards of ``split`` (paths, sample counts, sizes and, to be checked as each is
-    read, hashes)."""
-    from cxrdist.shards.manifest import load_manifest, shard_paths
-
-    manifest = load_manifest(shard_dir, splits=(split,))
-    entries = manifest["splits"][split].get("shards", [])
-    paths = shard_paths(manifest, shard_dir, split)
-    shards = []
-    for entry, path in zip(entries, paths, strict=True):
-        shards.append(
-            Shard(
-                name=entry["name"],
-                path=str(path),
-                samples=int(entry["samples"]),
-                bytes=int(entry.get("bytes") or 0),
-                sha256=str(entry.get("sha256") or ""),
-                cache=cache if is_remote(path) else None,
-            )
+def train_loader(shards: ShardSet, world: World, *, start_step: int = 0, window: int = WINDOW,
+                 augment: torch.nn.Module | None = None, pin_memory: bool = False, persistent: bool = False,
+                 check_sha256: bool = True) -> ShardLoader:  # fmt: skip
+    """This rank's training micro-batches of epoch ``world.epoch`` from step ``start_step`` on (see the module
+    docstring for the rules); ``restart`` moves the same loader to another epoch."""
+    split = shards.shards("train")
+    steps = steps_per_epoch(sum(s.samples for s in split), world.global_batch)
+    if steps == 0:
+        raise UserError(
+            f"{shards.name}: {shards.samples('train')} training samples are fewer than one global batch of "
+            f"{world.global_batch} ({world.world_size} rank(s) x {world.micro_batch} x {world.accumulate})"
         )
-    return manifest, shards
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step={start_step} outside 0..{steps}")
+    stream = TrainStream(split, world, steps=steps, start_step=start_step, window=window,
+                         n_labels=len(shards.labels), augment=augment, check_sha256=check_sha256)  # fmt: skip
+    length = (steps - start_step) * world.accumulate
+    return ShardLoader(stream, length=length, samples=length * world.micro_batch, manifest=shards.manifest,
+                       pin_memory=pin_memory, persistent=persistent)  # fmt: skip
 
 
-def make_loader(
-    shard_dir: str | Path,
-    split: str,
-    *,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    workers: int = 2,
-    train: bool = True,
-    epoch: int = 0,
-    seed: int = 0,
-    start_batch: int = 0,
-    shuffle_buffer: int = 1000,
-    augment: torch.nn.Module | None = None,
-    pin_memory: bool = False,
-    persistent: bool = False,
-    check_sha256: bool = True,
-    cache: ShardCache | None = None,
-    finish_streamed: bool = True,
-) -> ShardLoader:
-    """The shard loader of one rank for one epoch (see the module docstring for the rules); each shard's
-    sha256 is checked against the manifest before it is used (``check_sha256``; `bench loader` measures it)."""
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or workers < 0:
-        raise ValueError(
-            f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size} workers={workers}"
-        )
-    manifest, shards = read_shard_list(shard_dir, split, cache)
-    total = sum(s.samples for s in shards)
-    batches_per_rank = total // (world_size * batch_size)
-    if train:
-        if batches_per_rank == 0:
-            raise UserError(
-                f"split {split!r} has {total} samples: not one batch of {batch_size} for each of {world_size} rank(s)"
-            )
-        if not 0 <= start_batch <= batches_per_rank:
-            raise ValueError(f"start_batch={start_batch} outside 0..{batches_per_rank}")
-    elif start_batch:
-        raise ValueError("start_batch is for training loaders only")
-    stream = ShardStream(
-        shards,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        workers=workers,
-        train=train,
-        epoch=epoch,
-        seed=seed,
-        start_batch=start_batch,
-        shuffle_buffer=shuffle_buffer,
-        batches_per_rank=batches_per_rank,
-        n_labels=len(manifest["labels"]),
-        augment=augment,
-        check_sha256=check_sha256,
-        finish_streamed=finish_streamed,
-    )
-    if train:
-        length = batches_per_rank - start_batch
-        samples = length * batch_size
-    else:
-        length = stream.eval_batches()
-        samples = sum(stream.share(w).samples for w in range(stream.workers))
-    return ShardLoader(
-        stream,
-        workers=workers,
-        pin_memory=pin_memory,
-        length=length,
-        samples=samples,
-        manifest=manifest,
-        persistent=persistent and train,
-    )
+def eval_loader(shards: ShardSet, split: str, world: World, *, pin_memory: bool = False,
+                check_sha256: bool = True) -> ShardLoader:  # fmt: skip
+    """This rank's share of ``split``, every sample once across the ranks and their workers."""
+    stream = EvalStream(shards.shards(split), world, n_labels=len(shards.labels), check_sha256=check_sha256)
+    samples = sum(stream.share(w).samples for w in range(world.readers))
+    return ShardLoader(stream, length=stream.batches(), samples=samples, manifest=shards.manifest,
+                       pin_memory=pin_memory)  # fmt: skip

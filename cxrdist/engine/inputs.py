@@ -1,4 +1,5 @@
-"""What the trainer reads: shard or loose-file loaders for each split, and where augmentation runs.
+"""What the trainer reads: the run's shard set (opened once), its geometry, the shard or loose-file loaders
+of each split, and where augmentation runs.
 
 ``augment=auto`` runs the augmentation batched on the device after transfer when training on GPUs (the
 loader workers then only read and decode, so GPUs do not starve) and inside the loader workers on CPU.
@@ -12,72 +13,79 @@ import torch
 
 from cxrdist import cpus, dist
 from cxrdist.config import TrainConfig
+from cxrdist.data.partition import steps_per_epoch
 from cxrdist.data.transforms import Augment
+from cxrdist.data.world import World
 from cxrdist.errors import UserError
 from cxrdist.shards import location
 from cxrdist.shards.cache import ShardCache
-from cxrdist.shards.manifest import load_manifest, shard_paths, split_samples
+from cxrdist.shards.shardset import ShardSet
 
 
-def check_inputs(cfg: TrainConfig) -> dict:
-    """Missing or empty shard folder, a manifest that disagrees with the shards: a clear error now."""
+def open_shards(cfg: TrainConfig) -> ShardSet:
+    """The run's shard set, read and checked once: a missing or empty folder, a manifest that disagrees with
+    the shards, an unusable --shard-cache are one clear error here, before any rank starts."""
     if not cfg.data.shards:
         raise UserError("--shards is required (a folder written by `cxrdist shard`)")
     loc = location.parse(cfg.data.shards)
-    folder = loc.local or loc.text
-    manifest = load_manifest(folder)  # a URL location: every shard listed there (sizes: checked as they stream)
     if loc.local is None and cfg.data.format != "shards":
         raise UserError(f"--format {cfg.data.format} reads a local shard folder, not {loc}")
-    if cfg.data.shard_cache:
-        check_cache(cfg.data.shard_cache, loc, manifest)
-    for split in ("train", "val", "test"):
-        if split_samples(manifest, split) == 0:
-            raise UserError(f"{folder}/manifest.json: split {split!r} has no samples")
-        if loc.local is None:
-            continue
-        for entry, path in zip(manifest["splits"][split]["shards"], shard_paths(manifest, folder, split)):
-            if not path.is_file():
-                raise UserError(f"{path}: listed in manifest.json but missing (run `cxrdist verify {folder}`)")
-            if path.stat().st_size != entry["bytes"]:
-                raise UserError(
-                    f"{path}: {path.stat().st_size} bytes on disk, manifest.json says {entry['bytes']} "
-                    f"(run `cxrdist verify {folder}`)"
-                )
-    if cfg.data.format != "shards":
-        root = Path(cfg.data.source_root or manifest["root"])
+    d = cfg.data
+    cache = ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache and loc.local is None else None
+    shards = ShardSet.open(cfg.data.shards, cache=cache)
+    if d.shard_cache:
+        check_cache(d.shard_cache, loc, shards)
+    if d.format != "shards":
+        root = Path(d.source_root or shards.manifest["root"])
         if not root.is_dir():
             raise UserError(
-                f"--format {cfg.data.format} reads the source images, but {root} is not a folder (pass --source-root)"
+                f"--format {d.format} reads the source images, but {root} is not a folder (pass --source-root)"
             )
-    return manifest
+    return shards
 
 
-def check_cache(cache: str, loc: location.Location, manifest: dict) -> None:
+def check_cache(cache: str, loc: location.Location, shards: ShardSet) -> None:
     """--shard-cache: a usable folder with room for the largest shard (for a streamed location), or a warning
     that a local folder is read in place and the cache is not used."""
     if loc.local is not None or loc.scheme == "pipe":
         import logging
 
-        what = "a local folder, read in place" if loc.local is not None else "a pipe: command (no file to cache)"
         from cxrdist.redact import redact
 
+        what = "a local folder, read in place" if loc.local is not None else "a pipe: command (no file to cache)"
         logging.getLogger(__name__).warning(
             "--shard-cache %s: %s is %s: the cache is not used", cache, redact(str(loc)), what
         )
         return
     from cxrdist.shards.cache import check_folder
 
-    sizes = [int(s.get("bytes") or 0) for split in manifest["splits"].values() for s in split.get("shards", [])]
-    check_folder(cache, max(sizes, default=0))
+    check_folder(cache, shards.largest_shard())
+
+
+def loader_workers(cfg: TrainConfig, env: dist.DistEnv, device: torch.device) -> int:
+    """``--workers``, or (-1) what the rank's share of the machine supports (cxrdist.cpus.auto_workers)."""
+    if cfg.data.workers >= 0:
+        return cfg.data.workers
+    return cpus.auto_workers(dist.threads_per_rank(env), gpu=device.type == "cuda")
+
+
+def run_world(cfg: TrainConfig, env: dist.DistEnv, workers: int, devices_per_process: int = 1) -> World:
+    """The run's geometry from its options (dp: one process holds the micro-batch of all its GPUs)."""
+    return World.of(
+        rank=env.rank,
+        world_size=env.world_size,
+        workers=workers,
+        seed=cfg.run.seed,
+        micro_batch=cfg.optim.batch_size * devices_per_process,
+        global_batch=cfg.optim.global_batch_size,
+        accumulate=cfg.optim.accumulate,
+    )
 
 
 class Loaders:
-    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, batch_size: int):
-        self.cfg, self.env, self.device, self.batch_size = cfg, env, device, batch_size
-        loc = location.parse(cfg.data.shards)
-        self.folder: Path | str = loc.local or loc.text  # a URL location is streamed
-        self.manifest = load_manifest(self.folder)
-        self.labels: tuple[str, ...] = tuple(self.manifest["labels"])  # the model head's outputs, in order
+    def __init__(self, cfg: TrainConfig, world: World, device: torch.device, shards: ShardSet):
+        self.cfg, self.world, self.device, self.shards = cfg, world, device, shards
+        self.labels: tuple[str, ...] = shards.labels  # the model head's outputs, in order
         where = cfg.data.augment
         if where == "auto":
             where = "device" if device.type == "cuda" else "worker"
@@ -86,15 +94,12 @@ class Loaders:
         chans = dict(in_chans=cfg.model.in_chans, channels_last=cfg.run.channels_last)
         self._train_aug = Augment(size, train=where != "none", **chans)
         self._eval_aug = Augment(size, train=False, **chans)
-        self.workers = (
-            cfg.data.workers
-            if cfg.data.workers >= 0
-            else cpus.auto_workers(dist.threads_per_rank(env), gpu=device.type == "cuda")
-        )
-        self._train_loader = None  # kept across epochs: its worker processes persist (shards)
+        self._train_loader = None  # kept across epochs: its worker processes persist
         self._hashed: set[str] = set()  # splits whose shards this process has hashed (--check-sha256 first)
-        d = cfg.data
-        self.cache = ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache else None
+
+    @property
+    def workers(self) -> int:
+        return self.world.workers
 
     def augment(self, train: bool) -> Augment:
         return self._train_aug if train else self._eval_aug
@@ -108,75 +113,59 @@ class Loaders:
         self._hashed.add(split)
         return mode == "every" or (mode == "first" and first)
 
-    def _make(self, split: str, *, train: bool, check_sha256: bool, epoch: int = 0, start_batch: int = 0, augment=None):
+    def train(self, epoch: int, start_step: int = 0):
+        check = self.hash_now("train")
+        if self._train_loader is not None:
+            return self._train_loader.restart(epoch, start_step, check)
+        world, d = self.world.at_epoch(epoch), self.cfg.data
         common = dict(
-            batch_size=self.batch_size,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            workers=self.workers,
-            train=train,
-            epoch=epoch,
-            seed=self.cfg.run.seed,
-            start_batch=start_batch,
-            augment=augment,
+            start_step=start_step,
+            window=d.shuffle_window,
+            augment=self._train_aug if self.where == "worker" else None,
             pin_memory=self.device.type == "cuda",
         )
-        if self.cfg.data.format == "shards":
-            from cxrdist.data.stream import make_loader
+        if d.format == "shards":
+            from cxrdist.data.stream import train_loader
 
-            return make_loader(
-                self.folder,
-                split,
-                shuffle_buffer=self.cfg.data.shuffle_buffer,
-                persistent=train,
-                check_sha256=check_sha256,
-                cache=self.cache,
-                finish_streamed=self.cfg.data.check_sha256 != "off",
-                **common,
-            )
-        from cxrdist.data.files import make_file_loader
+            self._train_loader = train_loader(self.shards, world, persistent=True, check_sha256=check, **common)
+        else:
+            from cxrdist.data.files import file_train_loader
 
-        root = self.cfg.data.source_root or None
-        return make_file_loader(self.folder, split, self.cfg.data.format, source_root=root, persistent=train, **common)
-
-    def train(self, epoch: int, start_batch: int = 0):
-        return self._train(epoch, start_batch, self.hash_now("train"))
-
-    def _train(self, epoch: int, start_batch: int, check_sha256: bool):
-        if self._train_loader is not None and hasattr(self._train_loader, "restart"):
-            return self._train_loader.restart(epoch, start_batch, check_sha256)
-        augment = self._train_aug if self.where == "worker" else None
-        self._train_loader = self._make(
-            "train", train=True, check_sha256=check_sha256, epoch=epoch, start_batch=start_batch, augment=augment
-        )
+            root = d.source_root or None
+            self._train_loader = file_train_loader(self.shards, world, d.format, source_root=root, **common)
         return self._train_loader
 
     def eval(self, split: str):
-        return self._make(split, train=False, check_sha256=self.hash_now(split))
+        check, pin = self.hash_now(split), self.device.type == "cuda"
+        if self.cfg.data.format == "shards":
+            from cxrdist.data.stream import eval_loader
+
+            return eval_loader(self.shards, split, self.world, pin_memory=pin, check_sha256=check)
+        from cxrdist.data.files import file_eval_loader
+
+        root = self.cfg.data.source_root or None
+        return file_eval_loader(self.shards, split, self.world, self.cfg.data.format, source_root=root, pin_memory=pin)
 
     def close(self) -> None:
         """Shut the training loader's persistent workers down (before the process ends)."""
-        if self._train_loader is not None and hasattr(self._train_loader, "close"):
+        if self._train_loader is not None:
             self._train_loader.close()
         self._train_loader = None
 
     def steps_per_epoch(self) -> int:
-        n = len(self._train(0, 0, check_sha256=True))  # planning only: hashing is decided per epoch
+        """Optimizer steps per epoch: whole global batches of the training split."""
+        n = steps_per_epoch(self.shards.samples("train"), self.world.global_batch)
         if n == 0:
+            w = self.world
             raise UserError(
-                f"{self.folder}: {split_samples(self.manifest, 'train')} training samples are fewer "
-                f"than one global batch ({self.batch_size} x {self.env.world_size} ranks)"
+                f"{self.shards.name}: {self.shards.samples('train')} training samples are fewer than one global "
+                f"batch of {w.global_batch} ({w.world_size} rank(s) x {w.micro_batch} x {w.accumulate} step(s))"
             )
         return n
 
     def samples(self, split: str) -> int:
-        return split_samples(self.manifest, split)
+        return self.shards.samples(split)
 
     def meta(self) -> dict:
         """What `cxrdist predict` needs to see files the way training saw them."""
-        return {
-            "size": self.manifest["size"],
-            "encoding": self.manifest["encoding"],
-            "image_size": self.cfg.data.image_size,
-            "labels": list(self.labels),
-        }
+        return self.shards.meta() | {"image_size": self.cfg.data.image_size}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +36,7 @@ from cxrdist.errors import UserError
 from cxrdist.labels import check_same, checkpoint_labels, set_name
 from cxrdist.models import build_model, model_info, uses_demographics
 from cxrdist.runfolder import RunFolder, RunInUse, RunLock, RunSummary, TrainState
+from cxrdist.shards.shardset import ShardSet
 from cxrdist.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -70,20 +73,19 @@ def launch(cfg: TrainConfig) -> dict:
         # a single process, also a one-task srun step (`srun --pty bash`): start the ranks here
         check_run(cfg, replace(env, world_size=cfg.dist.nproc, local_world_size=cfg.dist.nproc), same_view=True)
         return spawn_local(cfg)
-    if env.rank == 0:
-        check_run(cfg, env)
-    return train(cfg)
+    shards = check_run(cfg, env) if env.rank == 0 else None  # read once here, handed to this rank
+    return train(cfg, shards)
 
 
-def check_run(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> None:
-    """Options, hardware and data checks that must fail before a rank is started."""
+def check_run(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> ShardSet:
+    """Options, hardware and data checks that must fail before a rank is started; the shard set they read."""
     cfg.validate()
     validate_config(cfg)
     device = dist.select_device(replace(env, local_rank=0), cfg.run.device, same_view=same_view)
     get_backend(cfg, env, device)
-    from cxrdist.engine.inputs import check_inputs
+    from cxrdist.engine.inputs import open_shards
 
-    check_inputs(cfg)
+    shards = open_shards(cfg)
     try:
         RunLock(cfg.run.out).probe()  # another training writes there now: refused before any rank starts
     except RunInUse as e:
@@ -92,10 +94,12 @@ def check_run(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> N
         raise ConfigError(
             f"{cfg.run.out} already holds checkpoints: pass --resume to continue it, or choose another --out"
         )
+    return shards
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train on this rank. Reads rank/world/device from the environment (cxrdist.dist)."""
+def train(cfg: TrainConfig, shards: ShardSet | None = None) -> dict:
+    """Train on this rank. Reads rank/world/device from the environment (cxrdist.dist); ``shards``: the shard
+    set this process has already read (else it reads it, once)."""
     env = dist.read_env()
     log.setup(env.rank, env.world_size, env.host)
     torch.set_num_threads(dist.threads_per_rank(env))
@@ -110,7 +114,9 @@ def train(cfg: TrainConfig) -> dict:
     backend = get_backend(cfg, env, device)
     backend.init_distributed()
     dist.check_distinct_gpus(device)  # per-task GPU views: only the UUIDs tell whether two ranks share one
-    trainer = Trainer(cfg, env, device, backend)
+    from cxrdist.engine.inputs import open_shards
+
+    trainer = Trainer(cfg, env, device, backend, shards or open_shards(cfg))
     finished = False
     try:
         summary = trainer.fit()
@@ -123,9 +129,67 @@ def train(cfg: TrainConfig) -> dict:
         dist.destroy(sync=finished)
 
 
+def previous_global_batch(run_dir: Path) -> int:
+    """The global batch the run folder's last start trained with (its config.yaml records the resolved one;
+    0 when there is none, or it predates global batches)."""
+    path = RunFolder(run_dir).config_path
+    if not path.is_file():
+        return 0
+    try:
+        return TrainConfig.load(path).optim.global_batch_size
+    except ConfigError:
+        return 0
+
+
+def geometry_problem(saved: dict | None, now: dict) -> str | None:
+    """Why a checkpoint's epoch cannot be continued with this geometry (None: it can). Checkpoints before
+    global batches recorded ranks x batch size instead."""
+    if not saved:
+        return None
+    if "global_batch" not in saved and "world_size" in saved:
+        saved = {"global_batch": saved["world_size"] * saved["batch_size"], "steps_per_epoch": saved["steps_per_epoch"]}
+    if saved.get("global_batch") != now["global_batch"]:
+        return (
+            f"it trained global batches of {saved.get('global_batch')}, this run makes {now['global_batch']}: "
+            "resume with --global-batch-size " + str(saved.get("global_batch"))
+        )
+    if saved.get("steps_per_epoch") != now["steps_per_epoch"]:
+        return (
+            f"its epochs held {saved.get('steps_per_epoch')} steps, these shards make {now['steps_per_epoch']}: "
+            "the training split changed"
+        )
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------
+class SampleLog:
+    """``--record-samples``: the keys of the training samples this rank consumed, in order, one per line, in
+    ``RUN/samples/epoch<E>-rank<R>-part<P>.txt`` (P: the run's restarts, so a resumed part writes its own file
+    and nothing is overwritten). Flushed with every step: what a checkpoint counts as trained is in it."""
+
+    def __init__(self, run_dir: Path, epoch: int, rank: int, part: int):
+        folder = Path(run_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / f"epoch{epoch:03d}-rank{rank:03d}-part{part:02d}.txt", "a")  # noqa: SIM115
+
+    def add(self, keys: list[str]) -> None:
+        self.file.write("".join(f"{k}\n" for k in keys))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def requeue_ended_by_itself(e: subprocess.CalledProcessError) -> bool:
+    """Whether submitit's ``scontrol requeue`` died of the SIGTERM that the requeue itself sends the job's
+    steps. scontrol runs inside the step it requeues, so under load the kill can arrive before scontrol has
+    read slurmctld's reply and exited; the requeue has then been accepted (the kill is its effect), and
+    submitit's check_call turning it into an error would write a failed result for a requeued job."""
+    return list(e.cmd[:2]) == ["scontrol", "requeue"] and e.returncode == -signal.SIGTERM
+
+
 class StopFlag:
     """SIGUSR2 (submitit's preemption/timeout signal) raises a flag; the previous handler is kept."""
 
@@ -140,19 +204,32 @@ class StopFlag:
     def hand_over(self) -> None:
         """Restore and call the previous handler (submitit: checkpoint() + requeue + exit)."""
         signal.signal(self.signum, self.previous)
-        if callable(self.previous):
+        if not callable(self.previous):
+            return
+        try:
             self.previous(self.signum, None)
+        except subprocess.CalledProcessError as e:
+            if not requeue_ended_by_itself(e):
+                raise
+            # slurmctld accepted the requeue and is ending this step: exit as submitit would have
+            logger.warning("requeued (scontrol requeue was ended by the requeue's own SIGTERM)")
+            sys.exit(-1)
 
     def restore(self) -> None:
         signal.signal(self.signum, self.previous)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, backend: Backend):
-        from cxrdist.engine.inputs import Loaders
+    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, backend: Backend, shards: ShardSet):
+        from cxrdist.engine.inputs import Loaders, loader_workers, run_world
 
-        self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
         self.run_dir = Path(cfg.run.out)
+        world = run_world(cfg, env, loader_workers(cfg, env, device), backend.devices_per_process())
+        if cfg.run.resume:  # the run's global batch stays what it was, whatever the ranks are now
+            world = world.resized(previous_global_batch(self.run_dir) or world.global_batch)
+        backend.accumulate = world.accumulate
+        cfg = replace(cfg, optim=replace(cfg.optim, global_batch_size=world.global_batch, accumulate=world.accumulate))
+        self.cfg, self.env, self.device, self.backend, self.world = cfg, env, device, backend, world
         self.ckpt_dir = RunFolder(self.run_dir).checkpoints
         self.lock = RunLock(self.run_dir)
         if env.is_main:
@@ -166,7 +243,7 @@ class Trainer:
             cfg.save(self.run_dir / "config.yaml")
         dist.barrier()
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.loaders = Loaders(cfg, env, device, batch_size=cfg.optim.batch_size * backend.devices_per_process())
+        self.loaders = Loaders(cfg, world, device, shards)
         self.steps_per_epoch = self.loaders.steps_per_epoch()
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
         model = build_model(
@@ -207,6 +284,8 @@ class Trainer:
                 "device_name": dist.device_name(device),
                 "threads": torch.get_num_threads(),
                 "workers": self.loaders.workers,
+                "global_batch": world.global_batch,
+                "accumulate": world.accumulate,
                 "channels_last": backend.channels_last,
                 "tf32": dist.tf32_convolutions(device),
                 "cudnn_benchmark": bool(device.type == "cuda" and torch.backends.cudnn.benchmark),
@@ -228,15 +307,13 @@ class Trainer:
             what=f"--resume: {self.ckpt_dir}",
             against=f"{self.cfg.data.shards}/manifest.json",
         )
-        if loaded.get("geometry", self.state.geometry) != self.state.geometry:
-            raise ConfigError(
-                f"--resume: {self.ckpt_dir} was written with {loaded['geometry']}, this run has "
-                f"{self.state.geometry}; resume with the same ranks and batch size"
-            )
+        problem = geometry_problem(loaded.get("geometry"), self.state.geometry)
+        if problem:
+            raise ConfigError(f"--resume: {self.ckpt_dir}: {problem}")
         self.state.restore(loaded)  # all but the hosts: a requeued job may land on other nodes
+        self.state.geometry = self.geometry()
         self.state.restarts += 1
-        rng = loaded.get("rng", {})
-        ckpt.set_rng_state(rng[self.env.rank] if isinstance(rng, list) else rng)  # per rank (older: one)
+        self.restore_rng(loaded.get("rng", {}))
         self.telemetry.write(
             {
                 "event": "resume",
@@ -246,13 +323,24 @@ class Trainer:
             }
         )
 
+    def restore_rng(self, rng) -> None:
+        """Each rank continues its own random streams; a rank the interrupted run did not have (a resume on
+        more ranks) keeps the streams seeded for it at the start, and says so."""
+        if not isinstance(rng, list):
+            ckpt.set_rng_state(rng)  # older checkpoints: one state for every rank
+        elif self.env.rank < len(rng):
+            ckpt.set_rng_state(rng[self.env.rank])
+        else:
+            logger.warning(
+                "rank %d is new to this run (it had %d rank(s)): its random streams start from the seed",
+                self.env.rank,
+                len(rng),
+            )
+
     def geometry(self) -> dict:
-        """What a mid-epoch resume must find unchanged to replay the same batches."""
-        return {
-            "world_size": self.env.world_size,
-            "batch_size": self.cfg.optim.batch_size,
-            "steps_per_epoch": self.steps_per_epoch,
-        }
+        """What a resume must find unchanged: the global batch and the optimizer steps an epoch holds (ranks,
+        workers and accumulation may change: data.shuffle makes the global batches independent of them)."""
+        return {"global_batch": self.world.global_batch, "steps_per_epoch": self.steps_per_epoch}
 
     def checkpoint(self, tag: str = "last") -> None:
         self.state.saves += 1
@@ -331,10 +419,30 @@ class Trainer:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.ctrl_group)
         return t.tolist()
 
+    def optimizer_step(self, it, samples: SampleLog | None) -> tuple[torch.Tensor, int, float]:
+        """One optimizer step: the rank's ``accumulate`` micro-batches, each trained as it arrives. Returns the
+        mean micro-batch loss, the images and the seconds spent waiting for the loader."""
+        A, loss, images, waited = self.world.accumulate, None, 0, 0.0
+        for a in range(A):
+            t0 = time.perf_counter()
+            batch = next(it)
+            waited += time.perf_counter() - t0
+            if samples is not None:
+                samples.add(batch["key"])
+            micro = self.state.global_step * A + a  # the device augmentation's seed: resumes exactly
+            x = self.prepare(batch, train=True, step=micro)
+            part = self.backend.train_step(self.loss_fn(x, batch), micro=a, of=A)
+            loss = part if loss is None else loss + part
+            images += len(batch["key"])
+        return loss / A, images, waited
+
     # -- epochs ------------------------------------------------------------------------------------
     def run_epoch(self, epoch: int) -> str:
         start = self.state.step_in_epoch
-        loader = self.loaders.train(epoch, start_batch=start)
+        loader = self.loaders.train(epoch, start_step=start)
+        samples = (
+            SampleLog(self.run_dir, epoch, self.env.rank, self.state.restarts) if self.cfg.run.record_samples else None
+        )
         self.backend.reset_peak_memory()
         self.telemetry.start_epoch(
             epoch,
@@ -348,50 +456,51 @@ class Trainer:
         window_n, steps = 0, 0
         t_end = time.perf_counter()
         it = iter(loader)
-        for i in range(start, self.steps_per_epoch):
-            batch = next(it)
-            t_data = time.perf_counter()
-            x = self.prepare(batch, train=True, step=self.state.global_step)
-            loss = self.backend.train_step(self.loss_fn(x, batch))
-            loss_sum += loss
-            window += loss
-            window_n += 1
-            steps += 1
-            self.state.global_step += 1
-            self.state.step_in_epoch = i + 1
-            now = time.perf_counter()
-            last = i + 1 == self.steps_per_epoch or bool(
-                self.cfg.run.max_steps and self.state.global_step >= self.cfg.run.max_steps
-            )
-            record = self.telemetry.step(
-                epoch=epoch,
-                step=i,
-                images=len(batch["key"]),
-                step_time=now - t_end,
-                data_time=t_data - t_end,
-                loss_fn=lambda: (window / window_n).item(),
-                lr=self.backend.lr(),
-                force=last,
-                global_step=self.state.global_step,
-            )  # >= 1 record per epoch
-            t_end = now
-            if record is not None:
-                bad = not isinstance(record["loss"], float)
-                stop, bad = self.agree(float(self.stop.raised), float(bad))
-                window.zero_()
-                window_n = 0
-                if bad:
-                    raise NonFiniteLoss(
-                        f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. {self.kept()}"
-                    )
-                if stop:
-                    self.state.epoch_loss_sum += loss_sum.item()
-                    self.state.epoch_steps += steps
-                    return "preempted"
-            if self.cfg.run.checkpoint_every and self.state.global_step % self.cfg.run.checkpoint_every == 0:
-                self.checkpoint("last")
-            if self.cfg.run.max_steps and self.state.global_step >= self.cfg.run.max_steps:
-                break
+        try:
+            for i in range(start, self.steps_per_epoch):
+                loss, images, waited = self.optimizer_step(it, samples)
+                loss_sum += loss
+                window += loss
+                window_n += 1
+                steps += 1
+                self.state.global_step += 1
+                self.state.step_in_epoch = i + 1
+                now = time.perf_counter()
+                last = i + 1 == self.steps_per_epoch or bool(
+                    self.cfg.run.max_steps and self.state.global_step >= self.cfg.run.max_steps
+                )
+                record = self.telemetry.step(
+                    epoch=epoch,
+                    step=i,
+                    images=images,
+                    step_time=now - t_end,
+                    data_time=waited,
+                    loss_fn=lambda: (window / window_n).item(),
+                    lr=self.backend.lr(),
+                    force=last,
+                    global_step=self.state.global_step,
+                )  # >= 1 record per epoch
+                t_end = now
+                if record is not None:
+                    bad = not isinstance(record["loss"], float)
+                    stop, bad = self.agree(float(self.stop.raised), float(bad))
+                    window.zero_()
+                    window_n = 0
+                    if bad:
+                        raise NonFiniteLoss(
+                            f"loss became non-finite at epoch {epoch + 1} step {i + 1}; stopped. {self.kept()}"
+                        )
+                    if stop:
+                        self.state.epoch_loss_sum += loss_sum.item()
+                        self.state.epoch_steps += steps
+                        return "preempted"
+                if self.cfg.run.checkpoint_every and self.state.global_step % self.cfg.run.checkpoint_every == 0:
+                    self.checkpoint("last")
+                if self.cfg.run.max_steps and self.state.global_step >= self.cfg.run.max_steps:
+                    break
+        finally:
+            if samples is not None:
+                samples.close()
         self.state.epoch_loss_sum += loss_sum.item()
         self.state.epoch_steps += steps
         return "done"

@@ -21,7 +21,7 @@ from cxrdist.atomic import atomic_write_bytes
 from cxrdist.config import TrainConfig, refuse_pipe
 from cxrdist.engine.backends import read_weights
 from cxrdist.engine.evaluation import gather_parts, merge, predict_loader, select
-from cxrdist.engine.inputs import Loaders, check_inputs
+from cxrdist.engine.inputs import Loaders, loader_workers, open_shards, run_world
 from cxrdist.errors import UserError
 from cxrdist.evaluate.plots import all_plots
 from cxrdist.evaluate.record import Predictions, fit_operating_points, score
@@ -126,7 +126,10 @@ def evaluate_run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     trained = checkpoint_labels(client)
-    own = Loaders(cfg, dist.DistEnv(), device, batch_size=cfg.optim.batch_size)
+    env = dist.DistEnv()  # one process: every sample of a split once
+    world = run_world(replace(cfg, optim=replace(cfg.optim, global_batch_size=0, accumulate=1)), env,
+                      loader_workers(cfg, env, device))  # fmt: skip
+    own = Loaders(cfg, world, device, open_shards(cfg))
     own_pairs = label_pairs(trained, own.labels, map_labels=False, where=f"{cfg.data.shards}/manifest.json")
     val = _predict(model, own, "val", own_pairs, device)
     points = fit_operating_points(val, rule) | {"checkpoint": str(checkpoint), "labels": list(trained)}
@@ -135,8 +138,7 @@ def evaluate_run(
     target, pairs, out = own, own_pairs, folder.eval_dir(split)
     if shards is not None:
         other = replace(cfg, data=replace(cfg.data, shards=str(shards)))
-        check_inputs(other)
-        target = Loaders(other, dist.DistEnv(), device, batch_size=cfg.optim.batch_size)
+        target = Loaders(other, world, device, open_shards(other))
         pairs = label_pairs(trained, target.labels, map_labels=map_labels, where=f"{shards}/manifest.json")
         out = folder.eval_dir(f"{split}@{location.parse(shards).name}")
     pred = val if target is own and split == "val" else _predict(model, target, split, pairs, device)
@@ -146,7 +148,7 @@ def evaluate_run(
     result = score(
         pred,
         points | {"thresholds": mapped},
-        protocol=protocol(target.manifest),
+        protocol=protocol(target.shards.manifest),
         split=split,
         replicates=replicates,
         seed=seed,

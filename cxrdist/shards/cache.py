@@ -6,8 +6,10 @@ the manifest, the file is renamed into place (atomic), and later reads memory-ma
 that stops inside a shard, or finds its bytes wrong, keeps nothing.
 
 Shared by the ranks (and loader workers) of a node: a shard is filled by whoever holds its ``.lock``
-(``fcntl.flock``, released by the kernel if that process dies); the others stream without caching it
-rather than wait, so no shard is downloaded into the cache twice at once. Bounded: before a shard is kept,
+(``fcntl.flock``, released by the kernel if that process dies); another reader that needs it meanwhile
+waits for that copy while its partial file grows (``wait_for``), so a shard that several readers of a node
+need (every training reader walks every shard: data.stream) is downloaded once; a filler that stalls for
+``STALL_S`` is given up on and the shard streamed. Bounded: before a shard is kept,
 the least recently used ones are evicted until it fits under ``limit_bytes`` (a shard that alone exceeds
 it is not kept).
 
@@ -25,6 +27,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -33,6 +36,7 @@ from cxrdist.errors import UserError
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # what this process has already warned about (once each)
+STALL_S = 30.0  # a filler whose partial file has not grown for this long is given up on
 
 
 def warn_once(key: str, message: str) -> None:
@@ -91,6 +95,24 @@ class ShardCache:
         except OSError:
             return None
         return path
+
+    def wait_for(self, base_url: str, name: str, size: int, sha256: str = "") -> Path | None:
+        """Another reader of this node is filling ``name``: its copy once it is in place, or None when nobody
+        is filling it (any more) or its partial file stopped growing for ``STALL_S``."""
+        folder, grown, since = self.folder(base_url), -1, time.monotonic()
+        while True:
+            path = self.hit(base_url, name, size, sha256)
+            if path is not None:
+                return path
+            partials = list(folder.glob(f"{name}.partial-*"))
+            if not partials:
+                return self.hit(base_url, name, size, sha256)  # it may have landed just now
+            now = sum(p.stat().st_size for p in partials if p.exists())
+            if now != grown:
+                grown, since = now, time.monotonic()
+            elif time.monotonic() - since > STALL_S:
+                return None
+            time.sleep(0.05)
 
     def filler(self, base_url: str, name: str, size: int) -> Filler | None:
         """Someone to write a shard into the cache as it streams; None when another process is filling it or

@@ -120,6 +120,11 @@ def members(
             yield from members(local, name=name or file, expected_bytes=expected_bytes, read=read)  # hit() hashed it
             return
         filler = cache.filler(base, file, expected_bytes) if cache and expected_bytes and cache_sha256 else None
+        if filler is None and cache and expected_bytes:  # another reader of the node may be filling it
+            local = cache.wait_for(base, file, expected_bytes, expected_sha256)
+            if local is not None:
+                yield from members(local, name=name or file, expected_bytes=expected_bytes, read=read)
+                return
         try:
             yield from _streamed_members(url, name, expected_bytes, expected_sha256, read, filler, cache_sha256)
         finally:
@@ -246,16 +251,20 @@ def iter_tar(
     wanted: frozenset[str] | None = KNOWN_EXTS,
     cache: ShardCache | None = None,
     cache_sha256: str = "",
+    select: Callable[[str, str], bool] | None = None,
 ) -> Iterator[tuple[str, str, bytes | None]]:
     """Yield ``(key, ext, data)`` for the members of a tar that have a key.extension name; ``data`` is None
-    (never read) when ``ext`` is not in ``wanted`` (None: every extension)."""
+    (never read) when ``ext`` is not in ``wanted`` (None: every extension), or ``select(key, ext)`` says no."""
 
     split: tuple[str, str] | None = None
 
     def read(fname: str) -> bool:  # called for each member just before it is yielded: split once
         nonlocal split
         split = split_name(fname)
-        return split is not None and (wanted is None or split[1] in wanted)
+        if split is None:
+            return False
+        chosen = select is None or select(*split)  # every keyed member: select counts the samples
+        return chosen and (wanted is None or split[1] in wanted)
 
     found = members(
         path,
@@ -319,15 +328,30 @@ def _past_end(short: bool, name: str, at: int, end: int) -> None:
 RawSample = tuple[str, str, dict[str, bytes]]  # (shard name, key, {ext: bytes})
 
 
-def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS, check_sha256: bool = True) -> Iterator[RawSample]:
+def iter_shard(
+    shard: Shard,
+    wanted: frozenset[str] = KNOWN_EXTS,
+    check_sha256: bool = True,
+    take: Callable[[int], bool] | None = None,
+) -> Iterator[RawSample]:
     """Raw samples of one shard (members grouped by key; only ``wanted`` extensions are read), checked
     against the manifest's count and (``check_sha256``, when the shard has one) its hash; a key that comes
-    back after other keys (two samples of one key) is a ShardError naming it."""
+    back after other keys (two samples of one key) is a ShardError naming it. ``take(i)``: whether the bytes
+    of the shard's ``i``-th sample are copied out at all (a training reader's own samples); the others
+    come with no members, skipped unread."""
     count = 0
     key: str | None = None
     members: dict[str, bytes] = {}
     seen: set[str] = set()
     sha = shard.sha256 if check_sha256 else ""
+    index, last = -1, None
+
+    def select(k: str, ext: str) -> bool:
+        nonlocal index, last
+        if k != last:
+            index, last = index + 1, k
+        return take(index)
+
     found = iter_tar(
         shard.path,
         name=shard.name,
@@ -336,6 +360,7 @@ def iter_shard(shard: Shard, wanted: frozenset[str] = KNOWN_EXTS, check_sha256: 
         wanted=wanted,
         cache=shard.cache,
         cache_sha256=shard.sha256,
+        select=select if take is not None else None,
     )
     for k, ext, data in found:
         if k != key:

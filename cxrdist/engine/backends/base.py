@@ -96,10 +96,10 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ConfigError("; ".join(errors))
 
 
-def get_backend(cfg: TrainConfig, env: dist.DistEnv, device: torch.device) -> Backend:
+def get_backend(cfg: TrainConfig, env: dist.DistEnv, device: torch.device, accumulate: int = 1) -> Backend:
     cls = backend_class(cfg.dist.backend)
     cls.check(cfg, env, device)
-    return cls(cfg, env, device)
+    return cls(cfg, env, device, accumulate)
 
 
 def read_weights(path: Path, tag: str = "best", backend: str | None = None) -> tuple[dict, dict]:
@@ -132,8 +132,9 @@ class Backend:
     options: dict[str, str] = {}  # config fields only this backend reads -> their flag
     checkpoint_format = ""  # one line for error messages
 
-    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device):
+    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, device: torch.device, accumulate: int = 1):
         self.cfg, self.env, self.device = cfg, env, device
+        self.accumulate = accumulate  # micro-steps per optimizer step (the run's World)
         self.amp_dtype = AMP_DTYPES.get(cfg.run.precision)
         self.channels_last = "model" if cfg.run.channels_last else "off"  # | "activations": DeepSpeedBackend
         if device.type == "cuda":  # fixed input size: let cuDNN time its algorithms once
@@ -206,7 +207,10 @@ class Backend:
     def setup(self, model: nn.Module, total_steps: int) -> None:
         raise NotImplementedError
 
-    def train_step(self, loss_fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    def train_step(self, loss_fn: Callable[[nn.Module], torch.Tensor], micro: int = 0, of: int = 1) -> torch.Tensor:
+        """Forward and backward of micro-step ``micro`` of ``of``; the optimizer steps after the last one, so
+        the gradient is the mean over the global batch (each micro-step's loss counts 1/``of``), and the
+        gradients are averaged over the ranks only once, with the last one. Returns the micro-batch's loss."""
         raise NotImplementedError
 
     @property
@@ -309,12 +313,17 @@ class TorchBackend(Backend):
         self.scheduler = make_scheduler(self.optimizer, self.cfg, total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.run.precision == "fp16")
 
-    def train_step(self, loss_fn):
+    def train_step(self, loss_fn, micro=0, of=1):
         self.wrapped.train()
-        with self.step_autocast():
-            loss = loss_fn(self.wrapped)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        last = micro == of - 1
+        if micro == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.no_sync(last):  # the forward too: DDP prepares its reduction there
+            with self.step_autocast():
+                loss = loss_fn(self.wrapped)
+            self.scaler.scale(loss / of if of > 1 else loss).backward()
+        if not last:
+            return loss.detach()
         if self.cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
@@ -322,6 +331,10 @@ class TorchBackend(Backend):
         self.scaler.update()
         self.scheduler.step()
         return loss.detach()
+
+    def no_sync(self, last: bool):
+        """Gradients of a micro-step that is not the last are not averaged over ranks (ddp: no_sync)."""
+        return contextlib.nullcontext()
 
     @property
     def module(self):

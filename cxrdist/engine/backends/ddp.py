@@ -23,3 +23,10 @@ class DDPBackend(TorchBackend):
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids)  # rank 0's BN buffers are broadcast at every forward
+
+    def no_sync(self, last):
+        """DDP all-reduces during the backward; accumulation micro-steps before the last skip it."""
+        import contextlib
+
+        sync_off = getattr(self.wrapped, "no_sync", None)  # a compiled DDP forwards it to the wrapper
+        return contextlib.nullcontext() if last or sync_off is None else sync_off()

@@ -71,8 +71,8 @@ class DeepSpeedBackend(Backend):
         c = self.cfg
         config = {
             "train_micro_batch_size_per_gpu": c.optim.batch_size,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": c.optim.batch_size * self.env.world_size,
+            "gradient_accumulation_steps": self.accumulate,  # DeepSpeed's own accumulation boundaries
+            "train_batch_size": c.optim.batch_size * self.accumulate * self.env.world_size,
             "zero_optimization": {"stage": c.dist.zero_stage},
             "zero_allow_untested_optimizer": True,
             "gradient_clipping": c.optim.grad_clip,
@@ -135,11 +135,13 @@ class DeepSpeedBackend(Backend):
             return f"bf16 for {', '.join(map(str, safe))}; fp32 otherwise"
         return "fp32"
 
-    def train_step(self, loss_fn):
+    def train_step(self, loss_fn, micro=0, of=1):
+        """DeepSpeed counts the micro-steps itself (gradient_accumulation_steps): backward scales the loss by
+        1/steps and reduces only at the boundary, where step() runs the optimizer and the scheduler."""
         self.engine.train()
         loss = loss_fn(self.engine)  # the engine's forward autocasts (torch_autocast) or is fp16 itself
         self.engine.backward(loss)
-        self.engine.step()  # optimizer, zero_grad, scheduler
+        self.engine.step()  # optimizer, zero_grad, scheduler at the accumulation boundary
         return loss.detach()
 
     def autocast(self):

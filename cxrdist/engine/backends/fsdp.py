@@ -90,12 +90,17 @@ class FSDPBackend(Backend):
         self.optimizer = make_optimizer(model, self.cfg)
         self.scheduler = make_scheduler(self.optimizer, self.cfg, total_steps)
 
-    def train_step(self, loss_fn):
+    def train_step(self, loss_fn, micro=0, of=1):
         self._module.train()
+        last = micro == of - 1
+        if micro == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._module.set_requires_gradient_sync(last)  # accumulate unsharded; reduce-scatter with the last
         with self.step_autocast():  # the compute precision: FSDP's units stay fp32 (see the module notes)
             loss = loss_fn(self._train)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss / of if of > 1 else loss).backward()
+        if not last:
+            return loss.detach()
         if self.cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(self._module.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
