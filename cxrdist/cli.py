@@ -42,8 +42,15 @@ def cmd_shard(a) -> int:
         min_shards=a.min_shards,
         labels=a.labels,
         staging=a.staging,
+        source_options=source_options(a),
     )
     return 0 if manifest is not None else 1
+
+
+def source_options(a) -> dict:
+    """The reader options given on the command line (each belongs to one source; build_table checks)."""
+    given = {"expert_labels": a.expert_labels, "label_method": a.label_method}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_verify(a) -> int:
@@ -83,6 +90,7 @@ def cmd_eval(a) -> int:
         replicates=a.bootstrap,
         seed=a.seed,
         allow_pipe=a.allow_pipe,
+        cam=a.cam,
     )
     print(json.dumps({k: result[k] for k in ("protocol", "split", "n", "mean")}, indent=1))
     return below_floor(a.run, result, a.min_auc) if a.min_auc is not None else 0
@@ -165,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cxrdist.labels import LABEL_SETS
     from cxrdist.synth import LAYOUTS
 
-    s = add("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR, NIH)")
+    s = add("synth", help="write a synthetic dataset in a real layout (CheXpert, MIMIC-CXR, NIH, PadChest, RSNA)")
     s.add_argument("--layout", choices=tuple(LAYOUTS), required=True)
     s.add_argument("--out", type=Path, required=True, metavar="DIR")
     s.add_argument("--n", type=int, default=1000, metavar="N", help="images")
@@ -198,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SET|FILE",
         help=f"the label set the shards carry: {' | '.join(LABEL_SETS)} | a file of names, one per line "
         "(default: the source's own; a label the source lacks is masked out everywhere)",
+    )
+    s.add_argument(
+        "--expert-labels",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="nih: Google's google2019_nih-chest-xray-labels.csv: its images only, its 4 adjudicated labels, "
+        "its Set Id as the split",
+    )
+    s.add_argument(
+        "--label-method",
+        choices=("physician", "all"),
+        default=None,
+        help="padchest: keep the rows physicians labelled, or also those its RNN labelled",
     )
     s.add_argument("--size", type=int, default=256, metavar="PX")
     s.add_argument("--encoding", choices=("jpg", "png16"), default="jpg")
@@ -248,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", type=int, default=1000, metavar="N", help="patient-bootstrap replicates (default 1000)"
     )
     s.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    s.add_argument(
+        "--cam",
+        action="store_true",
+        help="score Grad-CAM against the split's radiologist boxes (pointing game, mass ratio, IoU, each beside "
+        "random maps), with overlays of hits and misses",
+    )
     s.add_argument(
         "--allow-pipe",
         action="store_true",

@@ -263,6 +263,28 @@ def read_image(path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- geometry
 
 
+def square_frame(h: int, w: int, size: int) -> tuple[float, int, int, int, int]:
+    """Where ``fit_square`` puts an h x w image: (scale, top, left, new h, new w)."""
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    return scale, (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
+def fit_boxes(boxes, h: int, w: int, size: int) -> list[dict]:
+    """Boxes -> the same boxes in ``fit_square``'s frame for an h x w image, as the json a sample carries
+    ({label, x, y, w, h}, rounded to 0.01 px). A box is (label, x, y, w, h) in the file's pixels, or
+    (label, x, y, w, h, frame_w, frame_h) in a stated frame: NIH's boxes are in the 1024 x 1024 frame its
+    PNGs ship in, and stay right for a copy of the images resized to another size."""
+    scale, top, left, nh, nw = square_frame(h, w, size)
+    out = []
+    for lab, x, y, bw, bh, *frame in boxes:
+        fw, fh = frame or (w, h)
+        sx, sy = nw / fw, nh / fh  # the rounded new size, exactly as the pixels were resampled
+        out.append({"label": str(lab), "x": round(left + x * sx, 2), "y": round(top + y * sy, 2),
+                    "w": round(bw * sx, 2), "h": round(bh * sy, 2)})  # fmt: skip
+    return out
+
+
 def fit_square(img: np.ndarray, size: int) -> np.ndarray:
     """Letterbox ``img`` into a float32 ``size`` x ``size`` array.
 
@@ -281,8 +303,7 @@ def fit_square(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape
     if h == 0 or w == 0:
         raise UnusableImage("empty image")
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    scale, top, left, nh, nw = square_frame(h, w, size)
     if (nh, nw) == (h, w):
         resized = img
     else:
@@ -290,7 +311,6 @@ def fit_square(img: np.ndarray, size: int) -> np.ndarray:
         resized = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         resized = resized[0, 0].numpy()
     out = np.zeros((size, size), np.float32)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = np.clip(resized, 0.0, 1.0)
     return out
 

@@ -50,7 +50,49 @@ NIH: tuple[str, ...] = (
     "Pleural_Thickening",
     "Hernia",
 )
-LABEL_SETS: dict[str, tuple[str, ...]] = {"chexpert": CHEXPERT, "nih": NIH}
+# Google's adjudicated labels for 4,376 NIH images (Majkowska et al. 2019; sources/nih_expert.py)
+NIH_EXPERT: tuple[str, ...] = ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")
+# RSNA Pneumonia Detection (sources/rsna.py): its Target, "lung opacity suspicious for pneumonia"
+RSNA: tuple[str, ...] = ("Lung Opacity",)
+# PadChest (sources/padchest.py, which says which of its terms make each label positive): torchxrayvision's PadChest
+# pathologies, named as NIH or CheXpert name the same finding so that --map-labels and overlap() work across sets
+# with no new pair: NIH's 14 in NIH's order, CheXpert's Fracture and Support Devices, then PadChest's own
+PADCHEST: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+    "Fracture",
+    "Support Devices",
+    "Granuloma",
+    "Flattened Diaphragm",
+    "Bronchiectasis",
+    "Aortic Elongation",
+    "Scoliosis",
+    "Hilar Enlargement",
+    "Tuberculosis",
+    "Air Trapping",
+    "Costophrenic Angle Blunting",
+    "Aortic Atheromatosis",
+    "Hemidiaphragm Elevation",
+)
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "chexpert": CHEXPERT,
+    "nih": NIH,
+    "nih-expert": NIH_EXPERT,
+    "padchest": PADCHEST,
+    "rsna": RSNA,
+}
 # The CheXpert competition's five (Irvin et al. 2019, Table 2): the mean papers compare on valid.csv
 COMPETITION5: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 OBSERVATIONS = CHEXPERT  # the CheXpert and MIMIC-CXR sources' own labels; the poster's head
@@ -61,6 +103,15 @@ NUM_CLASSES = len(CHEXPERT)
 # Infiltration vs Lung Opacity (one is a part of the other, not the same finding), Pleural_Thickening vs
 # Pleural Other (CheXpert's is broader).
 SAME_FINDING: tuple[tuple[str, str], ...] = (("Effusion", "Pleural Effusion"),)
+# The nearest finding between two *registered* sets, keyed by their names (``set_name``) and consulted by
+# ``overlap`` only (a model of one set scored on shards of the other: ``eval --map-labels``), never by
+# ``counterpart`` (so never by ``--labels``). RSNA's Target was made by re-reading NIH ChestX-ray14 images
+# with pneumonia-related findings, so NIH's Pneumonia is its nearest; CheXpert's Lung Opacity and NIH's
+# Pneumonia are not the same finding, so the pair is not in SAME_FINDING (CheXpert <-> NIH stays at 7).
+NEAREST: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    ("rsna", "nih"): (("Lung Opacity", "Pneumonia"),),
+    ("rsna", "padchest"): (("Lung Opacity", "Pneumonia"),),  # PadChest names NIH's findings as NIH does
+}
 
 # a label name becomes a table column and a json key: printable, no separators that other files use
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _().+-]{0,63}$")
@@ -84,13 +135,21 @@ def counterpart(name: str, available) -> str | None:
 
 
 def overlap(wanted, have) -> list[tuple[str, str]]:
-    """(name in ``wanted``, name in ``have``) for every finding both sets hold, in ``wanted``'s order."""
-    pairs = [(w, counterpart(w, have)) for w in wanted]
+    """(name in ``wanted``, name in ``have``) for every finding both sets hold, in ``wanted``'s order: the same
+    finding (``counterpart``), else, between two registered sets with a ``NEAREST`` entry, its nearest."""
+    near = nearest(wanted, have)
+    pairs = [(w, counterpart(w, have) or near.get(w)) for w in wanted]
     return [(w, h) for w, h in pairs if h is not None]
 
 
+def nearest(wanted, have) -> dict[str, str]:
+    """{name in ``wanted``: name in ``have``} from ``NEAREST`` for exactly these two sets, either way round."""
+    a, b = set_name(wanted), set_name(have)
+    return dict(NEAREST.get((a, b), ())) | {h: w for w, h in NEAREST.get((b, a), ())}
+
+
 def resolve(spec: str) -> tuple[str, ...]:
-    """``--labels``: a registered set's name (``chexpert``, ``nih``) or a text file with one label per line
+    """``--labels``: a registered set's name (``LABEL_SETS``) or a text file with one label per line
     (blank lines and ``#`` comments ignored). Raises UserError naming the file and line of a bad name."""
     if spec in LABEL_SETS:
         return LABEL_SETS[spec]
@@ -113,7 +172,7 @@ def resolve(spec: str) -> tuple[str, ...]:
 
 
 def set_name(names) -> str:
-    """``chexpert``/``nih`` when ``names`` is exactly a registered set, else ``custom``."""
+    """The registered set's name (``chexpert``, ``nih``, ...) when ``names`` is exactly one, else ``custom``."""
     return next((k for k, v in LABEL_SETS.items() if tuple(names) == v), "custom")
 
 

@@ -265,11 +265,27 @@ def test_gradcam_finds_the_drawn_heart_of_a_cardiomegaly_and_randomised_weights_
     maps = [gradcam(model, xt[i : i + 1], j) for i in positives]
     ratio = [h[m].mean() / max(h[~m].mean(), 1e-9) for h, m in zip(maps, hearts[positives]) if h.max() > 0]
     assert len(ratio) >= 6 and np.median(ratio) > 1.5, ratio
+    # the pointing game against the heart's box, as `eval --cam` scores it, beats random CAM-like maps clearly
+    from cxrdist.evaluate.localize import measure, random_maps
+
+    boxes = [box_of(m) for m in hearts[positives]]
+    hits = np.mean([measure(h, b)[0] for h, b in zip(maps, boxes)])
+    chance = np.mean([measure(r, b)[0] for b in boxes for r in random_maps(np.random.default_rng(0), 50, b.shape)])
+    print(f"pointing game in the heart's box: {hits:.2f} (random maps {chance:.2f}, {len(boxes)} positives)")
+    assert hits >= chance + 0.3, (hits, chance)
     random = build_model("densenet121", num_classes=len(CHEXPERT)).eval()
     changed = [np.corrcoef(h.ravel(), gradcam(random, xt[i : i + 1], j).ravel())[0, 1] for h, i in zip(maps, positives)]
     r = np.nanmedian(changed)
     print(f"grad-cam heat inside/outside the heart: median {np.median(ratio):.2f}; random weights: median r {r:.2f}")
     assert np.nanmedian(changed) < 0.5, changed
+
+
+def box_of(mask: np.ndarray) -> np.ndarray:
+    """The bounding box of a region, as a mask: what a radiologist's box around it covers."""
+    ys, xs = np.nonzero(mask)
+    out = np.zeros_like(mask)
+    out[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+    return out
 
 
 def test_gradcam_runs_on_a_fused_demographics_model():

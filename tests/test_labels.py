@@ -44,7 +44,9 @@ def test_resolve_sets_and_files(tmp_path):
     f.write_text("\n# nothing\n")
     with pytest.raises(UserError, match="no label names"):
         labels.resolve(str(f))
-    with pytest.raises(UserError, match=r"neither a label set \(chexpert, nih\) nor a file"):
+    with pytest.raises(
+        UserError, match=r"neither a label set \(chexpert, nih, nih-expert, padchest, rsna\) nor a file"
+    ):
         labels.resolve(str(tmp_path / "absent.txt"))
 
 

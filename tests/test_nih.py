@@ -183,6 +183,25 @@ def test_nih_shards_train_evaluate_and_predict(nih_shards, nih_run):
 
 
 @pytest.mark.slow
+def test_eval_cam_scores_grad_cam_against_the_boxes_with_intervals_and_overlays(nih_shards, nih_run):
+    """The synthetic NIH set boxes every drawn finding (BBox_List_2017.csv, 1024 frame); `eval --cam` scores
+    each boxed label of the test split beside random maps, in metrics.json and report.md, with overlays."""
+    ev = cli("eval", "--run", nih_run, "--split", "test", "--cam", "--bootstrap", "50")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    out = nih_run / "eval" / "test"
+    loc = json.loads((out / "metrics.json").read_text())["localization"]
+    assert loc["labels"] and loc["threshold"] == 0.5
+    for label, r in loc["labels"].items():
+        assert label in NIH and r["n"] > 0
+        for who in ("cam", "random"):
+            for k in ("pointing", "mass_ratio", "iou"):
+                point, low, high = r[who][k]
+                assert low <= point <= high, (label, who, k, r[who][k])
+    assert "## Grad-CAM against the radiologists' boxes" in (out / "report.md").read_text()
+    assert list((out / "cam").glob("*.png"))
+
+
+@pytest.mark.slow
 def test_a_chexpert_model_on_nih_shards_maps_labels_or_refuses(tiny_shards, nih_shards, tmp_path):
     run = tmp_path / "chexpert"
     in_process("train", "--shards", tiny_shards["shards"], "--out", run, "--backend", "single", "--max-steps", "2",

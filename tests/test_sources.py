@@ -314,7 +314,7 @@ def test_bad_options_are_user_errors(chexpert_root):
         with pytest.raises(UserError):
             build_table("chexpert", chexpert_root, **kw)
     with pytest.raises(UserError, match="unknown source"):
-        build_table("padchest", chexpert_root)
+        build_table("vindr-cxr", chexpert_root)
 
 
 # --- the split ------------------------------------------------------------------------------------------

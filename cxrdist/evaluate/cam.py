@@ -30,8 +30,9 @@ def gradcam(model: torch.nn.Module, x: torch.Tensor, target: int, *, size=None, 
     return heat / top if top > 0 else heat
 
 
-def write_overlay(path: Path, image: np.ndarray, heat: np.ndarray, title: str) -> None:
-    """The grey input with the heat map (jet, alpha 0.4) over it, as a PNG of the input's size."""
+def write_overlay(path: Path, image: np.ndarray, heat: np.ndarray, title: str, boxes: list[dict] = ()) -> None:
+    """The grey input with the heat map (jet, alpha 0.4) over it, as a PNG of the input's size; ``boxes``
+    ({x, y, w, h} in the image's pixels: a radiologist's) outlined in white."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,6 +43,8 @@ def write_overlay(path: Path, image: np.ndarray, heat: np.ndarray, title: str) -
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(image, cmap="gray", interpolation="nearest")
     ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1, interpolation="bilinear")
+    for b in boxes:
+        ax.add_patch(plt.Rectangle((b["x"] - 0.5, b["y"] - 0.5), b["w"], b["h"], fill=False, ec="white", lw=1))
     ax.text(2, 2, title, color="white", fontsize=max(4, h // 40), va="top")
     ax.axis("off")
     fig.savefig(path, dpi=100)

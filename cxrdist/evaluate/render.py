@@ -97,8 +97,29 @@ def markdown(m: dict, title: str, plots: list[str]) -> str:
         for g, r in groups.items()
     ]
     lines += _md_table(("attribute", "group", "n", "mean AUROC (95% CI)", "TPR gap (pp)"), rows) + [""]
+    if "localization" in m:
+        lines += localization_lines(m["localization"])
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def localization_lines(loc: dict) -> list[str]:
+    """report.md's Grad-CAM section: each measure for the model's maps and for random maps."""
+    rows = [
+        [label, str(r["n"]), *(f"{ci(r['cam'][k])} vs {ci(r['random'][k])}" for k in ("pointing", "mass_ratio", "iou"))]
+        for label, r in loc["labels"].items()
+    ]
+    return [
+        "## Grad-CAM against the radiologists' boxes (model vs random maps)",
+        "",
+        f"Pointing game: the map's maximum inside a box. Mass ratio: the map's share inside the boxes over their "
+        f"share of the image (1 = flat). IoU: the map at {loc['threshold']} of its peak. Random maps: "
+        f"{loc['random_maps']} per sample, noise on a coarse grid upsampled like a CAM. Boxes of labels the model "
+        f"does not score: {loc['unscored_boxes']}. Overlays of hits and misses in cam/.",
+        "",
+        *_md_table(("label", "n", "pointing game", "mass ratio", "IoU"), rows),
+        "",
+    ]
 
 
 def print_table(m: dict, title: str) -> None:

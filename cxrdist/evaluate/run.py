@@ -104,12 +104,14 @@ def evaluate_run(
     seed: int = 0,
     plots: bool = True,
     allow_pipe: bool = False,
+    cam: bool = False,
 ) -> dict:
     """Score a run's checkpoint on ``split`` of its own shards, or of ``shards`` (another location, perhaps
     another dataset), with operating points and the temperature fitted on the run's own val split.
 
     Writes ``RUN/operating_points.json`` (what ``predict`` applies) and ``RUN/eval/<split>/`` (``<split>@<name>``
-    for other shards): predictions.csv, metrics.json, report.md and the plots. Returns metrics.json's dict.
+    for other shards): predictions.csv, metrics.json, report.md and the plots. ``cam``: Grad-CAM scored against
+    the split's boxes (``localize``), overlays in ``cam/``. Returns metrics.json's dict.
     """
     run = Path(run)
     if not run.is_dir():
@@ -153,12 +155,26 @@ def evaluate_run(
         replicates=replicates,
         seed=seed,
     )
+    if cam:
+        result["localization"] = localization(model, target, split, pairs, device, out / "cam", replicates, seed)
     result["scoring_s"] = round(time.perf_counter() - t0, 2)
     result |= {"checkpoint": str(checkpoint), "shards": str(target.cfg.data.shards)}
     if [target.labels[b] for _, b in pairs] != list(trained):
         result["label_map"] = {trained[a]: target.labels[b] for a, b in pairs}
     _write(out, pred, result, f"{run.name}: {split} of {target.cfg.data.shards} (checkpoint {checkpoint})", plots)
     return result
+
+
+def localization(model, loaders: Loaders, split, pairs, device, overlays: Path, replicates: int, seed: int) -> dict:
+    """``localize.score_boxes`` on the split's boxed samples; refused when the split holds none."""
+    from cxrdist.evaluate.localize import boxed_samples, score_boxes
+
+    samples = boxed_samples(loaders.shards, split)
+    if not samples:
+        raise UserError(f"--cam: no sample of the {split} split of {loaders.cfg.data.shards} has boxes")
+    outputs = {loaders.labels[b]: a for a, b in pairs}
+    return score_boxes(model, samples, outputs, loaders.augment(False), device, replicates=replicates, seed=seed,
+                       overlays=overlays)  # fmt: skip
 
 
 def _write(out: Path, pred: Predictions, result: dict, title: str, plots: bool) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrdist import log
+from cxrdist import imaging, log
 from cxrdist.atomic import atomic_write_json, fsync_dir
 from cxrdist.contain import OUTSIDE, SHARD_NAME, Outside, within
 from cxrdist.errors import UserError
@@ -89,6 +89,7 @@ class ShardTask:
     age: np.ndarray
     labels: np.ndarray
     mask: np.ndarray
+    boxes: list | None = None  # per sample: ((label, x, y, w, h), ...) in the file's pixels; None: no boxes
 
 
 TEXT_COLUMNS = ("key", "path", "patient_id", "study_id", "view", "sex")
@@ -100,6 +101,7 @@ def make_tasks(table, plan, *, out: Path, size: int, encoding: str) -> list[Shar
     text = {c: df[c].to_numpy(dtype=object) for c in TEXT_COLUMNS}
     age_all = df["age"].to_numpy(np.float64)
     labels_all, mask_all = table.labels(), table.masks()
+    boxes_all = df["boxes"].to_numpy(dtype=object) if "boxes" in df else None
     params = json.dumps(
         {
             "version": VERSION,
@@ -120,6 +122,9 @@ def make_tasks(table, plan, *, out: Path, size: int, encoding: str) -> list[Shar
             h.update(("\x00".join(cols[c]) + "\x01").encode())
         for a in (age, labels, mask):
             h.update(np.ascontiguousarray(a).tobytes())
+        boxes = None if boxes_all is None else [tuple(map(tuple, b)) for b in boxes_all[rows]]
+        if boxes is not None:
+            h.update(json.dumps(boxes).encode())
         tasks.append(
             ShardTask(
                 name=name,
@@ -137,13 +142,18 @@ def make_tasks(table, plan, *, out: Path, size: int, encoding: str) -> list[Shar
                 age=age,
                 labels=labels,
                 mask=mask,
+                boxes=boxes,
             )
         )
     return tasks
 
 
-def sample_json(task: ShardTask, i: int) -> bytes:
+def sample_json(task: ShardTask, i: int, shape: tuple[int, int]) -> bytes:
+    """A sample's json; its boxes (when the source has any) mapped from the h x w file into the stored frame."""
     age = float(task.age[i])
+    extra = {}
+    if task.boxes is not None and task.boxes[i]:
+        extra["boxes"] = imaging.fit_boxes(task.boxes[i], *shape, task.size)
     return json.dumps(
         {
             "labels": [float(x) for x in task.labels[i]],
@@ -154,6 +164,7 @@ def sample_json(task: ShardTask, i: int) -> bytes:
             "sex": task.sex[i],
             "age": None if math.isnan(age) else age,
             "source": task.paths[i],
+            **extra,
         }
     ).encode()
 
@@ -199,8 +210,6 @@ def pack_shard(task: ShardTask) -> dict:
     """Write one shard atomically; return (and record) its stats. Images that cannot be used are skipped."""
     from webdataset import TarWriter
 
-    from cxrdist import imaging
-
     out, root = Path(task.out), Path(task.root)
     final, partial = out / task.name, out / (task.name + ".partial")
     skipped, samples, unexpected, pending = [], 0, None, 0
@@ -211,6 +220,7 @@ def pack_shard(task: ShardTask) -> dict:
             try:
                 img = imaging.read_image(within(root, rel))  # a symlink out of the dataset: Outside
                 ext, data = imaging.encode(imaging.fit_square(img, task.size), task.encoding)
+                meta = sample_json(task, i, img.shape)
             except Outside:
                 skipped.append({"key": key, "source": rel, "reason": OUTSIDE})
             except imaging.UnusableImage as e:
@@ -221,7 +231,7 @@ def pack_shard(task: ShardTask) -> dict:
                 unexpected = unexpected or e
                 skipped.append({"key": key, "source": rel, "reason": f"unexpected {type(e).__name__}: {e}"})
             else:
-                writer.write({"__key__": key, ext: data, "json": sample_json(task, i)})
+                writer.write({"__key__": key, ext: data, "json": meta})
                 samples += 1
             pending += 1
             if pending >= PROGRESS_EVERY:
@@ -255,8 +265,6 @@ def pack_shard(task: ShardTask) -> dict:
 def _warm_imports() -> None:
     """Import what packing needs (webdataset pulls in torch: seconds) before any clock starts."""
     import webdataset  # noqa: F401
-
-    from cxrdist import imaging  # noqa: F401
 
 
 class WorkerPool:
@@ -434,7 +442,7 @@ def build_manifest(
         "unparseable": dict(table.unparseable),  # source column -> cells read as missing (e.g. Age "abc")
         "policy": table.policy,
         "split": table.split,
-        "protocol": protocol_name(table.source, table.split, seed),
+        "protocol": table.protocol or protocol_name(table.source, table.split, seed),
         "views": table.views,
         "size": int(size),
         "encoding": encoding,
@@ -502,11 +510,13 @@ def pack(
     quiet=False,
     labels=None,
     staging=None,
+    source_options=None,
 ) -> dict | None:
     """Pack a dataset into WebDataset shards; returns the manifest (also written to ``out/manifest.json``).
     ``labels``: a label set's name or a file of names (``labels.resolve``); default the source's own.
     ``out`` may be an ``s3://`` or ``gs://`` location: the shards are packed in ``staging`` (a local folder,
-    resumable as ever), then each is uploaded unless it is there already, the manifest last."""
+    resumable as ever), then each is uploaded unless it is there already, the manifest last.
+    ``source_options``: the source reader's own (NIH ``expert_labels``, PadChest ``label_method``, ...)."""
     options = dict(locals())
     loc = location.parse(out)
     if loc.local is None:
@@ -533,7 +543,9 @@ def pack(
         raise UserError(f"min_shards must be at least 1 (got {min_shards})")
     console = log.console(quiet=quiet)
     t0 = time.perf_counter()
-    table = build_table(source, root, views=views, policy=policy, split=split, seed=seed, labels=labels)
+    table = build_table(
+        source, root, views=views, policy=policy, split=split, seed=seed, labels=labels, **(source_options or {})
+    )
     if table.df.empty:  # e.g. --views frontal on a folder of laterals
         raise UserError(no_rows_message(root, table.counts, table.skipped))
     plan = plan_shards(table.df, seed=seed, samples_per_shard=samples_per_shard, min_shards=min_shards)

@@ -13,9 +13,11 @@ from cxrdist.sources import (
     chexpert,  # noqa: F401, I001
     mimic,  # noqa: F401
     nih,  # noqa: F401
+    padchest,  # noqa: F401
+    rsna,  # noqa: F401
 )
 from cxrdist.sources.registry import REGISTRY, Source, for_layout, get, names, register
-from cxrdist.sources.table import SourceTable, check_choices, finish, label_columns
+from cxrdist.sources.table import SourceTable, check_choices, check_options, finish, label_columns
 
 __all__ = [
     "build_table",
@@ -50,6 +52,7 @@ def build_table(
     """
     src = get(source)
     check_choices(views, policy, split)
+    check_options(src, options)
     root = Path(root).expanduser()
     raw = src.read(root, official=split == "official", **options)
     return finish(raw, source=src, root=root, labels=labels, views=views, policy=policy, split=split, seed=seed)

@@ -8,7 +8,8 @@ Images are ``<Image Index>`` in any of ``images_001/images/`` ... ``images_012/i
 unpacked side by side), ``images/`` or ``--root`` itself; they are found by listing those folders once
 (names only: no image is opened). Official split: ``test_list.txt`` -> test, ``train_val_list.txt`` ->
 split patient-wise 90/10 into train/val. Key = Image Index without ``.png``; one image per follow-up visit,
-so the study is the image.
+so the study is the image. The expert annotations (radiologists' boxes, Google's adjudicated labels) are read
+by ``nih_expert``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 
 from cxrdist.errors import UserError
 from cxrdist.labels import NIH
+from cxrdist.sources.nih_expert import BBOX, expert_rows, read_boxes
 from cxrdist.sources.registry import Source, register
 from cxrdist.sources.table import (
     STR,
@@ -110,7 +112,16 @@ def _official(root: Path, keys: np.ndarray, notes: list[str]) -> np.ndarray:
     return out
 
 
-def read_nih(root: Path, *, official: bool = False) -> RawRows:
+def read_nih(root: Path, *, official: bool = False, expert_labels=None) -> RawRows:
+    """The NIH rows, with BBox_List_2017.csv's boxes attached when it is there; ``expert_labels``: Google's
+    adjudicated file (``sources/nih_expert.py``): only its images, its four labels, its split."""
+    raw, names = read_entries(root, official=official)
+    if expert_labels is not None:
+        raw = expert_rows(raw, names, expert_labels)
+    return raw
+
+
+def read_entries(root: Path, *, official: bool) -> tuple[RawRows, np.ndarray]:
     root = Path(root)
     csv = find_csv(root)
     df, lines, skipped = read_csv_checked(csv, REQUIRED, text=("Image Index", "Finding Labels", "Patient ID"))
@@ -147,12 +158,19 @@ def read_nih(root: Path, *, official: bool = False) -> RawRows:
     for j, label in enumerate(NIH):
         out[label] = values[:, j]
     out["_file"], out["_line"] = df["_file"].to_numpy(), df["_line"].to_numpy()
+    boxes = read_boxes(root, skipped)
+    if boxes:
+        out["boxes"] = pd.Series(name.astype(object)).map(boxes).to_numpy(dtype=object)
+        boxed = int(pd.Series(name.astype(object)).isin(boxes.keys()).sum())
+        n = sum(len(b) for b in boxes.values())
+        notes.append(f"{BBOX}: {n:,} boxes on {len(boxes):,} images, {boxed:,} of them in the table")
     note = ""
     if official:
         out["_official"] = _official(root, stem.astype(object), notes)
         note = f"official: {TEST} -> test; {TRAIN_VAL} split patient-wise 90/10 into train/val (balanced, seeded)"
     bad = {"Patient Age": bad_age, "Patient Gender": unparseable_sex(df["Patient Gender"])}
-    return RawRows(df=out, counts=counts, skipped=skipped, labels=NIH, notes=notes, official_note=note, unparseable=bad)
+    raw = RawRows(df=out, counts=counts, skipped=skipped, labels=NIH, notes=notes, official_note=note, unparseable=bad)
+    return raw, name
 
 
 register(

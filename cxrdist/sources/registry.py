@@ -24,6 +24,9 @@ class Source:
     synth_layouts: tuple[str, ...] = ()  # `cxrdist synth --layout` names that write its format
     # how `--split official` splits the rows its official lists leave open (train, val, test fractions)
     official_rest: tuple[float, float, float] = (0.9, 0.0, 0.1)
+    # every image is frontal by the dataset's curation (RSNA): a row whose view the tables do not say ('')
+    # is kept by --views frontal instead of dropped
+    frontal_only: bool = False
 
 
 REGISTRY: dict[str, Source] = {}

@@ -59,6 +59,7 @@ class SourceTable:
     notes: list[str] = field(default_factory=list)  # e.g. how the image extension was chosen
     labels_missing: tuple[str, ...] = ()  # chosen labels the source cannot provide (masked out everywhere)
     unparseable: dict[str, int] = field(default_factory=dict)  # source column -> cells read as missing
+    protocol: str = ""  # RawRows.protocol
 
     def labels(self) -> np.ndarray:
         return self.df[label_columns(self.label_names)[0]].to_numpy(np.float32)
@@ -72,7 +73,8 @@ class RawRows:
     """A reader's output. ``df`` columns: key, path, patient_id, study_id, view (upper-case, '' blank),
     sex (M/F/U), age (float), the source's ``labels`` (raw cells: float, text or NaN), ``_file`` + ``_line``
     (where a row came from: ``train.csv`` + 17, or an image path + 0), optionally ``_lsrc`` (where its
-    labels came from, appended to label reasons) and ``_official`` (train/val/test; NaN: patient-wise)."""
+    labels came from, appended to label reasons), ``_official`` (train/val/test; NaN: patient-wise) and
+    ``boxes`` (per row a tuple of (label, x, y, w, h[, frame_w, frame_h]): imaging.fit_boxes; () none)."""
 
     df: pd.DataFrame
     counts: list[tuple[str, int]]
@@ -81,6 +83,8 @@ class RawRows:
     notes: list[str] = field(default_factory=list)
     official_note: str = ""
     unparseable: dict[str, int] = field(default_factory=dict)  # source column -> cells read as missing
+    split_from_file: str = ""  # the rows' split is given by this (a file's column): ``_official`` for every row
+    protocol: str = ""  # what eval names these rows' test set by, when not ``<source>/<split>``
 
 
 # --- CSV helpers (used by the readers) ---------------------------------------------------------------
@@ -245,13 +249,13 @@ def cell_text(v) -> str:
 
 
 # --- the source-independent part ---------------------------------------------------------------------
-def choose_labels(spec, source) -> tuple[tuple[str, ...], list[str | None]]:
+def choose_labels(spec, source, native: tuple[str, ...]) -> tuple[tuple[str, ...], list[str | None]]:
     """``--labels`` against what the source provides -> (chosen names, the source's column for each or None).
 
     A chosen name is taken from the source's column of that name or of its counterpart
     (``labels.SAME_FINDING``: Effusion <-> Pleural Effusion). A name no label set knows is a typo: refused,
-    listing what the source has. A known name the source lacks gets None (masked out everywhere)."""
-    native = source.labels
+    listing what the source has. A known name the source lacks gets None (masked out everywhere). ``native``:
+    the labels the reader gave (the source's own, or another set such as NIH's expert labels)."""
     if spec is None:
         names = native
     else:
@@ -293,7 +297,7 @@ def _duplicates(df, bad, skipped) -> np.ndarray:
 def finish(
     raw: RawRows, *, source, root: Path, labels=None, views: str, policy: str, split: str, seed: int
 ) -> SourceTable:
-    names, cols = choose_labels(labels, source)
+    names, cols = choose_labels(labels, source, tuple(raw.labels))
     df = raw.df.reset_index(drop=True)
     counts = list(raw.counts)
     skipped = list(raw.skipped)
@@ -328,6 +332,8 @@ def finish(
     #    (balanced on the source's raw positives), so one seed gives every patient the same split for any
     #    --views/--policy/--labels
     official = df["_official"] if "_official" in df else None
+    if raw.split_from_file:  # e.g. Google's expert labels: their Set Id is the split, whatever --split says
+        split = "official"
     split_col, info = assign_splits(
         df["patient_id"], values == 1.0, method=split, seed=seed, official=official, rest=source.official_rest
     )
@@ -337,6 +343,8 @@ def finish(
     # 5. view filter
     if views == "frontal":
         keep = df["view"].isin(FRONTAL_VIEWS).to_numpy()
+        if source.frontal_only:
+            keep = keep | (df["view"] == "").to_numpy()
         counts.append((f"frontal views ({', '.join(FRONTAL_VIEWS)})", int(keep.sum())))
         df, values, split_col = df.loc[keep].reset_index(drop=True), values[keep], split_col[keep]
 
@@ -351,6 +359,8 @@ def finish(
         out[mcol] = mask[:, index[col]] if col else np.zeros(len(df), np.int8)
     out["split"] = np.asarray(SPLIT_NAMES, dtype=object)[split_col]
     table = pd.DataFrame(out, columns=table_columns(names))
+    if "boxes" in df:  # radiologists' boxes (RSNA, NIH's BBox_List): (label, x, y, w, h) in the file's pixels
+        table["boxes"] = [tuple(b) if isinstance(b, tuple | list) else () for b in df["boxes"]]
     for c in ("key", "path", "patient_id", "study_id", "view", "sex", "split"):
         table[c] = table[c].astype(str)
     missing = tuple(n for n, c in zip(names, cols) if c is None)
@@ -371,6 +381,7 @@ def finish(
         notes=notes,
         labels_missing=missing,
         unparseable={c: n for c, n in raw.unparseable.items() if n},
+        protocol=raw.protocol,
     )
 
 
@@ -387,3 +398,15 @@ def check_choices(views: str, policy: str, split: str) -> None:
     ):
         if value not in choices:
             raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_options(source, options: dict) -> None:
+    """A reader option the source has no use for (``--expert-labels`` with CheXpert) is refused, not dropped."""
+    import inspect
+
+    takes = set(inspect.signature(source.read).parameters) - {"root", "official"}
+    for name in options:
+        if name not in takes:
+            flag = "--" + name.replace("_", "-")
+            users = ", ".join(sorted(takes)) or "none"
+            raise UserError(f"{flag} is not an option of --source {source.name} (its options: {users})")

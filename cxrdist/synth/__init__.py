@@ -8,6 +8,11 @@ ship them, so every source reader, packer and loader can be exercised end to end
   ``files/pXX/pSUBJECT/sSTUDY/DICOM_ID.{jpg,dcm}``
 - ``nih``: ``out/Data_Entry_2017_v2020.csv`` + ``images_001..012/images/PPPPPPPP_FFF.png`` +
   ``train_val_list.txt`` / ``test_list.txt``
+- ``padchest``: ``out/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv`` (the real columns, first header
+  empty; Labels as list literals) + ``out/<ImageDir 0..54>/<ImageID>.png`` 16-bit PNGs, laterals included and
+  ~1% of the frontal ones broken as some real ones are
+- ``rsna``: ``out/stage_2_train_labels.csv`` (a row per opacity box, one box-less row per negative) +
+  ``stage_2_detailed_class_info.csv`` + ``stage_2_train_images/<patientId>.dcm`` (8-bit JPEG baseline DICOMs)
 
 CheXpert and MIMIC labels follow CheXpert's positive / uncertain fractions with realistic co-occurrence (a shared "sick"
 factor and a "heart failure" factor tie edema, effusion and cardiomegaly together); No Finding is set
@@ -35,13 +40,16 @@ from cxrdist.synth.dicom import DICOM_SYNTAXES, write_dicom
 from cxrdist.synth.labels import NIH_PREVALENCE, PREVALENCE, sample_labels
 from cxrdist.synth.mimic import MIMIC_LABELS, MIMIC_METADATA_COLUMNS, synth_mimic
 from cxrdist.synth.nih import NIH_HEADER, synth_nih
+from cxrdist.synth.padchest import PADCHEST_HEADER, synth_padchest
 from cxrdist.synth.phantom import draw_frontal, draw_lateral
+from cxrdist.synth.rsna import synth_rsna
 
 __all__ = [
     "LAYOUTS",
     "PREVALENCE",
     "NIH_PREVALENCE",
     "NIH_HEADER",
+    "PADCHEST_HEADER",
     "CHEXPERT_HEADER",
     "MIMIC_METADATA_COLUMNS",
     "MIMIC_LABELS",
@@ -59,6 +67,8 @@ LAYOUTS = {
     "mimic-jpg": lambda out, n, size, seed: synth_mimic(out, n, size, seed, "jpg"),
     "mimic-dicom": lambda out, n, size, seed: synth_mimic(out, n, size, seed, "dcm"),
     "nih": synth_nih,
+    "padchest": synth_padchest,
+    "rsna": synth_rsna,
 }
 
 

@@ -365,6 +365,24 @@ FINDINGS = {
 }
 
 
+def drawn_boxes(change: np.ndarray, g: Frame, floor: float = 0.2) -> tuple[tuple[float, float, float, float], ...]:
+    """Where a finding changed the image: pixel boxes (x, y, w, h) around the pixels it changed by at least
+    ``floor`` of its largest change (a haze's faint rim is not where a reader would box it), one per side of
+    the patient's midline (image left, then right: each lung's), so a bilateral finding gets two boxes."""
+    d = np.abs(change)
+    peak = float(d.max()) if d.size else 0.0
+    if not peak > 0:
+        return ()
+    hit = d >= floor * peak
+    boxes = []
+    for side in (g.a < 0.5, g.a >= 0.5):
+        ys, xs = np.nonzero(hit & side)
+        if len(xs):
+            x0, y0 = int(xs.min()), int(ys.min())
+            boxes.append((float(x0), float(y0), float(xs.max() - x0 + 1), float(ys.max() - y0 + 1)))
+    return tuple(boxes)
+
+
 def _finish(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Exposure (gain/offset) jitter and quantum noise."""
     gain = rng.uniform(0.9, 1.08)
@@ -386,7 +404,8 @@ def draw_frontal(
     ``findings`` maps observation names to a drawing strength (1 positive, 0.5 a faint uncertain one);
     ``finding_rng`` chooses their side/placement (pass the study's generator so that all images of a
     study show the same finding), default ``rng``. ``regions``, when given, receives the ``heart`` mask (for
-    tests of localisation: Grad-CAM on a cardiomegaly).
+    tests of localisation: Grad-CAM on a cardiomegaly) and, per finding drawn, where it was drawn: a tuple
+    of pixel boxes (x, y, w, h), one per side of the midline it touches (``drawn_boxes``).
     """
     findings = findings or {}
     frng = finding_rng if finding_rng is not None else rng
@@ -400,7 +419,10 @@ def draw_frontal(
     img = draw_heart(img, g, rng, enlarge=findings.get("Cardiomegaly", 0.0))
     for name, draw in FINDINGS.items():
         if findings.get(name):
+            before = img
             img = draw(img, g, findings[name], frng)
+            if regions is not None:
+                regions[name] = drawn_boxes(img - before, g)
     if regions is not None:
         regions["heart"] = g.heart
     return _finish(img, rng)
