@@ -9,7 +9,7 @@ export MPLBACKEND := Agg
 # the package itself declares ranges (setup.cfg), so a cluster's own CUDA torch stays
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup lint demo test test-heavy test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
+.PHONY: setup lint demo research-demo test test-heavy test-fast slurm-deps slurm-up slurm-down bench gpu-wheels gpu-check gpu-check-dry clean
 
 # The last step: DeepSpeed JIT-builds its CPU comm op with g++ on first use (about a minute on 2 cores): here,
 # once, into .cache/torch_extensions, instead of inside the first test or demo run that starts DeepSpeed.
@@ -45,6 +45,26 @@ demo: setup
 	    --out runs/demo --epochs 5 --batch-size 16 --image-size 64
 	$(BIN)/cxrdist eval --run runs/demo --split test --min-auc $(DEMO_MIN_AUC)
 	$(BIN)/cxrdist report runs/demo --out runs/demo/report
+
+# The cross-dataset matrix and a seeds table from the demo data (CheXpert-layout demo shards + an NIH-layout
+# set of the same size), with the tiny plumbing model so that it takes minutes on 2 cores: docs/demo/{matrix,seeds}
+RD := .cache/research-demo
+RD_TRAIN := --backend single --device cpu --workers 1 --image-size 64 --batch-size 32 --model cxrtiny
+research-demo: setup
+	rm -rf $(RD) && mkdir -p $(RD)
+	$(BIN)/python -c "from cxrdist.demo import ensure_demo_shards; ensure_demo_shards('$(RD)/chexpert')"
+	$(BIN)/cxrdist synth --layout nih --out $(RD)/nih-raw --n 2400 --size 128
+	$(BIN)/cxrdist shard --source nih --root $(RD)/nih-raw --out $(RD)/nih --size 64 --samples-per-shard 250
+	for s in chexpert nih; do $(BIN)/cxrdist train --shards $(RD)/$$s --out $(RD)/runs/$$s $(RD_TRAIN) --epochs 4 \
+	    && $(BIN)/cxrdist eval --run $(RD)/runs/$$s; done
+	$(BIN)/cxrdist eval --run $(RD)/runs/chexpert --shards $(RD)/nih --map-labels
+	$(BIN)/cxrdist eval --run $(RD)/runs/nih --shards $(RD)/chexpert --map-labels
+	$(BIN)/cxrdist report --matrix $(RD)/runs/chexpert $(RD)/runs/nih --out docs/demo/matrix
+	$(BIN)/python launchers/compare.py --nodes 1 --gpus 0 --backends single --models cxrtiny,resnet18 \
+	    --seeds 0,1,2 --cluster local --wait --time 30 --log-dir $(RD)/logs -- --shards $(RD)/chexpert \
+	    --device cpu --workers 1 --image-size 64 --batch-size 32 --epochs 2 --out $(RD)/seeds
+	for r in $(RD)/seeds/*-s*; do $(BIN)/cxrdist eval --run $$r; done
+	$(BIN)/cxrdist report $(RD)/seeds --out docs/demo/seeds --published docs/published/poster_table5.csv
 
 # lint and format check (ruff, configured in pyproject.toml); the floor plan is checked by tests/test_floors.py
 lint: setup

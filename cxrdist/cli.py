@@ -138,9 +138,15 @@ def cmd_report(a) -> int:
     missing = [str(r) for r in a.runs if not Path(r).exists()]
     if missing:
         raise UserError(f"no such run folder: {', '.join(missing)}")
+    if a.matrix:
+        from cxrdist.matrix import build_matrix
+
+        build_matrix(a.runs, a.out, split=a.split)
+        print(f"wrote {a.out}/matrix.csv, matrix.md, matrix.png")
+        return 0
     from cxrdist.report import build_report
 
-    build_report(a.runs, out=a.out)
+    build_report(a.runs, out=a.out, published=a.published)
     return 0
 
 
@@ -308,6 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("report", help="tables, csv and plots comparing runs (the poster's Tables 3 and 4)")
     s.add_argument("runs", nargs="+", type=Path)
     s.add_argument("--out", type=Path, default=Path("reports/latest"))
+    s.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the cross-dataset AUROC matrix of the runs' evaluations (their own test split and every "
+        "`eval --shards X --map-labels`): matrix.csv, matrix.md, matrix.png",
+    )
+    s.add_argument("--split", default="test", choices=("val", "test"), help="--matrix: the evaluated split")
+    s.add_argument(
+        "--published",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="published figures (model,dataset,accuracy,auc,source) shown beside the runs' test numbers, "
+        "labelled as not rerun (docs/published/poster_table5.csv: the poster's Table 5)",
+    )
     s.set_defaults(func=cmd_report)
 
     s = add("export", help="the checkpoint's eval-mode model as ONNX or TorchScript, preprocessing recorded")

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from cxrdist import log
+from cxrdist import log, seeds
 from cxrdist.metrics import fmt_interval
 from cxrdist.runfolder import RunFolder, RunSummary
 
@@ -70,7 +70,9 @@ COLUMNS = [
     "test_auc_pct",
     "test_auc_ci",
     "test_comp5_ci",
+    "test_comp5_pct",
     "test_acc_pct",
+    "seed",
     "protocol",
     "status",
     "restarts",
@@ -288,7 +290,9 @@ def run_row(run: dict) -> dict[str, Any]:
         "test_auc_pct": pct(test.get("auc_mean")),
         "test_auc_ci": fmt_interval(means["all"]) if means["all"] else "",
         "test_comp5_ci": fmt_interval(means["competition5"]) if means["competition5"] else "",
+        "test_comp5_pct": pct(means["competition5"][0] if means["competition5"] else None),
         "test_acc_pct": pct(test.get("accuracy_mean")),
+        "seed": _int(runc.get("seed")),
         "protocol": protocol,
         "status": run["status"],
         "restarts": _int(s.restarts) or 0,
@@ -687,13 +691,21 @@ def _plot_memory(runs: list[dict], path: Path) -> None:
 
 
 def build_report(
-    runs: list[Path], out: Path, skipped: list[dict] | None = None, print_table: bool = True
+    runs: list[Path],
+    out: Path,
+    skipped: list[dict] | None = None,
+    print_table: bool = True,
+    published: Path | None = None,
 ) -> pd.DataFrame:
     """Compare run folders (and sweep folders) -> rich table, ``out/report.{md,csv}`` and the plots.
 
     ``skipped``: ``[{"backend", "format", "reason"}]`` of runs that could not start; each becomes a row with
-    status ``skipped``. Returns the table written to ``report.csv``.
+    status ``skipped``. ``published``: a csv of published figures shown beside the runs' test numbers
+    (``cxrdist.published``). Returns the table written to ``report.csv``.
     """
+    from cxrdist import published as pub
+
+    quoted = pub.read_published(published) if published is not None else None  # a bad file: before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, sweep_skipped = expand_paths(runs)
@@ -755,15 +767,41 @@ def build_report(
         "val_auc_pct": 2,
         "val_acc_pct": 2,
         "test_auc_pct": 2,
+        "test_comp5_pct": 2,
         "test_acc_pct": 2,
     }
     csv = df.copy()
     for col, nd in rounding.items():
         csv[col] = pd.to_numeric(csv[col], errors="coerce").round(nd)
-    for col in ("world_size", "nodes", "batch_per_rank", "epochs", "restarts"):
+    for col in ("world_size", "nodes", "batch_per_rank", "epochs", "restarts", "seed"):
         csv[col] = pd.to_numeric(csv[col], errors="coerce").astype("Int64")
     csv.to_csv(out / "report.csv", index=False)
-    (out / "report.md").write_text(_markdown(df, flags, plots))
+    text = _markdown(df, flags, plots) + seeds.section(rows)
+    if quoted is not None:
+        beside = pub.comparison(quoted, rows)
+        text += "\n" + pub.markdown(beside)
+        pd.DataFrame(beside, columns=[*pub.COLUMNS, "kind"]).to_csv(out / "published.csv", index=False)
+    (out / "report.md").write_text(text)
     if print_table:
         _print_terminal(df, flags, out)
+        if quoted is not None:
+            _print_published(beside)
     return csv
+
+
+def _print_published(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    from cxrdist import published as pub
+
+    table = Table(title="beside published figures (not rerun; %)", caption=pub.CAVEAT, header_style="bold")
+    for col in ("model", "dataset", "accuracy", "AUC", "source"):
+        table.add_column(col, justify="right" if col in ("accuracy", "AUC") else "left")
+    for r in rows:
+        style = "bold" if r["kind"] == "this run" else None
+        cells = [
+            _fmt(r["accuracy"]) if r["accuracy"] is not None else "—",
+            _fmt(r["auc"]) if r["auc"] is not None else "—",
+        ]
+        table.add_row(r["model"], r["dataset"], *cells, r["source"], style=style)
+    log.console().print(table)

@@ -7,7 +7,9 @@
 
 One run per model x backend x format with identical data, per-rank batch, schedule and seed: only
 ``model.name``, ``dist.backend``, ``data.format`` and the run folder (``<sweep dir>/<backend>-<format>``, with
-``<model>-`` in front under ``--models``) differ; ``--models`` regenerates the poster's Table 2. The sweep
+``<model>-`` in front under ``--models``) differ; ``--models`` regenerates the poster's Table 2. ``--seeds
+0,1,2`` runs every arm once per seed (``-s<seed>`` folders): the report then gives each arm's mean ± sd over
+seeds, its pooled interval and paired comparisons (``cxrdist.seeds``; after ``cxrdist eval`` of each run). The sweep
 dir is the train option ``--out`` (default ``runs/compare-<time>``); it gets a ``sweep.json`` listing the runs
 and the skipped backends, so ``cxrdist report <sweep dir>`` can be re-run at any time. A backend that cannot run on the
 target (``cxrdist.launch.preflight``: e.g. dp without >= 2 GPUs) is recorded as skipped with the reason.
@@ -56,6 +58,16 @@ def _names(text: str) -> list[str]:
     return items
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        items = list(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be a comma list of integers; got {text!r}") from None
+    if not items or min(items) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds must be a comma list of integers >= 0; got {text!r}")
+    return items
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     from cxrdist.launch import get_args_parser as launch_parser
 
@@ -92,14 +104,29 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="NAMES",
         help="comma list of models to sweep (the poster's three, any timm name; default: the train option --model)",
     )
+    g.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=None,
+        metavar="LIST",
+        help="comma list of seeds: every arm once per seed (run folders end -s<seed>); the report gives mean ± sd "
+        "over seeds, pooled intervals and paired comparisons (after `cxrdist eval` of each run)",
+    )
     g.add_argument("--epochs", type=int, default=None, help="epochs per run (same as the train option --epochs)")
     g.add_argument("--report-dir", type=Path, default=None, help="where the report goes (default: <sweep dir>/report)")
     return p
 
 
-def plan_runs(models: list[str] | None, formats: list[str], backends: list[str]) -> list[tuple[str, str, str]]:
-    """(model, format, backend) of every run, in submission order; model '' when not swept."""
-    return [(m, f, b) for m in (models or [""]) for f in formats for b in backends]
+def plan_runs(
+    models: list[str] | None, formats: list[str], backends: list[str], seeds: list[int] | None = None
+) -> list[tuple[str, str, str, int | None]]:
+    """(model, format, backend, seed) of every run, in submission order; model '' and seed None when not
+    swept. Seeds innermost: a sweep cut short still has every arm on its first seed."""
+    return [(m, f, b, s) for s in (seeds or [None]) for m in (models or [""]) for f in formats for b in backends]
+
+
+def run_name(model: str, backend: str, fmt: str, seed: int | None) -> str:
+    return "-".join(x for x in (model, backend, fmt, None if seed is None else f"s{seed}") if x)
 
 
 def _write_sweep(sweep_dir: Path, data: dict) -> None:
@@ -113,7 +140,7 @@ def launch_args_for(args: argparse.Namespace, backend: str, fmt: str, model: str
     from cxrdist.engine.backends import layout_of
 
     la = argparse.Namespace(**vars(args))
-    for k in ("backends", "formats", "models", "epochs", "report_dir"):
+    for k in ("backends", "formats", "models", "seeds", "epochs", "report_dir"):
         delattr(la, k)
     la.backend, la.wait = backend, False
     la.name = "-".join(x for x in (args.name or "cxrdist", model, backend, fmt) if x)
@@ -138,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(launcher_argv)
     try:
         swept = ("--backend", "--format", "--nproc") + (("--model",) if args.models else ())
+        swept += ("--seed",) if args.seeds else ()
         for flag in swept:
             if flag in train_argv:
                 raise UserError(
@@ -168,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "backends": args.backends,
         "formats": args.formats,
         "models": args.models or [base.model.name],
+        "seeds": args.seeds or [base.run.seed],
         "train_argv": train_argv,
         "command": ["launchers/compare.py", *argv],
         "report_dir": str(report_dir),
@@ -185,15 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     subs: list[tuple[dict, object]] = []
     failed = 0
     try:
-        for model, fmt, backend in plan_runs(args.models, args.formats, args.backends):
+        for model, fmt, backend, seed in plan_runs(args.models, args.formats, args.backends, args.seeds):
             la = launch_args_for(args, backend, fmt, model)
-            run_dir = sweep_dir / "-".join(x for x in (model, backend, fmt) if x)
+            run_dir = sweep_dir / run_name(model, backend, fmt, seed)
             cfg = replace(
                 base,
                 model=replace(base.model, name=model or base.model.name),
                 dist=replace(base.dist, backend=backend),
                 data=replace(base.data, format=fmt),
-                run=replace(base.run, out=str(run_dir)),
+                run=replace(base.run, out=str(run_dir), seed=base.run.seed if seed is None else seed),
             )
             reason = launch.preflight(la, cfg)
             sub = None
@@ -219,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 "backend": backend,
                 "format": fmt,
                 "model": model or base.model.name,
+                "seed": cfg.run.seed,
                 "run_dir": run_dir.name,
                 "job_id": sub.job_id,
                 "log_dir": str(sub.log_dir),

@@ -30,3 +30,11 @@ def straight_run(tiny_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("straight") / "run"
     in_process("train", "--shards", tiny_shards["shards"], "--out", run, *STRAIGHT, check=True)
     return run
+
+
+@pytest.fixture(scope="session")
+def nih_run(nih_shards, tmp_path_factory):
+    """``train --shards nih ONE_EPOCH``: the NIH reference (NIH's tests, the cross-dataset matrix)."""
+    run = tmp_path_factory.mktemp("nih-run") / "run"
+    in_process("train", "--shards", nih_shards["shards"], "--out", run, *ONE_EPOCH, check=True)
+    return run

@@ -193,3 +193,28 @@ def test_compare_sweeps_models_into_the_table_2_columns(tiny_shards, tmp_path):
     assert "Table 2" in proc.stdout + proc.stderr  # the terminal shows it too
     bad = _run(["--models", "resnet5", "--", "--model", "x"], cwd=tmp_path, timeout=60)
     assert bad.returncode == 2 and "closest" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compare_seeds_aggregate_to_mean_and_sd_with_pooled_intervals(tiny_shards, tmp_path):
+    """--seeds 0,1,2: the arm once per seed; after `cxrdist eval` of each, the report's seeds section gives
+    mean ± sd over the three and the pooled interval."""
+    from runs import in_process
+
+    sweep = tmp_path / "seeds"
+    args = ["--nodes", "1", "--gpus", "0", "--backends", "single", "--seeds", "0,1,2", "--cluster", "local"]
+    args += ["--wait", "--time", "10", "--cpus-per-task", "1", "--log-dir", str(tmp_path / "l"), "--"]
+    args += ["--shards", str(tiny_shards["shards"]), "--model", "cxrtiny", "--image-size", "32", "--batch-size", "8"]
+    args += ["--epochs", "1", "--workers", "0", "--device", "cpu", "--max-steps", "3", "--out", str(sweep)]
+    proc = _run(args, cwd=tmp_path, timeout=540)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    data = json.loads((sweep / "sweep.json").read_text())
+    assert [(r["run_dir"], r["seed"]) for r in data["runs"]] == [(f"single-shards-s{s}", s) for s in (0, 1, 2)]
+    for r in data["runs"]:
+        in_process("eval", "--run", sweep / r["run_dir"], "--bootstrap", "50", check=True)
+    in_process("report", sweep, "--out", tmp_path / "report", check=True)
+    csv = pd.read_csv(tmp_path / "report" / "report.csv")
+    assert sorted(csv["seed"]) == [0, 1, 2] and csv["test_auc_pct"].nunique() > 1  # three different models
+    text = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| cxrtiny-single-shards | 0,1,2 |"))
+    assert " ± " in row and "(" in row.split("|")[-2], row  # mean ± sd, and the pooled interval
