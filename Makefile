@@ -46,8 +46,9 @@ demo: setup
 	$(BIN)/cxrdist eval --run runs/demo --split test --min-auc $(DEMO_MIN_AUC)
 	$(BIN)/cxrdist report runs/demo --out runs/demo/report
 
-# The cross-dataset matrix and a seeds table from the demo data (CheXpert-layout demo shards + an NIH-layout
-# set of the same size), with the tiny plumbing model so that it takes minutes on 2 cores: docs/demo/{matrix,seeds}
+# The cross-dataset matrix (a CheXpert run, an NIH run, a run on both mixed) and a seeds table from the demo data
+# (CheXpert-layout demo shards + an NIH-layout set of the same size), with the tiny plumbing model so that it
+# takes minutes on 2 cores: docs/demo/{matrix,seeds}
 RD := .cache/research-demo
 RD_TRAIN := --backend single --device cpu --workers 1 --image-size 64 --batch-size 32 --model cxrtiny
 research-demo: setup
@@ -59,7 +60,9 @@ research-demo: setup
 	    && $(BIN)/cxrdist eval --run $(RD)/runs/$$s; done
 	$(BIN)/cxrdist eval --run $(RD)/runs/chexpert --shards $(RD)/nih --map-labels
 	$(BIN)/cxrdist eval --run $(RD)/runs/nih --shards $(RD)/chexpert --map-labels
-	$(BIN)/cxrdist report --matrix $(RD)/runs/chexpert $(RD)/runs/nih --out docs/demo/matrix
+	$(BIN)/cxrdist train --shards $(RD)/chexpert,$(RD)/nih --out $(RD)/runs/mix $(RD_TRAIN) --epochs 4
+	$(BIN)/cxrdist eval --run $(RD)/runs/mix
+	$(BIN)/cxrdist report --matrix $(RD)/runs/chexpert $(RD)/runs/nih $(RD)/runs/mix --out docs/demo/matrix
 	$(BIN)/python launchers/compare.py --nodes 1 --gpus 0 --backends single --models cxrtiny,resnet18 \
 	    --seeds 0,1,2 --cluster local --wait --time 30 --log-dir $(RD)/logs -- --shards $(RD)/chexpert \
 	    --device cpu --workers 1 --image-size 64 --batch-size 32 --epochs 2 --out $(RD)/seeds

@@ -26,7 +26,8 @@ MIN_IMAGE_SIZE = 32
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # shard folder (manifest.json + {split}-NNNNNN.tar)
+    shards: str = ""  # shard folder (manifest.json + {split}-NNNNNN.tar); A,B,...: a mix of sources
+    mix: str = ""  # a mix file: sources with weights or samples per epoch (cxrdist/shards/mix.py)
     format: str = "shards"  # shards | jpeg (loose files) | dicom (read from the source)
     source_root: str = ""  # dataset root for the jpeg/dicom formats (default: manifest's root)
     image_size: int = 224  # training resolution (shards are packed at --size, e.g. 256)
@@ -282,7 +283,13 @@ def workers_arg(text: str) -> int:
 # --- the `cxrdist train` flags, shared by the CLI, the launchers and the sbatch templates -------------
 # (flag, group.field, type or action, help)
 _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--shards", "data.shards", str, "shard folder (manifest.json + tars)"),
+    ("--shards", "data.shards", str, "shard folder (manifest.json + tars); A,B,...: train on several sources at once"),
+    (
+        "--mix",
+        "data.mix",
+        str,
+        "a CSV of sources to train on at once: a 'shards' column and a 'weight' or a 'samples' (per epoch) column",
+    ),
     ("--format", "data.format", str, "input: shards | jpeg (loose files) | dicom (from the source)"),
     ("--source-root", "data.source_root", str, "dataset root for --format jpeg/dicom"),
     ("--image-size", "data.image_size", int, "training resolution in pixels"),

@@ -134,6 +134,26 @@ def counterpart(name: str, available) -> str | None:
     return None
 
 
+def union(sets) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    """Several sources' label sets as one (a mixed run's head): the first set's names in order, then each later
+    set's findings that no earlier set holds (the same finding: ``counterpart``, never ``NEAREST``, which is for
+    scoring only); with, per set, the union's column of each of its labels."""
+    names: list[str] = []
+    columns = []
+    for labels in sets:
+        cols = []
+        for name in labels:
+            have = counterpart(name, names)
+            if have is None:
+                names.append(name)
+                have = name
+            cols.append(names.index(have))
+        if len(set(cols)) != len(cols):
+            raise UserError(f"labels {describe(labels)} name one finding twice (by SAME_FINDING): cannot mix them")
+        columns.append(tuple(cols))
+    return tuple(names), columns
+
+
 def overlap(wanted, have) -> list[tuple[str, str]]:
     """(name in ``wanted``, name in ``have``) for every finding both sets hold, in ``wanted``'s order: the same
     finding (``counterpart``), else, between two registered sets with a ``NEAREST`` entry, its nearest."""

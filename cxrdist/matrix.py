@@ -7,7 +7,8 @@ the diagonal, in-distribution) and ``eval/<split>@<shards>/metrics.json`` (``cxr
 column a test source (the protocol's source). A cell is the mean AUROC over the labels the evaluation scored,
 which for another source are the findings both label sets define (``labels.overlap``), with the patient-
 bootstrap interval ``eval`` computed from the same replicates as its labels'. Nothing is recomputed: the
-matrix is what the evaluations said.
+matrix is what the evaluations said. A run trained on a mix of sources (``chexpert+nih``) is in-distribution
+on each of them: its own evaluation scored each source's rows apart (``by_source``), and those are its cells.
 
 Writes ``matrix.csv`` (one row per run; per test source its mean, low, high and each label's AUROC),
 ``matrix.md`` (the table, the diagonal marked) and ``matrix.png`` (a heat map, intervals in the cells).
@@ -56,9 +57,13 @@ def read_row(run: Path, split: str = "test") -> Row:
     for path in sorted(folder.glob(f"{split}@*/metrics.json")):
         found[path] = _load(path)
     row = Row(run=Path(run).name, source=source_of(found[own]["protocol"]))
+    for source, part in (found[own].get("by_source") or {}).items():  # a mix: each source's rows
+        row.cells[source] = {"mean": (part.get("mean") or {}).get("all"), "labels": {}, "n": part.get("n")}
     for path, m in found.items():
         target = source_of(m["protocol"])
-        if target in row.cells and path != own:  # two evaluations on one source: the first, and say so
+        if path == own and m.get("by_source"):
+            continue
+        if target in row.cells:  # two evaluations on one source: refused, naming the second
             raise UserError(f"{path}: a second evaluation of {run} on {target}; keep one per test source")
         row.cells[target] = {
             "mean": (m.get("mean") or {}).get("all"),
@@ -66,6 +71,11 @@ def read_row(run: Path, split: str = "test") -> Row:
             "n": m.get("n"),
         }
     return row
+
+
+def in_distribution(row: Row, test: str) -> bool:
+    """The test source is (one of) the run's training sources."""
+    return test in row.source.split("+")
 
 
 def _load(path: Path) -> dict:
@@ -80,8 +90,9 @@ def _load(path: Path) -> dict:
 
 def columns(rows: list[Row]) -> list[str]:
     """Test sources in the order the training sources first name them, then the others (the diagonal first)."""
-    order = list(dict.fromkeys(r.source for r in rows))
-    return order + sorted({t for r in rows for t in r.cells} - set(order))
+    have = {t for r in rows for t in r.cells}
+    order = [s for s in dict.fromkeys(s for r in rows for s in r.source.split("+")) if s in have]
+    return order + sorted(have - set(order))
 
 
 def to_csv(rows: list[Row], cols: list[str]) -> str:
@@ -119,7 +130,7 @@ def markdown(rows: list[Row], cols: list[str]) -> str:
         for c in cols:
             mean = (r.cells.get(c) or {}).get("mean")
             text = fmt_interval(mean) if mean else "—"
-            cells.append(f"**{text}**" if c == r.source and mean else text)
+            cells.append(f"**{text}**" if in_distribution(r, c) and mean else text)
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n![the matrix as a heat map](matrix.png)\n"
 
@@ -144,7 +155,7 @@ def plot(rows: list[Row], cols: list[str], path: Path) -> None:
             mean = (r.cells.get(c) or {}).get("mean")
             text = "—" if not mean else f"{mean[0]:.3f}" + ("" if mean[1] is None else f"\n{mean[1]:.3f}–{mean[2]:.3f}")
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if mean and mean[0] < 0.8 else "k")
-            if c == r.source:  # inset, so that two diagonal cells of a 2 x 2 do not outline all four
+            if in_distribution(r, c):  # inset, so that two diagonal cells of a 2 x 2 do not outline all four
                 ax.add_patch(plt.Rectangle((j - 0.44, i - 0.44), 0.88, 0.88, fill=False, ec="red", lw=2, ls="--"))
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), [r.name for r in rows])

@@ -150,3 +150,21 @@ def preempted(args: list, run: Path, after_lines: int, timeout: float = 300) -> 
     proc.send_signal(signal.SIGUSR2)  # `cxrdist train --nproc` forwards it to every rank
     _, err = proc.communicate(timeout=timeout)
     return summary(run), err
+
+
+def recorded_samples(run: Path, epoch: int) -> dict[int, list[str]]:
+    """--record-samples: rank -> the keys it trained on in ``epoch``, every part of the run in order."""
+    out: dict[int, list[str]] = {}
+    for f in sorted((Path(run) / "samples").glob(f"epoch{epoch:03d}-rank*-part*.txt")):
+        rank = int(f.name.split("-rank")[1][:3])
+        out.setdefault(rank, []).extend(f.read_text().split())
+    return out
+
+
+def recorded_batches(run: Path, epoch: int, gb: int) -> list[set[str]]:
+    """The epoch's global batches of ``gb`` samples as key sets: each rank trains gb / ranks per step, in order."""
+    per_rank = recorded_samples(run, epoch)
+    share = gb // len(per_rank)
+    steps = {len(keys) // share for keys in per_rank.values()}
+    assert len(steps) == 1, "every rank trains the same number of steps"
+    return [set().union(*(keys[s * share : (s + 1) * share] for keys in per_rank.values())) for s in range(steps.pop())]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import TINY, preempted, summary, train
+from runs import TINY, preempted, recorded_batches, recorded_samples, summary, train
 from servers import http_server
 
 pytestmark = pytest.mark.slow
@@ -19,22 +19,8 @@ GB = 16  # the global batch every geometry below keeps
 COMMON = [*TINY, "--global-batch-size", str(GB), "--record-samples", "--no-test", "--log-every", "1"]
 
 
-def samples(run: Path, epoch: int) -> dict[int, list[str]]:
-    """rank -> the keys it trained on in ``epoch``, every part of the run in order."""
-    out: dict[int, list[str]] = {}
-    for f in sorted((run / "samples").glob(f"epoch{epoch:03d}-rank*-part*.txt")):
-        rank = int(f.name.split("-rank")[1][:3])
-        out.setdefault(rank, []).extend(f.read_text().split())
-    return out
-
-
 def global_batches(run: Path, epoch: int) -> list[set[str]]:
-    """The epoch's global batches as key sets: each rank trains GB / ranks samples per step, in order."""
-    per_rank = samples(run, epoch)
-    share = GB // len(per_rank)
-    steps = {len(keys) // share for keys in per_rank.values()}
-    assert len(steps) == 1, "every rank trains the same number of steps"
-    return [set().union(*(keys[s * share : (s + 1) * share] for keys in per_rank.values())) for s in range(steps.pop())]
+    return recorded_batches(run, epoch, GB)
 
 
 def test_the_same_global_batches_for_any_ranks_and_workers_and_the_manifest_read_once_per_process(
@@ -84,6 +70,6 @@ def test_a_run_preempted_on_some_ranks_resumes_on_others_and_trains_each_sample_
     assert final["global_step"] == final["steps_per_epoch"] == tiny_shards_steps(tiny_shards)  # as uninterrupted
     parts = sorted(p.name for p in (run / "samples").iterdir())
     assert any("part00" in p for p in parts) and any("part01" in p for p in parts)  # nothing overwritten
-    trained = [k for keys in samples(run, 0).values() for k in keys]
+    trained = [k for keys in recorded_samples(run, 0).values() for k in keys]
     assert len(trained) == len(set(trained)) == final["steps_per_epoch"] * GB  # every sample of the epoch once
     assert final["config"]["optim"]["accumulate"] == (2 if after == "1" else 1)

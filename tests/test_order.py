@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cxrdist.data.partition import micro_positions, reader_micro_batches, reader_plan, steps_per_epoch
-from cxrdist.data.shuffle import epoch_order, mixing
+from cxrdist.data.shuffle import epoch_order, mixed_order, mixing
 from cxrdist.data.world import World
 from cxrdist.errors import UserError
 
@@ -90,7 +90,9 @@ def test_the_world_keeps_the_global_batch_or_says_why_it_cannot():
 def test_a_readers_plan_names_its_positions_once_and_in_micro_batch_order():
     eo = epoch_order(SIZES, 0, 0, 64)
     w = World(1, 2, 2, 0, 0, 6, 24)
-    plan = reader_plan(w, eo.order, 1, steps_per_epoch(eo.samples, 24), reader=1)
+    order = mixed_order([SIZES], [eo.samples], 0, 0, 64)
+    assert np.array_equal(order.index, eo.order) and not order.source.any()  # one source: epoch_order itself
+    plan = reader_plan(w, order, 1, steps_per_epoch(eo.samples, 24), reader=1)
     micro = sorted({m for m, _ in plan.values()})
     assert micro == list(range(w.accumulate + 1, steps_per_epoch(eo.samples, 24) * w.accumulate, 2))
     assert all(sorted(s for mm, s in plan.values() if mm == m) == list(range(6)) for m in micro)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cxrdist.data.shuffle import MixedOrder
 from cxrdist.data.world import World
 
 
@@ -35,10 +36,11 @@ def reader_micro_batches(world: World, first_step: int, steps: int, reader: int)
     return range(m0 + reader, end, world.readers)
 
 
-def reader_plan(world: World, order: np.ndarray, first_step: int, steps: int, reader: int) -> dict[int, tuple]:
-    """What one reader needs, keyed by concatenated position: ``{position: (micro-batch, slot)}``."""
+def reader_plan(world: World, order: MixedOrder, first_step: int, steps: int, reader: int) -> dict[tuple, tuple]:
+    """What one reader needs, keyed by (source, concatenated position in it): ``{(s, c): (micro-batch, slot)}``."""
     need = {}
     for m in reader_micro_batches(world, first_step, steps, reader):
-        for slot, c in enumerate(order[micro_positions(world, m)].tolist()):
-            need[c] = (m, slot)
+        at = micro_positions(world, m)
+        for slot, sc in enumerate(zip(order.source[at].tolist(), order.index[at].tolist())):
+            need[sc] = (m, slot)
     return need

@@ -41,13 +41,58 @@ class EpochOrder:
         return self.shards[i], positions - self.starts[i]
 
 
-def epoch_order(sizes: Sequence[int], seed: int, epoch: int, window: int) -> EpochOrder:
-    """The epoch's order over shards of ``sizes`` samples (see the module docstring)."""
-    shards = _rng(seed, epoch, 0).permutation(len(sizes)) if len(sizes) else np.zeros(0, np.int64)
+def epoch_order(sizes: Sequence[int], seed: int, epoch: int, window: int, source: int = 0) -> EpochOrder:
+    """The epoch's order over shards of ``sizes`` samples (see the module docstring); ``source``: which
+    source of a mixed run (each draws its own streams; source 0's are those of an unmixed run)."""
+    shards = _rng(seed, epoch, 2 * source).permutation(len(sizes)) if len(sizes) else np.zeros(0, np.int64)
     starts = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64)[shards])]).astype(np.int64)
     n = int(starts[-1])
-    keys = np.arange(n, dtype=np.int64) // max(1, window) + _rng(seed, epoch, 1).random(n)
+    keys = np.arange(n, dtype=np.int64) // max(1, window) + _rng(seed, epoch, 2 * source + 1).random(n)
     return EpochOrder(shards, starts, np.argsort(keys, kind="stable"))
+
+
+@dataclass(frozen=True)
+class MixedOrder:
+    """An epoch over one or more sources: position ``p`` is concatenated position ``index[p]`` of source
+    ``source[p]``, in that source's own ``EpochOrder`` (``parts``)."""
+
+    parts: tuple[EpochOrder, ...]
+    source: np.ndarray  # int64, per epoch position
+    index: np.ndarray  # int64, per epoch position: a concatenated position of its source
+
+    @property
+    def samples(self) -> int:
+        return len(self.source)
+
+
+def mixed_order(sizes: Sequence[Sequence[int]], counts: Sequence[int], seed: int, epoch: int,
+                window: int) -> MixedOrder:  # fmt: skip
+    """The epoch's order over several sources: source ``s`` (shards of ``sizes[s]`` samples) gives the first
+    ``counts[s]`` samples of its own shuffled order (all of them, or fewer: a weighted mix), interleaved so that
+    every stretch of the epoch holds each source in proportion to its count.
+
+    The interleaving is earliest-deadline-first: the i-th sample of source s is due at ``(i + 1) / counts[s]``
+    and the epoch takes samples by due time (ties: the lower source first). Each source's samples stay in its
+    own order (a reader walks each source's shards start to end), and any global batch holds
+    ``G * counts[s] / sum(counts)`` of source s to within 2 samples (``tests/test_mix.py`` checks the bound).
+    With one source this is ``epoch_order`` itself."""
+    parts = tuple(epoch_order(sz, seed, epoch, window, source=s) for s, sz in enumerate(sizes))
+    for s, (part, n) in enumerate(zip(parts, counts, strict=True)):
+        if not 0 <= n <= part.samples:
+            raise ValueError(f"source {s}: {n} samples asked of {part.samples}")
+    if len(parts) == 1:
+        n = int(counts[0])
+        return MixedOrder(parts, np.zeros(n, np.int64), parts[0].order[:n].astype(np.int64))
+    due = np.concatenate([(np.arange(n, dtype=np.float64) + 1) / n for n in counts])
+    source = np.concatenate([np.full(n, s, np.int64) for s, n in enumerate(counts)])
+    nth = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])
+    by_due = np.argsort(due, kind="stable")  # sources are concatenated in order: ties go to the lower one
+    source, nth = source[by_due], nth[by_due]
+    index = np.empty_like(nth)
+    for s, part in enumerate(parts):
+        mine = source == s
+        index[mine] = part.order[nth[mine]]
+    return MixedOrder(parts, source, index)
 
 
 def mixing(order: np.ndarray, shard_of: np.ndarray, batch: int) -> dict:

@@ -19,6 +19,11 @@ Evaluation: no shuffling, no repetition; global worker ``g = rank * workers + w`
 the split is yielded exactly once across all ranks and workers (each worker's last batch may be short);
 ``len()`` is exact from the manifest's shard counts.
 
+A mixed shard set (``cxrdist.shards.mix``) trains on its sources side by side: ``data.shuffle.mixed_order``
+interleaves their own epoch orders, each reader walks each source's shards in that source's reading order,
+and every sample is decoded into the run's label columns (``Columns``: the union; mask 0 where its source
+has no such label) under a ``<source>/`` key and patient id. Evaluation reads the sources' shards as one list.
+
 Workers read raw samples with the one tar reader (``cxrdist.shards.tario``) and decode with explicit
 decoders (``.jpg``/``.png`` through :func:`cxrdist.imaging.decode`, ``.json`` through ``json.loads``; every
 other member, ``.pickle``/``.pyd`` included, is ignored and never unpickled). A truncated or damaged shard
@@ -41,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cxrdist.config import DataConfig
 from cxrdist.data.partition import reader_plan, steps_per_epoch
-from cxrdist.data.shuffle import epoch_order
+from cxrdist.data.shuffle import mixed_order
 from cxrdist.data.world import World
 from cxrdist.errors import UserError
 from cxrdist.shards.location import is_remote
@@ -86,15 +91,15 @@ def worker_share(order: list[Shard] | tuple[Shard, ...], g: int, num_global: int
 HashRule = Callable[[Shard], bool]  # whether a read of this shard checks its sha256
 
 
-def iter_share(share: Share, rule: HashRule, verified: set[str]) -> Iterator[RawSample]:
-    """The share's raw samples (``rule``: which shards are hashed); each shard that was hashed and read to
-    its end is added to ``verified``."""
+def iter_share(share: Share, rule: HashRule, verified: set[str]) -> Iterator[tuple[int, RawSample]]:
+    """The share's (source, raw sample) pairs (``rule``: which shards are hashed); each shard that was hashed
+    and read to its end is added to ``verified``."""
     i = 0
     for shard in share.shards:
         hashing = rule(shard)
         for sample in iter_shard(shard, check_sha256=hashing):
             if share.stride == 1 or i % share.stride == share.offset:
-                yield sample
+                yield shard.source, sample
             i += 1
         if hashing:
             verified.add(shard.name)
@@ -138,27 +143,58 @@ def collate(keys: list[str], images: list[np.ndarray], metas: list[dict]) -> dic
     }
 
 
-def decode_batch(raw: list[RawSample], n_labels: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Columns:
+    """Where each source's labels land in the run's: per source, its labels' columns and the prefix of its
+    keys and patient ids (``nih/``; none for an unmixed set, whose labels are the run's as they are)."""
+
+    width: int
+    columns: tuple[tuple[int, ...], ...]
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, shards: ShardSet) -> Columns:
+        parts = shards.parts
+        if not parts:
+            return cls(len(shards.labels), (tuple(range(len(shards.labels))),), ("",))
+        return cls(len(shards.labels), tuple(p.columns for p in parts), tuple(f"{p.name}/" for p in parts))
+
+    def place(self, source: int, key: str, meta: dict) -> tuple[str, dict]:
+        """A source's sample in the run's label columns (mask 0 where the source has no such label)."""
+        prefix = self.prefixes[source]
+        if not prefix:
+            return key, meta
+        labels, mask = [0.0] * self.width, [0] * self.width
+        for j, k in enumerate(self.columns[source]):
+            labels[k], mask[k] = meta["labels"][j], meta["mask"][j]
+        patient = prefix + str(meta.get("patient_id", key))
+        return prefix + key, {**meta, "labels": labels, "mask": mask, "patient_id": patient}
+
+
+def decode_batch(raw: list[tuple[int, RawSample]], cols: Columns) -> dict[str, Any]:
+    """(source, raw sample) pairs -> the batch dict (``cols``: where each source's labels go)."""
     from cxrdist import imaging
 
     keys, images, metas = [], [], []
-    for shard, key, members in raw:
+    for source, (shard, key, members) in raw:
         try:
             ext = next(e for e in IMAGE_EXTS if e in members)
             images.append(imaging.decode(members[ext], ext))
-            metas.append(sample_meta(members["json"], n_labels))
+            meta = sample_meta(members["json"], len(cols.columns[source]))
         except StopIteration:
             raise ShardError(f"{shard}: sample {key} has no .jpg or .png image") from None
         except KeyError:
             raise ShardError(f"{shard}: sample {key} has no .json") from None
         except (imaging.UnusableImage, ValueError) as e:
             raise ShardError(f"{shard}: sample {key} is unreadable: {e}") from None
+        key, meta = cols.place(source, key, meta)
         keys.append(key)
+        metas.append(meta)
     try:
         return collate(keys, images, metas)
     except (ValueError, KeyError, TypeError) as e:
         raise ShardError(
-            f"{', '.join(sorted({r[0] for r in raw}))}: samples do not stack into a batch "
+            f"{', '.join(sorted({r[1][0] for r in raw}))}: samples do not stack into a batch "
             f"(mixed image sizes or bad json?): {e}"
         ) from None
 
@@ -212,28 +248,38 @@ def _reader_id(readers: int) -> int:
 class TrainStream(IterableDataset):
     """This rank's training micro-batches of one epoch; inside a DataLoader worker, that worker's share."""
 
-    def __init__(self, shards: tuple[Shard, ...], world: World, *, steps: int, start_step: int, window: int,
-                 n_labels: int, augment: torch.nn.Module | None, check_sha256: bool):  # fmt: skip
+    def __init__(self, shards: ShardSet, world: World, *, steps: int, start_step: int, window: int,
+                 augment: torch.nn.Module | None, check_sha256: bool):  # fmt: skip
         super().__init__()
-        self.shards, self.world, self.steps, self.window = shards, world, steps, window
-        self.n_labels, self.augment = n_labels, augment
+        split = shards.shards("train")
+        # each source's training shards, in its own manifest's order (the indices its epoch order uses)
+        self.sources = tuple(tuple(x for x in split if x.source == s) for s in range(len(shards.sources())))
+        self.counts = tuple(p.epoch_samples for p in shards.sources())
+        self.cols = Columns.of(shards)
+        self.world, self.steps, self.window, self.augment = world, steps, window, augment
         self.plan = _Plan(world.epoch, start_step, check_sha256)
+
+    @property
+    def shards(self) -> tuple[Shard, ...]:
+        return tuple(x for source in self.sources for x in source)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         from cxrdist.data.reader import read_micro_batches
 
         epoch, start, check = self.plan.values
         world = self.world.at_epoch(epoch)
-        physical = _reader_id(world.readers)
         # the DataLoader takes batch j of this read from worker j % W: the reader of micro-batch m0 + j
-        reader = physical
-        eo = epoch_order([s.samples for s in self.shards], world.seed, epoch, self.window)
-        plan = reader_plan(world, eo.order, start, self.steps, reader)
+        reader = _reader_id(world.readers)
+        sizes = [[x.samples for x in source] for source in self.sources]
+        order = mixed_order(sizes, self.counts, world.seed, epoch, self.window)
+        plan = reader_plan(world, order, start, self.steps, reader)
         me = world.rank * world.readers + reader  # which shards this reader hashes: one reader per shard
         every = world.world_size * world.readers
-        hashes = (lambda q: check and q % every == me) if check else (lambda q: False)
-        for m, raw in read_micro_batches(self.shards, eo, plan, world.micro_batch, hashes):
-            yield self._finish(decode_batch(raw, self.n_labels), world, m)
+        offset = np.cumsum([0] + [len(x) for x in self.sources]).tolist()  # a source's shards' first number
+        hashes = (lambda s, q: check and (offset[s] + q) % every == me) if check else (lambda s, q: False)
+        sources = list(zip(self.sources, order.parts))
+        for m, raw in read_micro_batches(sources, plan, world.micro_batch, hashes):
+            yield self._finish(decode_batch(raw, self.cols), world, m)
 
     def _finish(self, batch: dict[str, Any], world: World, micro: int) -> dict[str, Any]:
         if self.augment is not None:
@@ -246,9 +292,9 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """This rank's evaluation batches of a split; inside a DataLoader worker, that worker's share."""
 
-    def __init__(self, shards: tuple[Shard, ...], world: World, *, n_labels: int, check_sha256: bool):
+    def __init__(self, shards: ShardSet, split: str, world: World, *, check_sha256: bool):
         super().__init__()
-        self.shards, self.world, self.n_labels = shards, world, n_labels
+        self.shards, self.world, self.cols = shards.shards(split), world, Columns.of(shards)
         self.plan = _Plan(0, 0, check_sha256)
         self._verified: set[str] = set()
 
@@ -271,7 +317,7 @@ class EvalStream(IterableDataset):
         raw = iter_share(share, self.hash_rule(), self._verified)
         for chunk in _chunks(raw, self.world.micro_batch):
             n += len(chunk)
-            yield decode_batch(chunk, self.n_labels)
+            yield decode_batch(chunk, self.cols)
         if n != share.samples:
             raise ShardError(
                 f"a loader worker read {n} samples where the manifest plans {share.samples} from {share.names()}"
@@ -373,17 +419,16 @@ def train_loader(shards: ShardSet, world: World, *, start_step: int = 0, window:
                  check_sha256: bool = True) -> ShardLoader:  # fmt: skip
     """This rank's training micro-batches of epoch ``world.epoch`` from step ``start_step`` on (see the module
     docstring for the rules); ``restart`` moves the same loader to another epoch."""
-    split = shards.shards("train")
-    steps = steps_per_epoch(sum(s.samples for s in split), world.global_batch)
+    steps = steps_per_epoch(shards.epoch_samples(), world.global_batch)
     if steps == 0:
         raise UserError(
-            f"{shards.name}: {shards.samples('train')} training samples are fewer than one global batch of "
+            f"{shards.name}: {shards.epoch_samples()} training samples per epoch are fewer than one global batch of "
             f"{world.global_batch} ({world.world_size} rank(s) x {world.micro_batch} x {world.accumulate})"
         )
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step={start_step} outside 0..{steps}")
-    stream = TrainStream(split, world, steps=steps, start_step=start_step, window=window,
-                         n_labels=len(shards.labels), augment=augment, check_sha256=check_sha256)  # fmt: skip
+    stream = TrainStream(shards, world, steps=steps, start_step=start_step, window=window, augment=augment,
+                         check_sha256=check_sha256)  # fmt: skip
     length = (steps - start_step) * world.accumulate
     return ShardLoader(stream, length=length, samples=length * world.micro_batch, manifest=shards.manifest,
                        pin_memory=pin_memory, persistent=persistent)  # fmt: skip
@@ -392,7 +437,7 @@ def train_loader(shards: ShardSet, world: World, *, start_step: int = 0, window:
 def eval_loader(shards: ShardSet, split: str, world: World, *, pin_memory: bool = False,
                 check_sha256: bool = True) -> ShardLoader:  # fmt: skip
     """This rank's share of ``split``, every sample once across the ranks and their workers."""
-    stream = EvalStream(shards.shards(split), world, n_labels=len(shards.labels), check_sha256=check_sha256)
+    stream = EvalStream(shards, split, world, check_sha256=check_sha256)
     samples = sum(stream.share(w).samples for w in range(world.readers))
     return ShardLoader(stream, length=stream.batches(), samples=samples, manifest=shards.manifest,
                        pin_memory=pin_memory)  # fmt: skip

@@ -107,11 +107,28 @@ def on_rank0(compute):
     return result["ok"]
 
 
-def gather_and_score(part: dict, names, expected: int | None = None, replicates: int = 0) -> dict:
+def gather_and_score(part: dict, names, expected: int | None = None, replicates: int = 0, sources=()) -> dict:
     """All ranks' predictions scored once on rank 0 (``names``: the label of each column), the scores on
-    every rank; ``replicates`` > 0 adds patient-bootstrap intervals to the means."""
+    every rank; ``replicates`` > 0 adds patient-bootstrap intervals to the means. ``sources``: a mixed run's
+    source names; the pooled scores then come with each source's own under ``by_source``."""
     parts = gather_parts(part)
-    return on_rank0(lambda: metrics.evaluate_arrays(merge(parts, expected), names, replicates=replicates))
+    return on_rank0(lambda: score(merge(parts, expected), names, replicates, sources))
+
+
+def score(whole: dict, names, replicates: int = 0, sources=()) -> dict:
+    """A merged split's scores; with ``sources``, each source's rows (keys ``<source>/...``) scored apart too."""
+    result = metrics.evaluate_arrays(whole, names, replicates=replicates)
+    if sources:
+        result["by_source"] = {s: metrics.evaluate_arrays(rows(whole, s), names, replicates) for s in sources}
+    return result
+
+
+def rows(whole: dict, source: str) -> dict:
+    """A mixed split's rows of one source (its keys start with ``<source>/``)."""
+    keep = np.fromiter((k.startswith(f"{source}/") for k in whole["key"]), bool, len(whole["key"]))
+    idx = np.flatnonzero(keep)
+    out = {k: [v[i] for i in idx] for k, v in whole.items() if isinstance(v, list)}
+    return out | {k: v[keep] for k, v in whole.items() if isinstance(v, np.ndarray)}
 
 
 def _distributed() -> bool:

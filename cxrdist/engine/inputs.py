@@ -17,7 +17,7 @@ from cxrdist.data.partition import steps_per_epoch
 from cxrdist.data.transforms import Augment
 from cxrdist.data.world import World
 from cxrdist.errors import UserError
-from cxrdist.shards import location
+from cxrdist.shards import location, mix
 from cxrdist.shards.cache import ShardCache
 from cxrdist.shards.shardset import ShardSet
 
@@ -25,12 +25,14 @@ from cxrdist.shards.shardset import ShardSet
 def open_shards(cfg: TrainConfig) -> ShardSet:
     """The run's shard set, read and checked once: a missing or empty folder, a manifest that disagrees with
     the shards, an unusable --shard-cache are one clear error here, before any rank starts."""
-    if not cfg.data.shards:
-        raise UserError("--shards is required (a folder written by `cxrdist shard`)")
-    loc = location.parse(cfg.data.shards)
-    if loc.local is None and cfg.data.format != "shards":
-        raise UserError(f"--format {cfg.data.format} reads a local shard folder, not {loc}")
     d = cfg.data
+    if not d.shards and not d.mix:
+        raise UserError("--shards is required (a folder written by `cxrdist shard`)")
+    if mix.is_mix(d.shards, d.mix):
+        return open_mix(cfg)
+    loc = location.parse(d.shards)
+    if loc.local is None and d.format != "shards":
+        raise UserError(f"--format {d.format} reads a local shard folder, not {loc}")
     cache = ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache and loc.local is None else None
     shards = ShardSet.open(cfg.data.shards, cache=cache)
     if d.shard_cache:
@@ -41,6 +43,21 @@ def open_shards(cfg: TrainConfig) -> ShardSet:
             raise UserError(
                 f"--format {d.format} reads the source images, but {root} is not a folder (pass --source-root)"
             )
+    return shards
+
+
+def open_mix(cfg: TrainConfig) -> ShardSet:
+    """Several sources as one shard set (``cxrdist.shards.mix``): each checked as ``--shards`` alone would be."""
+    d = cfg.data
+    if d.format != "shards":
+        raise UserError(f"--format {d.format} reads one source's own files; a mix of sources trains from shards")
+    entries = mix.entries_of(d.shards, d.mix)
+    remote = [e for e in entries if location.parse(e.location).local is None]
+    cache = ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache and remote else None
+    shards = mix.open_mix(entries, cache)
+    if d.shard_cache:
+        for e, part in zip(entries, shards.parts):
+            check_cache(d.shard_cache, location.parse(e.location), part.set)
     return shards
 
 
@@ -154,12 +171,12 @@ class Loaders:
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: whole global batches of the training split."""
-        n = steps_per_epoch(self.shards.samples("train"), self.world.global_batch)
+        n = steps_per_epoch(self.shards.epoch_samples(), self.world.global_batch)
         if n == 0:
             w = self.world
             raise UserError(
-                f"{self.shards.name}: {self.shards.samples('train')} training samples are fewer than one global "
-                f"batch of {w.global_batch} ({w.world_size} rank(s) x {w.micro_batch} x {w.accumulate} step(s))"
+                f"{self.shards.name}: {self.shards.epoch_samples()} training samples per epoch are fewer than one "
+                f"global batch of {w.global_batch} ({w.world_size} rank(s) x {w.micro_batch} x {w.accumulate} step(s))"
             )
         return n
 

@@ -158,7 +158,15 @@ def geometry_problem(saved: dict | None, now: dict) -> str | None:
             f"its epochs held {saved.get('steps_per_epoch')} steps, these shards make {now['steps_per_epoch']}: "
             "the training split changed"
         )
+    if saved.get("mix") != now.get("mix"):
+        was, now_mix = saved.get("mix") or "of one source", now.get("mix") or "one source"
+        return f"it trained on the mix {was}, this run names {now_mix}"
     return None
+
+
+def by_source(result: dict) -> dict[str, float | None]:
+    """A mixed evaluation's mean AUROC per source."""
+    return {k: v["auc_mean"] for k, v in (result.get("by_source") or {}).items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,9 +346,13 @@ class Trainer:
             )
 
     def geometry(self) -> dict:
-        """What a resume must find unchanged: the global batch and the optimizer steps an epoch holds (ranks,
-        workers and accumulation may change: data.shuffle makes the global batches independent of them)."""
-        return {"global_batch": self.world.global_batch, "steps_per_epoch": self.steps_per_epoch}
+        """What a resume must find unchanged: the global batch, the optimizer steps an epoch holds and, for a
+        mix, each source's samples per epoch (ranks, workers and accumulation may change: data.shuffle makes
+        the global batches independent of them)."""
+        mix = {p.name: p.epoch_samples for p in self.loaders.shards.parts}
+        return {"global_batch": self.world.global_batch, "steps_per_epoch": self.steps_per_epoch} | (
+            {"mix": mix} if mix else {}
+        )
 
     def checkpoint(self, tag: str = "last") -> None:
         self.state.saves += 1
@@ -514,7 +526,8 @@ class Trainer:
         self.backend.eval_done()
         # the test split's means get patient-bootstrap intervals (seconds on rank 0); val's per epoch do not
         reps = metrics.REPLICATES if split == "test" else 0
-        return gather_and_score(part, labels, expected=self.loaders.samples(split), replicates=reps)
+        sources = tuple(p.name for p in self.loaders.shards.parts)
+        return gather_and_score(part, labels, expected=self.loaders.samples(split), replicates=reps, sources=sources)
 
     def end_epoch(self, epoch: int) -> None:
         train_loss = self.state.epoch_loss_sum / max(1, self.state.epoch_steps)
@@ -538,6 +551,7 @@ class Trainer:
                 "val_auc_mean": val["auc_mean"],
                 "val_accuracy_mean": val["accuracy_mean"],
                 "val_auc": val["auc"],
+                **({"val_auc_by_source": by_source(val)} if "by_source" in val else {}),
                 **{
                     k: {str(r["rank"]): round(r[k], 1) for r in records}  # GPU: allocator, reserved, device used
                     for k in ("mem_peak_mb", "mem_reserved_mb", "mem_device_used_mb")
@@ -548,6 +562,7 @@ class Trainer:
         self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
         if self.env.is_main:  # the evaluation is the same on every rank: drawn once
             aucs = {f"val/auc/{k}": v for k, v in val["auc"].items() if v is not None}
+            aucs |= {f"val/auc_mean/{k}": v for k, v in by_source(val).items() if v is not None}
             done = self.state.history[-1]
             self.telemetry.sinks.scalars(
                 {"val/auc_mean": val["auc_mean"], "epoch/time_s": done["time_s"], **aucs}, epoch + 1

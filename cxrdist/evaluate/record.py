@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,15 @@ class Predictions:
     @property
     def n(self) -> int:
         return len(self.key)
+
+    def rows(self, keep: np.ndarray) -> Predictions:
+        """The predictions of the rows ``keep`` (a boolean mask) holds."""
+        idx = np.flatnonzero(keep)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        arrays = {k: getattr(self, k)[idx] if len(getattr(self, k)) else getattr(self, k) for k in ("sex", "age")}
+        return replace(self, key=pick(self.key), patient_id=pick(self.patient_id), prob=self.prob[idx],
+                       labels=self.labels[idx], mask=self.mask[idx], view=pick(self.view) if self.view else [],
+                       **arrays)  # fmt: skip
 
     def logits(self) -> np.ndarray:
         p = np.clip(self.prob, LOGIT_CLIP, 1 - LOGIT_CLIP)
@@ -215,6 +224,17 @@ def subgroups(pred: Predictions, weights: np.ndarray, thresholds: dict) -> dict:
                 "tpr_gap": float(gaps[defined].mean()) if defined.any() else None,
                 "tpr_gap_labels": {n: float(v) for n, v, d in zip(pred.names, gaps, defined) if d},
             }
+    return out
+
+
+def by_source(pred: Predictions, sources, replicates: int = metrics.REPLICATES, seed: int = 0) -> dict:
+    """A mixed run's split per source (keys ``<source>/...``): its size and mean AUROC with intervals."""
+    out = {}
+    for s in sources:
+        sub = pred.rows(np.fromiter((k.startswith(f"{s}/") for k in pred.key), bool, pred.n))
+        if sub.n:
+            weights = metrics.patient_weights(sub.patient_id, replicates, seed)
+            out[s] = {"n": sub.n, "mean": metrics.ranking(sub.prob, sub.labels, sub.mask, sub.names, weights)["mean"]}
     return out
 
 

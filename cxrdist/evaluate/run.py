@@ -24,7 +24,7 @@ from cxrdist.engine.evaluation import gather_parts, merge, predict_loader, selec
 from cxrdist.engine.inputs import Loaders, loader_workers, open_shards, run_world
 from cxrdist.errors import UserError
 from cxrdist.evaluate.plots import all_plots
-from cxrdist.evaluate.record import Predictions, fit_operating_points, score
+from cxrdist.evaluate.record import Predictions, by_source, fit_operating_points, score
 from cxrdist.evaluate.render import markdown, print_table
 from cxrdist.labels import check_same, checkpoint_labels, describe, overlap
 from cxrdist.models import model_from_client
@@ -139,7 +139,7 @@ def evaluate_run(
 
     target, pairs, out = own, own_pairs, folder.eval_dir(split)
     if shards is not None:
-        other = replace(cfg, data=replace(cfg.data, shards=str(shards)))
+        other = replace(cfg, data=replace(cfg.data, shards=str(shards), mix=""))
         target = Loaders(other, world, device, open_shards(other))
         pairs = label_pairs(trained, target.labels, map_labels=map_labels, where=f"{shards}/manifest.json")
         out = folder.eval_dir(f"{split}@{location.parse(shards).name}")
@@ -155,6 +155,8 @@ def evaluate_run(
         replicates=replicates,
         seed=seed,
     )
+    if target.shards.parts:
+        result["by_source"] = by_source(pred, [p.name for p in target.shards.parts], replicates, seed)
     if cam:
         result["localization"] = localization(model, target, split, pairs, device, out / "cam", replicates, seed)
     result["scoring_s"] = round(time.perf_counter() - t0, 2)

@@ -22,7 +22,7 @@ from cxrdist.launch.cluster import resolve_cluster
 from cxrdist.launch.job import TrainJob
 from cxrdist.launch.plan import Plan, plan, with_backend
 from cxrdist.runfolder import RunFolder
-from cxrdist.shards import location
+from cxrdist.shards import location, mix
 from cxrdist.shards.manifest import read_manifest
 
 
@@ -55,11 +55,12 @@ def prepare_config(args: argparse.Namespace, cfg: TrainConfig) -> TrainConfig:
     cfg = with_backend(cfg, args.backend)
     name = args.name or f"cxrdist-{args.backend}"
     out = cfg.run.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    data = replace(
-        cfg.data,
-        shards=_absolute(cfg.data.shards) or str(demo_shards()),
-        source_root=_absolute(cfg.data.source_root),
-    )
+    d = cfg.data
+    if mix.is_mix(d.shards):  # a mix: each of its locations
+        shards = ",".join(_absolute(x.strip()) for x in d.shards.split(","))
+    else:
+        shards = _absolute(d.shards) or ("" if d.mix else str(demo_shards()))
+    data = replace(d, shards=shards, mix=_absolute(d.mix), source_root=_absolute(d.source_root))
     keep = cfg.model.pretrained.lower() in PRETRAINED_WORDS  # timm's weights by name, not a file
     model = replace(cfg.model, pretrained=cfg.model.pretrained if keep else _absolute(cfg.model.pretrained))
     cfg = replace(cfg, data=data, run=replace(cfg.run, out=_absolute(out)), model=model)
@@ -139,8 +140,11 @@ def submit(launch_args: argparse.Namespace, cfg: TrainConfig, log: TextIO | None
         cfg = replace(cfg, run=replace(cfg.run, device="cuda" if p.gpus_per_node else "cpu"))
     if Path(cfg.data.shards) == demo_shards():
         ensure_demo_shards(log=log)
-    try:
-        read_manifest(cfg.data.shards)  # here, before anything is submitted (a URL: fetched once)
+    d = cfg.data
+    try:  # here, before anything is submitted (a URL: fetched once); a mix: each of its sources
+        sources = [e.location for e in mix.entries_of(d.shards, d.mix)] if mix.is_mix(d.shards, d.mix) else [d.shards]
+        for where in sources:
+            read_manifest(where)
     except UserError as e:  # it names the location
         raise LaunchError(f"--shards: {e}") from None
     log_dir = str(Path(args.log_dir).absolute())

@@ -5,7 +5,7 @@ listing), checks it (every split non-empty; a local shard present with the manif
 trainer's input check used to re-read for itself) and builds the ``Shard`` records of every split. The
 trainer opens one and hands it to its loaders; loader workers get it by pickling (fork), so no layer below
 the trainer parses the location or reads the manifest again. Mixing sources (several shard sets in one
-run) is a list of these.
+run: ``cxrdist.shards.mix``) is one ShardSet too, whose ``parts`` are the sources' own sets.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class ShardSet:
     location: str  # as given: in memory only (it may hold credentials; see cxrdist/redact.py)
     manifest: dict = field(repr=False)
     splits: dict[str, tuple[Shard, ...]] = field(repr=False)
+    parts: tuple[Part, ...] = field(default=(), repr=False)  # a mix's sources (cxrdist/shards/mix.py); () else
 
     @classmethod
     def open(cls, where: str | Path, cache: ShardCache | None = None, splits: tuple[str, ...] = SPLITS) -> ShardSet:
@@ -47,11 +48,19 @@ class ShardSet:
 
     @property
     def local(self) -> Path | None:
-        return location.parse(self.location).local
+        return None if self.parts else location.parse(self.location).local
 
     @property
     def name(self) -> str:
-        return location.parse(self.location).name
+        return "+".join(p.name for p in self.parts) if self.parts else location.parse(self.location).name
+
+    def sources(self) -> tuple[Part, ...]:
+        """The sources a training epoch draws from: a mix's parts, or this set as its one source."""
+        return self.parts or (Part("", self, tuple(range(len(self.labels))), self.samples("train")),)
+
+    def epoch_samples(self) -> int:
+        """Training samples per epoch (a weighted mix may take fewer than its sources hold)."""
+        return sum(p.epoch_samples for p in self.sources())
 
     def samples(self, split: str) -> int:
         return split_samples(self.manifest, split)
@@ -68,6 +77,17 @@ class ShardSet:
     def meta(self) -> dict:
         """What a checkpoint records to read files the way these shards hold them (``predict``)."""
         return {"size": self.manifest["size"], "encoding": self.manifest["encoding"], "labels": list(self.labels)}
+
+
+@dataclass(frozen=True, eq=False)
+class Part:
+    """One source of a mixed shard set: ``name`` (in its samples' keys and patient ids, and its shards' names),
+    its own set, the mix's label column of each of its labels, and the training samples it gives each epoch."""
+
+    name: str
+    set: ShardSet
+    columns: tuple[int, ...]
+    epoch_samples: int
 
 
 def _shards(manifest: dict, folder, split: str, cache: ShardCache | None) -> list[Shard]:

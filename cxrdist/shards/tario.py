@@ -41,6 +41,7 @@ class Shard:
     bytes: int = 0  # 0: unknown (no size check)
     sha256: str = ""  # "": unknown or not to be checked
     cache: ShardCache | None = None  # a streamed shard's node-local cache (--shard-cache)
+    source: int = 0  # which source of a mixed shard set it belongs to (cxrdist/shards/mix.py)
 
 
 # --------------------------------------------------------------------------------------------------------
