@@ -23,6 +23,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist the test workers share the machine's cores, which cxrdist's layout rules cannot see: a
+# single rank would take every core with ACTIVE (spinning) OpenMP threads while the other worker's ranks run,
+# and two workers' processes then spin against each other (the gpu-check dry run took 300 s a test in
+# parallel, 100-120 s alone). One torch thread per process and passive waits: the cores go to the work.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("CXRDIST_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 pytest_plugins = ["fixtures_data", "fixtures_runs"]  # shards; reference runs
 
 
@@ -31,10 +39,17 @@ pytest_plugins = ["fixtures_data", "fixtures_runs"]  # shards; reference runs
 TRAINING_FIXTURES = {"tiny_run", "straight_run", "nih_run", "ddp_reference"}
 
 
+# the longest tests of the second tier (each a whole gpu-check dry run): started first, so that the two
+# pytest-xdist workers end together instead of one of them finishing a long test alone (longest first)
+FIRST = ("tests/test_gpucheck.py::test_gpu_check_dry_run",)
+
+
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the fast tier first on the word of the markers; a test that trains without saying so
     would make that tier slow again, so it is an error at collection. Under pytest-xdist the tests that use
-    the one SLURM cluster run in one group, on one worker (``--dist loadgroup``)."""
+    the one SLURM cluster run in one group, on one worker (``--dist loadgroup``); the ``FIRST`` tests start
+    first."""
+    items.sort(key=lambda item: not item.nodeid.startswith(FIRST))  # stable: the rest in file order
     for item in items:
         trains = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
         if trains and not item.get_closest_marker("slow"):

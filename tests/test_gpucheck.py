@@ -66,9 +66,10 @@ def test_gpu_check_dry_run_passes_its_device_precision_backend_and_throughput_ch
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run_passes_its_end_to_end_check(tmp_path):
     _, checks = dry_run(tmp_path, "end to end")
-    e2e = checks["end to end"]["details"]["single bf16 channels_last, preempted + resumed"]
+    details = checks["end to end"]["details"]
+    e2e = details[f"single {details['precision']} channels_last, preempted + resumed"]
     assert 0 < e2e["preempted_at_step"] < e2e["final_steps"]
-    fsdp = checks["end to end"]["details"]["fsdp save + resume + eval"]
+    fsdp = details["fsdp save + resume + eval"]
     # the same weights; bf16 convolutions in the trainer's channels_last replica and eval's plain model round
     # differently (as in tests/test_train.py's contract run)
     assert fsdp["restarts"] == 1 and fsdp["eval"]["all"][0] == pytest.approx(fsdp["train_test_auc"], abs=0.02)
