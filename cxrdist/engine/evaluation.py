@@ -8,6 +8,7 @@ import torch.distributed as tdist
 
 from cxrdist import metrics
 from cxrdist.models import uses_demographics
+from cxrdist.shards.mix import of_source
 
 
 @torch.no_grad()
@@ -125,7 +126,7 @@ def score(whole: dict, names, replicates: int = 0, sources=()) -> dict:
 
 def rows(whole: dict, source: str) -> dict:
     """A mixed split's rows of one source (its keys start with ``<source>/``)."""
-    keep = np.fromiter((k.startswith(f"{source}/") for k in whole["key"]), bool, len(whole["key"]))
+    keep = of_source(whole["key"], source)
     idx = np.flatnonzero(keep)
     out = {k: [v[i] for i in idx] for k, v in whole.items() if isinstance(v, list)}
     return out | {k: v[keep] for k, v in whole.items() if isinstance(v, np.ndarray)}

@@ -33,8 +33,7 @@ def open_shards(cfg: TrainConfig) -> ShardSet:
     loc = location.parse(d.shards)
     if loc.local is None and d.format != "shards":
         raise UserError(f"--format {d.format} reads a local shard folder, not {loc}")
-    cache = ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache and loc.local is None else None
-    shards = ShardSet.open(cfg.data.shards, cache=cache)
+    shards = ShardSet.open(cfg.data.shards, cache=shard_cache(cfg, streamed=loc.local is None))
     if d.shard_cache:
         check_cache(d.shard_cache, loc, shards)
     if d.format != "shards":
@@ -52,13 +51,18 @@ def open_mix(cfg: TrainConfig) -> ShardSet:
     if d.format != "shards":
         raise UserError(f"--format {d.format} reads one source's own files; a mix of sources trains from shards")
     entries = mix.entries_of(d.shards, d.mix)
-    remote = [e for e in entries if location.parse(e.location).local is None]
-    cache = ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache and remote else None
-    shards = mix.open_mix(entries, cache)
+    streamed = any(location.parse(e.location).local is None for e in entries)
+    shards = mix.open_mix(entries, shard_cache(cfg, streamed))
     if d.shard_cache:
         for e, part in zip(entries, shards.parts):
             check_cache(d.shard_cache, location.parse(e.location), part.set)
     return shards
+
+
+def shard_cache(cfg: TrainConfig, streamed: bool) -> ShardCache | None:
+    """``--shard-cache`` for a run that streams shards from a URL (a local folder is read in place)."""
+    d = cfg.data
+    return ShardCache(d.shard_cache, int(d.shard_cache_gb * 1e9)) if d.shard_cache and streamed else None
 
 
 def check_cache(cache: str, loc: location.Location, shards: ShardSet) -> None:

@@ -25,6 +25,7 @@ import pandas as pd
 from cxrdist import metrics
 from cxrdist.atomic import atomic_write_bytes
 from cxrdist.errors import UserError
+from cxrdist.shards.mix import of_source
 
 LOGIT_CLIP = 1e-7  # probabilities are stored, logits recomputed from them: one path for run and CSV
 SEX_NAMES = {1.0: "M", 0.0: "F"}
@@ -231,7 +232,7 @@ def by_source(pred: Predictions, sources, replicates: int = metrics.REPLICATES, 
     """A mixed run's split per source (keys ``<source>/...``): its size and mean AUROC with intervals."""
     out = {}
     for s in sources:
-        sub = pred.rows(np.fromiter((k.startswith(f"{s}/") for k in pred.key), bool, pred.n))
+        sub = pred.rows(of_source(pred.key, s))
         if sub.n:
             weights = metrics.patient_weights(sub.patient_id, replicates, seed)
             out[s] = {"n": sub.n, "mean": metrics.ranking(sub.prob, sub.labels, sub.mask, sub.names, weights)["mean"]}

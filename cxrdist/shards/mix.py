@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from cxrdist.errors import UserError
 from cxrdist.labels import describe, set_name, union
 from cxrdist.redact import redact
@@ -45,6 +47,11 @@ class Entry:
     location: str
     weight: float | None = None
     samples: int | None = None
+
+
+def of_source(keys, source: str) -> np.ndarray:
+    """Which of a mixed split's ``keys`` are ``source``'s (the loader names them ``<source>/<key>``)."""
+    return np.fromiter((k.startswith(f"{source}/") for k in keys), bool, len(keys))
 
 
 def is_mix(shards: str, mix_file: str = "") -> bool:
