@@ -207,19 +207,48 @@ def mean_rows(per_label: dict[str, np.ndarray], names) -> np.ndarray | None:
 RULES = ("youden", "f1")
 
 
+def threshold_counts(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every distinct score as a threshold, highest first: (false positives, true positives, thresholds) of
+    calling ``p >= threshold`` positive (scikit-learn's confusion_matrix_at_thresholds, unweighted).
+
+    Written here, with ``roc_points`` and ``pr_points``, for the reason ``label_metrics`` gives: scikit-learn's
+    import costs every `cxrdist eval` 1.5-2.5 s for three cumulative sums (tests/test_evaluate.py checks them
+    against scikit-learn's curves)."""
+    order = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")
+    score, pos = np.asarray(p, dtype=np.float64)[order], np.asarray(y)[order] >= 0.5
+    last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]  # the last sample of each run of tied scores
+    tps = np.cumsum(pos, dtype=np.float64)[last]
+    return 1.0 + last - tps, tps, score[last]
+
+
+def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds) from (0, 0) at +inf, every distinct score a point
+    (scikit-learn's ``roc_curve(drop_intermediate=False)``)."""
+    fps, tps, thr = threshold_counts(y, p)
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thr]
+
+
+def pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds), recall decreasing and ending at (precision 1, recall 0), thresholds
+    increasing (scikit-learn's ``precision_recall_curve``)."""
+    fps, tps, thr = threshold_counts(y, p)
+    precision = np.divide(tps, tps + fps, out=np.zeros_like(tps), where=(tps + fps) > 0)
+    recall = tps / tps[-1]
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thr[::-1]
+
+
 def operating_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden") -> float | None:
     """The threshold on ``p`` that maximises Youden's J (sensitivity + specificity - 1) or F1 on these
     targets (the validation split's); None when the label has one class here."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     if len(np.unique(y)) < 2:
         return None
     if rule == "youden":
-        fpr, tpr, thr = roc_curve(y, p)
+        fpr, tpr, thr = roc_points(y, p)
         best = int(np.argmax(tpr[1:] - fpr[1:])) + 1  # thr[0] is +inf: nothing called positive
         return float(thr[best])
     if rule == "f1":
-        precision, recall, thr = precision_recall_curve(y, p)
+        precision, recall, thr = pr_points(y, p)
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
         return float(thr[int(np.argmax(f1))])

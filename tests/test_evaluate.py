@@ -67,6 +67,30 @@ def test_operating_points_rates_and_undefined_labels():
     assert metrics.interval(metrics.auroc_rows(p[:3], y[:3], np.ones((3, 3)))) is None
 
 
+def test_roc_and_pr_points_equal_scikit_learns_curves_and_operating_points_with_ties():
+    """metrics' own curves (eval no longer imports scikit-learn) against scikit-learn's, on scores with many
+    ties; the operating thresholds against those scikit-learn's default (intermediate points dropped) gives."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(2, 300))
+        y = (rng.random(n) < rng.uniform(0.05, 0.9)).astype(float)
+        if len(np.unique(y)) < 2:
+            y[0], y[-1] = 0.0, 1.0
+        p = np.round(rng.random(n), int(rng.integers(1, 4)))  # 1-3 decimals: runs of tied scores
+        for ours, theirs in ((metrics.roc_points(y, p), roc_curve(y, p, drop_intermediate=False)),
+                             (metrics.pr_points(y, p), precision_recall_curve(y, p))):  # fmt: skip
+            for a, b in zip(ours, theirs):
+                np.testing.assert_array_equal(a, b)
+        fpr, tpr, thr = roc_curve(y, p)
+        assert metrics.operating_threshold(y, p, "youden") == thr[int(np.argmax(tpr[1:] - fpr[1:])) + 1], trial
+        precision, recall, thr = precision_recall_curve(y, p)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+        assert metrics.operating_threshold(y, p, "f1") == thr[int(np.argmax(f1))], trial
+
+
 def test_temperature_scaling_recovers_an_overconfident_models_scale():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 20000)

@@ -21,13 +21,23 @@ def _grid(n: int):
     cols = min(5, max(1, n))
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    margins(fig, left=0.6, bottom=0.5)
     for ax in axes.flat[n:]:
         ax.axis("off")
     return plt, fig, list(axes.flat[:n])
 
 
+def margins(fig, left: float, bottom: float, top: float = 0.3, right: float = 0.15) -> None:
+    """Fixed margins in inches and gaps for a panel's title and axis labels. Not ``tight_layout``: it measures
+    every label's text by drawing the figure once more, ~0.5 s a figure, a second or two of every `cxrdist
+    eval`, for panels whose labels are the same every time."""
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(
+        left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h, wspace=0.35, hspace=0.45
+    )
+
+
 def _save(plt, fig, path: Path) -> str:
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path.name
@@ -35,8 +45,6 @@ def _save(plt, fig, path: Path) -> str:
 
 def curves(pred: Predictions, m: dict, out: Path, kind: str) -> str:
     """``roc.png`` or ``pr.png``: one panel per label, the operating point as a dot."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     plt, fig, axes = _grid(len(pred.names))
     for j, (name, ax) in enumerate(zip(pred.names, axes)):
         y, p = column(pred, j)
@@ -47,7 +55,7 @@ def curves(pred: Predictions, m: dict, out: Path, kind: str) -> str:
             continue
         t = rec["threshold"]
         if kind == "roc":
-            fpr, tpr, _ = roc_curve(y, p)
+            fpr, tpr, _ = metrics.roc_points(y, p)
             ax.plot(fpr, tpr, lw=1.2)
             ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
             if t is not None:
@@ -56,7 +64,7 @@ def curves(pred: Predictions, m: dict, out: Path, kind: str) -> str:
             ax.set_ylabel("sensitivity", fontsize=8)
             ax.text(0.95, 0.05, f"AUROC {100 * rec['auroc'][0]:.1f}", ha="right", fontsize=8)
         else:
-            precision, recall, _ = precision_recall_curve(y, p)
+            precision, recall, _ = metrics.pr_points(y, p)
             ax.step(recall, precision, where="post", lw=1.2)
             ax.axhline((y >= 0.5).mean(), ls=":", c="grey", lw=0.8)
             if t is not None and rec["ppv"] is not None:
@@ -89,6 +97,7 @@ def subgroup_gaps(m: dict, out: Path) -> str:
     rows = [(f"{a}:{g}", r) for a, gs in m["subgroups"].items() for g, r in gs.items()]
     plt, fig, (ax,) = _grid(1)
     fig.set_size_inches(6.4, 0.3 * len(rows) + 1.5)
+    margins(fig, left=1.0, bottom=0.6)  # the group names left of the bars
     names = [n for n, _ in rows]
     gaps = [100 * (r["tpr_gap"] or 0.0) for _, r in rows]
     ax.barh(names, gaps, color=["C3" if g < 0 else "C0" for g in gaps])
