@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import TINY, preempted, recorded_batches, recorded_samples, summary, train
+from runs import TINY, in_process, preempted, recorded_batches, recorded_samples, summary
 from servers import http_server
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def test_the_same_global_batches_for_any_ranks_and_workers_and_the_manifest_read
             ("2x2", folder, ["--backend", "ddp", "--nproc", "2", "--workers", "2"]),
         ):
             runs[name] = tmp_path / name
-            train("--shards", shards, "--out", runs[name], "--epochs", "2", *COMMON, *extra)
+            in_process("train", "--shards", shards, "--out", runs[name], "--epochs", "2", *COMMON, *extra, check=True)
         manifests = sum(1 for name, _ in faults.requests if name == "manifest.json")
     assert manifests <= 3, f"manifest.json fetched {manifests} times by 3 processes"
     for epoch in (0, 1):
@@ -64,7 +64,7 @@ def test_a_run_preempted_on_some_ranks_resumes_on_others_and_trains_each_sample_
     run = tmp_path / "run"
     first, err = preempted([*args, "--nproc", before], run, after_lines=5)
     assert first["status"] == "preempted" and 0 < first["global_step"] < first["steps_per_epoch"], err[-2000:]
-    train(*args, "--nproc", after, "--out", run, "--resume")
+    in_process("train", *args, "--nproc", after, "--out", run, "--resume", check=True)
     final = summary(run)
     assert final["status"] == "completed" and final["restarts"] == 1 and final["world_size"] == int(after)
     assert final["global_step"] == final["steps_per_epoch"] == tiny_shards_steps(tiny_shards)  # as uninterrupted

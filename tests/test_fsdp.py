@@ -15,13 +15,14 @@ import torch
 
 from cxrdist.engine.backends import read_weights
 
-from runs import TINY, in_process, preempted, summary, train
+from runs import TINY, in_process, preempted, summary
 
 
 @pytest.mark.slow
 def test_fsdp_trains_in_bf16_and_eval_reads_its_sharded_checkpoint(tiny_shards, tmp_path):
     run = tmp_path / "fsdp"
-    train(
+    in_process(
+        "train",
         "--shards",
         tiny_shards["shards"],
         "--out",
@@ -36,6 +37,7 @@ def test_fsdp_trains_in_bf16_and_eval_reads_its_sharded_checkpoint(tiny_shards, 
         "bf16",
         "--channels-last",
         *TINY,
+        check=True,
     )
     s = summary(run)
     assert s["status"] == "completed" and s["world_size"] == 2 and s["channels_last"] == "activations"
@@ -66,12 +68,12 @@ def test_fsdp_preempted_mid_epoch_resumes_to_the_uninterrupted_weights(tiny_shar
         "--log-every",
         "1",
     ]
-    train(*args, "--out", tmp_path / "straight")
+    in_process("train", *args, "--out", tmp_path / "straight", check=True)
     run = tmp_path / "preempted"
     first, err = preempted(args, run, after_lines=4)
     assert first["status"] == "preempted", err[-2000:]
     assert 0 < first["global_step"] < 2 * first["steps_per_epoch"]
-    train(*args, "--out", run, "--resume")
+    in_process("train", *args, "--out", run, "--resume", check=True)
     final = summary(run)
     assert final["status"] == "completed" and final["restarts"] == 1 and [e["epoch"] for e in final["epochs"]] == [1, 2]
     a, _ = read_weights(tmp_path / "straight", "last", backend="fsdp")

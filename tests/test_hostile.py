@@ -557,7 +557,7 @@ def test_a_failing_evaluation_keeps_the_epoch_and_says_failed(tiny_shards, tmp_p
 
     import torch
 
-    from runs import TINY, records, summary, train
+    from runs import TINY, in_process, records, summary, train
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards["shards"], shards)
@@ -577,7 +577,7 @@ def test_a_failing_evaluation_keeps_the_epoch_and_says_failed(tiny_shards, tmp_p
     saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert saved["epoch"] == 0 and saved["step_in_epoch"] == s["steps_per_epoch"]  # the epoch's training kept
     (shards / "manifest.json").write_text(good)
-    train(*args, "--resume")
+    in_process("train", *args, "--resume", check=True)
     s = summary(run)
     assert s["status"] == "completed" and s["global_step"] == s["steps_per_epoch"]  # no step trained twice
     assert len(records(run, 0, "epoch")) == 1

@@ -18,7 +18,7 @@ from cxrdist.errors import UserError
 from cxrdist.labels import CHEXPERT, NIH, union
 from cxrdist.shards.mix import Entry, entries_of, epoch_samples, open_mix, parse_mix_file
 
-from runs import TINY, in_process, recorded_batches, summary, train
+from runs import TINY, in_process, recorded_batches, summary
 from servers import http_server
 
 NIH_ONLY = ("Infiltration", "Mass", "Nodule", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
@@ -241,8 +241,9 @@ def test_a_mix_streams_one_source_through_the_shard_cache_on_two_ddp_ranks(tmp_p
     run, cache, gb = tmp_path / "run", tmp_path / "cache", 16
     with http_server(tmp_path / "www") as (base, _, _):
         shards = f"{tiny_shards['shards']},{base}/nih"
-        train("--shards", shards, "--shard-cache", cache, "--out", run, "--backend", "ddp", "--nproc", "2",
-              "--epochs", "1", "--global-batch-size", gb, "--record-samples", "--no-test", *TINY)  # fmt: skip
+        in_process("train", "--shards", shards, "--shard-cache", cache, "--out", run, "--backend", "ddp", "--nproc",
+                   "2", "--epochs", "1", "--global-batch-size", gb, "--record-samples", "--no-test", *TINY,
+                   check=True)  # fmt: skip
         mixed = open_mix([Entry(str(tiny_shards["shards"])), Entry(str(folder))])
         want = epoch_batches(mixed, 1, 0, gb, gb, epoch=0, seed=0)
     assert recorded_batches(run, 0, gb) == [want[s] for s in sorted(want)]

@@ -15,7 +15,7 @@ from cxrdist.shards.tario import ShardError
 from cxrdist.shards.verify import verify
 
 from fixtures_runs import ONE_EPOCH, STRAIGHT
-from runs import TINY, assert_same_weights, final_weights, shard_loader, train
+from runs import TINY, assert_same_weights, final_weights, in_process, shard_loader
 from servers import gcs_server, http_server, s3_server, upload
 
 
@@ -134,14 +134,15 @@ def test_training_from_http_and_s3_follows_the_local_run(tiny_run, served, s3, t
     local = json.loads((tiny_run / "summary.json").read_text())
     for where, shards in (("http", served["url"]), ("s3", s3["url"])):
         run = tmp_path / where  # the S3 endpoint and keys: in this process's environment (the s3 fixture)
-        train("--shards", shards, "--out", run, *ONE_EPOCH)
+        in_process("train", "--shards", shards, "--out", run, *ONE_EPOCH, check=True)
         got = json.loads((run / "summary.json").read_text())
         assert got["status"] == "completed"
         for k in ("train_loss", "val_auc_mean"):
             assert got["epochs"][0][k] == local["epochs"][0][k], (where, k)
         assert got["test"]["n"] == local["test"]["n"]
     run = tmp_path / "ddp-s3"  # two ranks streaming their own shards, the test split scored exactly once
-    train("--shards", s3["url"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "1", *TINY)
+    in_process("train", "--shards", s3["url"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "1", *TINY,
+               check=True)  # fmt: skip
     ddp = json.loads((run / "summary.json").read_text())
     assert ddp["status"] == "completed" and ddp["test"]["n"] == local["test"]["n"]
 
@@ -238,7 +239,7 @@ def test_a_run_preempted_while_streaming_resumes_from_the_url_to_the_same_end(st
     run = tmp_path / "preempted"
     summary, err = preempted(["--shards", served["url"], *STRAIGHT], run, after_lines=3)
     assert summary["status"] == "preempted", err[-2000:]
-    train("--shards", served["url"], *STRAIGHT, "--out", run, "--resume")
+    in_process("train", "--shards", served["url"], *STRAIGHT, "--out", run, "--resume", check=True)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["restarts"] == 1
     assert_same_weights(final_weights(straight_run), final_weights(run))

@@ -81,9 +81,10 @@ def test_single_run_writes_the_run_folder_contract(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_batches_and_exact_once_eval(tiny_shards, tmp_path):
     run = tmp_path / "ddp"
-    train(
-        "--shards", tiny_shards["shards"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "1", *TINY_W1
-    )
+    in_process(
+        "train", "--shards", tiny_shards["shards"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "1",
+        *TINY_W1, check=True,
+    )  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     assert set(summary["epochs"][0]["mem_peak_mb"]) == {"0", "1"}
@@ -110,7 +111,8 @@ def test_ddp_two_ranks_equal_batches_and_exact_once_eval(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero1_run_and_resume(tiny_shards, tmp_path):
     run = tmp_path / "ds"
-    train(
+    in_process(
+        "train",
         "--shards",
         tiny_shards["shards"],
         "--out",
@@ -124,10 +126,12 @@ def test_deepspeed_zero1_run_and_resume(tiny_shards, tmp_path):
         "--epochs",
         "1",
         *TINY_W1,
+        check=True,
     )
     ckdir = run / "checkpoints"
     assert (ckdir / "latest").is_file() and (ckdir / (ckdir / "latest").read_text().strip()).is_dir()
-    train(
+    in_process(
+        "train",
         "--shards",
         tiny_shards["shards"],
         "--out",
@@ -142,6 +146,7 @@ def test_deepspeed_zero1_run_and_resume(tiny_shards, tmp_path):
         "2",
         "--resume",
         *TINY_W1,
+        check=True,
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["restarts"] == 1 and [e["epoch"] for e in summary["epochs"]] == [1, 2]
@@ -157,7 +162,7 @@ def test_preemption_signal_checkpoints_and_resume_matches_uninterrupted(tiny_sha
     assert summary["status"] == "preempted", err[-2000:]
     stopped_at = summary["global_step"]
     assert 0 < stopped_at < 2 * summary["steps_per_epoch"]
-    train(*args, "--out", run, "--resume")
+    in_process("train", *args, "--out", run, "--resume", check=True)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["restarts"] == 1
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
@@ -282,7 +287,7 @@ def test_ddp_two_cpu_ranks_learn_the_synthetic_findings(learnable_shards, tmp_pa
     the demo-sized synthetic set. (DenseNet-blur learning the same findings is `make demo`'s own gate.)"""
     run = tmp_path / "learn"
     args = ["--shards", learnable_shards["shards"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "2"]
-    train(*args, *TINY, "--batch-size", "32", "--workers", "1", "--log-every", "10")
+    in_process("train", *args, *TINY, "--batch-size", "32", "--workers", "1", "--log-every", "10", check=True)
     summary = json.loads((run / "summary.json").read_text())
     aucs = [e["val_auc_mean"] for e in summary["epochs"]]
     print("val mean AUC per epoch:", aucs, "test:", summary["test"]["auc_mean"])

@@ -32,7 +32,7 @@ cfg.run.out = out
 backend = get_backend(cfg, env, torch.device("cpu"))
 backend.init_distributed()
 torch.manual_seed(0)
-backend.setup(build_model("densenet121", in_chans=1), total_steps=steps)
+backend.setup(build_model("cxrtiny", in_chans=1), total_steps=steps)  # the plumbing model: backends are the subject
 gen = torch.Generator().manual_seed(1234)
 losses = []
 for _ in range(steps):
