@@ -1,4 +1,4 @@
-"""Per-label and mean AUC (scikit-learn) and accuracy at 0.5, plus CheXclusion-style subgroups.
+"""Per-label and mean AUC (our own, equal to scikit-learn's) and accuracy at 0.5, plus CheXclusion-style subgroups.
 
 Inputs are whole-split arrays gathered across ranks *by key* (each sample exactly once). A label whose
 masked-in targets hold one class only has an undefined AUC: reported as ``None`` and left out of the mean,
