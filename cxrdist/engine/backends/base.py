@@ -31,7 +31,6 @@ from cxrdist.config import ConfigError, TrainConfig
 from cxrdist.engine import checkpoint as ckpt
 from cxrdist.engine.optim import check_recipe, compiled, make_optimizer, make_scheduler
 from cxrdist.errors import UserError
-from cxrdist.models import check_model_name
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,6 +83,10 @@ def validate_config(cfg: TrainConfig) -> None:
             group, key = dest.split(".")
             if current[group][key] != defaults[group][key]:
                 errors.append(f"{flag} {current[group][key]} needs --backend {other.name}")
+    # here, not at the top: the model zoo (timm, torchvision) is ~2.5-4 s of imports that the launchers'
+    # layout and usage checks (`launchers/submit.py`'s one-line errors) never need
+    from cxrdist.models import check_model_name
+
     try:
         check_model_name(cfg.model.name)
     except UserError as e:
