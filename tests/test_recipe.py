@@ -17,7 +17,7 @@ from cxrdist.engine.backends import validate_config
 from cxrdist.engine.optim import lr_factor, make_optimizer, make_scheduler
 from cxrdist.trackers import record_scalars
 
-from runs import TINY_CPU, records, summary, train
+from runs import TINY_CPU, in_process, records, summary, train
 
 
 def _cfg(*argv: str) -> TrainConfig:
@@ -139,13 +139,16 @@ def inductor_cache(tmp_path_factory):
         pytest.param("deepspeed", ["--nproc", "2"], marks=pytest.mark.heavy),
     ],
 )
-def test_compile_trains_on_every_backend_like_eager(backend, extra, tiny_shards, inductor_cache, tmp_path):
+def test_compile_trains_on_every_backend_like_eager(backend, extra, tiny_shards, inductor_cache, tmp_path, monkeypatch):
     """--compile: dynamo captures the model (its own counters, in the summary), the run learns what the
     eager run learns from the same seed, and checkpoints keep the model's own keys (eval reads them)."""
     args = ["--shards", tiny_shards["shards"], "--backend", backend, *extra, *COMPILE]
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache))
-    train(*args, "--out", tmp_path / "eager", env=env)
-    train(*args, "--out", tmp_path / "compiled", "--compile", env=env)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))  # what the ranks inherit
+    in_process("train", *args, "--out", tmp_path / "eager", check=True)  # eager: no compiler in this process
+    if extra:  # the --nproc launcher in this process; the ranks compile, each in its own
+        in_process("train", *args, "--out", tmp_path / "compiled", "--compile", check=True)
+    else:  # the one rank compiles: in a process of its own, dynamo's caches and counters stay out of this one
+        train(*args, "--out", tmp_path / "compiled", "--compile")
     eager, compiled = summary(tmp_path / "eager"), summary(tmp_path / "compiled")
     assert "compile" not in eager
     assert compiled["status"] == "completed" and compiled["compile"]["mode"] == "default"
