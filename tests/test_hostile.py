@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tarfile
 from pathlib import Path
 
@@ -442,7 +443,6 @@ def test_a_checkpoint_that_needs_pickled_code_is_refused_by_resume_in_one_line(t
 
 
 def test_the_local_launcher_escalates_to_sigkill():
-    import signal
 
     from cxrdist.engine.spawn import stop_signal
 
@@ -450,10 +450,37 @@ def test_the_local_launcher_escalates_to_sigkill():
     assert stop_signal(10.5, 10) == signal.SIGTERM and stop_signal(20.5, 10) == signal.SIGKILL
 
 
+def test_a_failed_rank_behind_a_stuck_rank_0_ends_the_job_and_the_stuck_rank_shows_its_stack(tmp_path, capsys):
+    """Rank 0 stuck outside any collective (it never errors by itself, and ignores SIGTERM) and rank 1 failed:
+    the launcher polls every rank, asks the one still running for its stack (SIGUSR1), then kills it. (It once
+    polled only up to the first live rank: a failed rank 1 behind a stuck rank 0 hung the job for good.)"""
+    import subprocess
+    import sys
+    import time
+
+    from cxrdist.engine.spawn import supervise
+
+    ready, log = tmp_path / "ready", tmp_path / "rank0.err"
+    stuck = (
+        "import faulthandler, pathlib, signal, time; faulthandler.register(signal.SIGUSR1, all_threads=True); "
+        f"signal.signal(signal.SIGTERM, signal.SIG_IGN); pathlib.Path({str(ready)!r}).touch(); time.sleep(600)"
+    )
+    failing = f"import os, sys, time\nwhile not os.path.exists({str(ready)!r}): time.sleep(0.05)\nsys.exit(3)"
+    with open(log, "w") as err:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stderr=err) for code in (stuck, failing)]
+        t0 = time.monotonic()
+        codes = supervise(procs, grace_s=0.5, poll_s=0.05)
+    assert codes == [-signal.SIGKILL, 3]
+    assert time.monotonic() - t0 < 60  # ends at all; the grace periods are a second
+    assert "rank 1 exited with code 3" in capsys.readouterr().err
+    assert "most recent call first" in log.read_text()  # faulthandler's dump of the stuck rank
+
+
 @pytest.mark.slow
 def test_a_stopped_rank_does_not_hang_the_local_launcher(tiny_shards, tmp_path):
-    """One rank SIGSTOPped: its peer times out in the collective, and the launcher ends the job within the
-    timeout and two grace periods (SIGTERM does not reach a stopped process; SIGKILL does)."""
+    """Rank 0 SIGSTOPped: rank 1 times out in the collective, and the launcher ends the job within the timeout
+    and two grace periods (SIGTERM does not reach a stopped process; SIGKILL does). Rank 0, since the failed
+    rank is then one the launcher reaches only by polling every rank (the crash test kills rank 1)."""
     import subprocess
     import sys
     import time
@@ -469,19 +496,19 @@ def test_a_stopped_rank_does_not_hang_the_local_launcher(tiny_shards, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    telemetry = tmp_path / "stuck" / "telemetry" / "rank1.jsonl"
+    telemetry = tmp_path / "stuck" / "telemetry" / "rank0.jsonl"
     deadline = time.monotonic() + 300
     while not (telemetry.exists() and '"step"' in telemetry.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    rank1 = [c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "1"]
-    assert rank1, "rank 1 should be running"
+    rank0 = [c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "0"]
+    assert rank0, "rank 0 should be running"
     t0 = time.monotonic()
-    rank1[0].suspend()
+    rank0[0].suspend()
     try:
         _, err = proc.communicate(timeout=150)
     finally:
-        if rank1[0].is_running():
-            rank1[0].kill()
+        if rank0[0].is_running():
+            rank0[0].kill()
     took = time.monotonic() - t0
     assert proc.returncode != 0 and "exited with code" in err, err[-2000:]
     assert took < 20 + 2 * 10 + 45, f"the launcher took {took:.0f} s to end the job"

@@ -287,6 +287,7 @@ def test_ddp_two_cpu_ranks_learn_the_synthetic_findings(learnable_shards, tmp_pa
     the demo-sized synthetic set. (DenseNet-blur learning the same findings is `make demo`'s own gate.)"""
     run = tmp_path / "learn"
     args = ["--shards", learnable_shards["shards"], "--out", run, "--backend", "ddp", "--nproc", "2", "--epochs", "2"]
+    args += ["--timeout", "60"]  # a rank stuck anywhere ends the test in a minute, its stack in the output
     in_process("train", *args, *TINY, "--batch-size", "32", "--workers", "1", "--log-every", "10", check=True)
     summary = json.loads((run / "summary.json").read_text())
     aucs = [e["val_auc_mean"] for e in summary["epochs"]]

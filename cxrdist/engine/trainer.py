@@ -13,6 +13,7 @@ consistent checkpoint, and then global rank 0 hands the signal to the handler th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -100,6 +101,25 @@ def check_run(cfg: TrainConfig, env: dist.DistEnv, same_view: bool = False) -> S
 def train(cfg: TrainConfig, shards: ShardSet | None = None) -> dict:
     """Train on this rank. Reads rank/world/device from the environment (cxrdist.dist); ``shards``: the shard
     set this process has already read (else it reads it, once)."""
+    with dump_stacks_on(signal.SIGUSR1):
+        return train_rank(cfg, shards)
+
+
+@contextlib.contextmanager
+def dump_stacks_on(signum: int):
+    """While training, ``signum`` prints every thread's Python stack to stderr and the rank goes on: the local
+    launcher sends it to the ranks still running when one fails (a rank stuck outside any collective never
+    errors by itself), and on a cluster ``scancel --signal=USR1 JOB`` asks a hung job where it is."""
+    import faulthandler
+
+    faulthandler.register(signum, all_threads=True)
+    try:
+        yield
+    finally:
+        faulthandler.unregister(signum)
+
+
+def train_rank(cfg: TrainConfig, shards: ShardSet | None) -> dict:
     env = dist.read_env()
     log.setup(env.rank, env.world_size, env.host)
     torch.set_num_threads(dist.threads_per_rank(env))
