@@ -182,6 +182,34 @@ def test_eval_every_sample_exactly_once(data, split, size, workers):
     assert set(counts.values()) == {1}
 
 
+@pytest.mark.timeout(120)
+def test_a_kept_eval_loader_rereads_with_the_same_workers_and_hears_each_reads_hash_rule(data, tmp_path):
+    """The trainer's val loader (``persistent``): every read is the whole split once, from the same worker
+    processes (none forked again per epoch), and ``reread(check_sha256)`` reaches those workers: a shard whose
+    manifest sha256 is wrong passes reads that do not hash and fails the one that does, named."""
+    import psutil
+
+    shard_dir, info = data
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    victim = manifest["splits"]["val"]["shards"][0]
+    victim["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    before = {c.pid for c in psutil.Process().children()}
+    loader = eval_loader(ShardSet.open(copy), "val", world(BS, workers=2), check_sha256=False, persistent=True)
+    try:
+        first = keys_of(loader)
+        workers = {c.pid for c in psutil.Process().children()} - before
+        second = keys_of(loader.reread(False))
+        assert sorted(first) == sorted(second) == sorted(info["keys"]["val"])
+        assert len(workers) == 2 and {c.pid for c in psutil.Process().children()} - before == workers
+        with pytest.raises(ShardError, match=f"{victim['name']}.*sha256 mismatch"):
+            list(loader.reread(True))
+    finally:
+        loader.close()
+
+
 # (c) -------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_same_seed_same_order_new_epoch_new_order(data):

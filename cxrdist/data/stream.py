@@ -382,6 +382,14 @@ class ShardLoader:
         self.samples = self.length * self.batch_size
         return self
 
+    def reread(self, check_sha256: bool) -> ShardLoader:
+        """The same evaluation loader (and, when persistent, the same worker processes) for another read of
+        its split (``check_sha256``: hash its shards this time)."""
+        if not isinstance(self.stream, EvalStream):
+            raise ValueError("reread() is for evaluation loaders; a training loader restarts at an epoch")
+        self.stream.plan.set(0, 0, check_sha256)
+        return self
+
     def close(self) -> None:
         """Stop the persistent workers now: dropping the last reference to the DataLoader drops its
         iterator, whose finaliser shuts the workers down and joins them (a rank may end with os._exit)."""
@@ -435,9 +443,10 @@ def train_loader(shards: ShardSet, world: World, *, start_step: int = 0, window:
 
 
 def eval_loader(shards: ShardSet, split: str, world: World, *, pin_memory: bool = False,
-                check_sha256: bool = True) -> ShardLoader:  # fmt: skip
-    """This rank's share of ``split``, every sample once across the ranks and their workers."""
+                check_sha256: bool = True, persistent: bool = False) -> ShardLoader:  # fmt: skip
+    """This rank's share of ``split``, every sample once across the ranks and their workers (``persistent``:
+    the same workers for every read, see ``ShardLoader.reread``)."""
     stream = EvalStream(shards, split, world, check_sha256=check_sha256)
     samples = sum(stream.share(w).samples for w in range(world.readers))
     return ShardLoader(stream, length=stream.batches(), samples=samples, manifest=shards.manifest,
-                       pin_memory=pin_memory)  # fmt: skip
+                       pin_memory=pin_memory, persistent=persistent)  # fmt: skip

@@ -117,6 +117,11 @@ class Loaders:
         self._eval_aug = Augment(size, train=False, **chans)
         self._train_loader = None  # kept across epochs: its worker processes persist
         self._hashed: set[str] = set()  # splits whose shards this process has hashed (--check-sha256 first)
+        # the evaluation loaders are kept too (their workers idle while the model trains): val is read every
+        # epoch, and forking a fresh set of workers for each read, from a rank that runs gloo, TensorBoard and
+        # progress threads, is where validation loops hang now and then at a later read (pytorch/pytorch#75147,
+        # Megatron-DeepSpeed#282; here once, rank 0 of a 2-rank CPU run at its 2nd val read)
+        self._eval: dict = {}
 
     @property
     def workers(self) -> int:
@@ -156,22 +161,30 @@ class Loaders:
             self._train_loader = file_train_loader(self.shards, world, d.format, source_root=root, **common)
         return self._train_loader
 
-    def eval(self, split: str):
+    def eval(self, split: str, keep: bool = False):
+        """This rank's evaluation loader of ``split``; ``keep``: the same loader and workers for every later
+        read of it (the trainer's val, read every epoch)."""
         check, pin = self.hash_now(split), self.device.type == "cuda"
         if self.cfg.data.format == "shards":
             from cxrdist.data.stream import eval_loader
 
-            return eval_loader(self.shards, split, self.world, pin_memory=pin, check_sha256=check)
+            if split in self._eval:
+                return self._eval[split].reread(check)
+            loader = eval_loader(self.shards, split, self.world, pin_memory=pin, check_sha256=check, persistent=keep)
+            if keep:
+                self._eval[split] = loader
+            return loader
         from cxrdist.data.files import file_eval_loader
 
         root = self.cfg.data.source_root or None
         return file_eval_loader(self.shards, split, self.world, self.cfg.data.format, source_root=root, pin_memory=pin)
 
     def close(self) -> None:
-        """Shut the training loader's persistent workers down (before the process ends)."""
-        if self._train_loader is not None:
-            self._train_loader.close()
-        self._train_loader = None
+        """Shut the training and evaluation loaders' persistent workers down (before the process ends)."""
+        for loader in (self._train_loader, *self._eval.values()):
+            if loader is not None:
+                loader.close()
+        self._train_loader, self._eval = None, {}
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: whole global batches of the training split."""

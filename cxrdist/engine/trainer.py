@@ -112,7 +112,11 @@ def dump_stacks_on(signum: int):
     errors by itself), and on a cluster ``scancel --signal=USR1 JOB`` asks a hung job where it is."""
     import faulthandler
 
-    faulthandler.register(signum, all_threads=True)
+    try:
+        faulthandler.register(signum, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # sys.stderr has no file behind it (a caller's redirect)
+        yield
+        return
     try:
         yield
     finally:
@@ -539,7 +543,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         self.backend.sync_buffers()
-        loader = self.loaders.eval(split)
+        loader = self.loaders.eval(split, keep=split == "val")
         labels = self.loaders.labels
         prepare = lambda b: self.prepare(b, train=False)
         part = predict_loader(self.backend.eval_model(), loader, prepare, self.backend.autocast, len(labels))
