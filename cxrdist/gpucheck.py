@@ -120,10 +120,10 @@ def simulated_cuda_autocast(on: bool):
 
 def tiny_step(backend, ctx: Ctx, size: int | None = None):
     """One real ``train_step`` on a random batch in the backend's input format."""
-    s = size or ctx.size
+    s, n = size or ctx.size, arm_batch(ctx)
     fmt = torch.channels_last if backend.cfg.run.channels_last else torch.contiguous_format
-    x = torch.randn(ctx.batch, 1, s, s, device=ctx.device).contiguous(memory_format=fmt)
-    y = (torch.rand(ctx.batch, NUM_CLASSES, device=ctx.device) < 0.3).float()
+    x = torch.randn(n, 1, s, s, device=ctx.device).contiguous(memory_format=fmt)
+    y = (torch.rand(n, NUM_CLASSES, device=ctx.device) < 0.3).float()
     return backend.train_step(lambda m: nn.functional.binary_cross_entropy_with_logits(m(x).float(), y))
 
 
@@ -560,7 +560,7 @@ def run_arms(ctx: Ctx, arms: list[dict], steps: int) -> dict[str, dict]:
     left: ``{name: numbers}``, or ``{name: {"error": ...}}`` for an arm that failed or was not reached."""
     specs = [{"model": MODEL, "image_size": ctx.size, "batch": arm_batch(ctx), "steps": steps} | a for a in arms]
     for spec in specs:
-        spec["warmup"] = 3 if ctx.gpu else 1
+        spec["warmup"] = 3 if ctx.gpu else 0  # the dry run times nothing: one step shows that an arm runs
     env = child_env(CXRDIST_THREADS=str(min(8, dist.cpu_count())))
     argv = [sys.executable, "-m", "cxrdist.engine.benchstep", "many", json.dumps(specs)]
     try:
@@ -581,8 +581,8 @@ def run_arms(ctx: Ctx, arms: list[dict], steps: int) -> dict[str, dict]:
 
 
 def arm_batch(ctx: Ctx) -> int:
-    """The dry run times nothing: every arm's plumbing on 2 images (its bf16 arms are emulated on most CPUs,
-    ~0.5 s an image at 32 px)."""
+    """The images of a throughput arm's and an in-process check's steps. The dry run times nothing: their
+    plumbing on 2 images (BatchNorm's least; bf16 is emulated on most CPUs, ~0.5 s an image at 32 px)."""
     return ctx.batch if ctx.gpu else 2
 
 

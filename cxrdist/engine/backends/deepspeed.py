@@ -98,6 +98,8 @@ class DeepSpeedBackend(Backend):
         return config
 
     def setup(self, model, total_steps):
+        if self.device.type == "cpu":  # its own probe costs ~1 s a process and warns that it found no GPU;
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a DS_ACCELERATOR the user set wins
         import deepspeed
 
         module = model.to(self.device)  # contiguous: DeepSpeed's byte-view broadcast needs stride(-1) == 1
