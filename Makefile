@@ -78,6 +78,7 @@ lint: setup
 # then the rest (markers: setup.cfg). Each prints its slowest tests, so a regression shows in every CI log.
 # Two pytest-xdist workers: on 2 cores the training tests leave a core idle while they start processes, wait
 # on servers, SLURM or a timeout; the tests of the one SLURM cluster run on one worker (tests/conftest.py).
+# A third worker measured no faster (the slow tier alone: 972 s against 944 s with two, 2026-12-04).
 PYTEST := $(BIN)/python -m pytest -x -q --durations=15 -n 2 --dist loadgroup
 FAST := not slow and not slurm and not heavy
 test: lint slurm-deps
