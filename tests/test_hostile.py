@@ -443,7 +443,6 @@ def test_a_checkpoint_that_needs_pickled_code_is_refused_by_resume_in_one_line(t
 
 
 def test_the_local_launcher_escalates_to_sigkill():
-
     from cxrdist.engine.spawn import stop_signal
 
     assert stop_signal(None, 10) is None and stop_signal(5, 10) is None
